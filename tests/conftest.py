@@ -1,0 +1,123 @@
+"""Fixtures: every database test runs on SQLite and on PostgreSQL, each in its own database.
+
+A migrated template is built once per engine and session; each test gets a copy (a
+file copy on SQLite, ``CREATE DATABASE ... TEMPLATE`` on PostgreSQL), so tests never
+share state or depend on order, and concurrency tests can use many connections.
+
+PostgreSQL comes from ``UBC_TEST_POSTGRES_URL`` (default: the local server). Where it
+cannot be reached the PostgreSQL half is skipped with a message, unless
+``UBC_REQUIRE_POSTGRES=1`` (set by ``.ci/run``), which turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, settings
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from ubc.db import make_engine, make_session_factory
+from ubc.migrations import upgrade
+
+settings.register_profile(
+    "ubc",
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile("ubc")
+
+POSTGRES_URL = os.environ.get(
+    "UBC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("UBC_REQUIRE_POSTGRES") == "1"
+_counter = itertools.count()
+
+
+def _admin_conninfo() -> str:
+    url = make_url(POSTGRES_URL)
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _postgres_problem() -> str | None:
+    try:
+        with psycopg.connect(_admin_conninfo(), connect_timeout=3):
+            return None
+    except psycopg.Error as exc:
+        return str(exc).strip()
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    problem = _postgres_problem()
+    if problem is not None:
+        message = f"PostgreSQL at {POSTGRES_URL} unreachable ({problem})"
+        if REQUIRE_POSTGRES:
+            pytest.fail(message + "; UBC_REQUIRE_POSTGRES=1 makes it mandatory")
+        pytest.skip(message + "; set UBC_TEST_POSTGRES_URL to run the PostgreSQL half")
+    name = f"ubc_tpl_{os.getpid()}"
+    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    yield name
+    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "ubc.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, migrated database of each engine."""
+    if request.param == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+        path = tmp_path / "ubc.db"
+        shutil.copyfile(template, path)
+        yield f"sqlite:///{path}"
+        return
+    template_name: str = request.getfixturevalue("postgres_template")
+    name = f"ubc_t_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_name}"')
+    yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    return make_session_factory(engine)
+
+
+@pytest.fixture
+def session(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session whose work is rolled back at the end of the test."""
+    session = sessions()
+    yield session
+    session.rollback()
+    session.close()

@@ -1,0 +1,19 @@
+"""The ``ubc`` command line: operator set-up, the service, and (later) members' commands."""
+
+from __future__ import annotations
+
+import typer
+
+from ubc.cli import server
+
+app = typer.Typer(
+    name="ubc",
+    help="Universal Basic Compute ledger: signed, double-entry, Merkle-logged.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+server.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,34 @@
+"""Settings, each an environment variable with the prefix ``UBC_`` (DESIGN section 2)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="UBC_", extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///ubc.db",
+        description="SQLAlchemy URL; sqlite:///ubc.db (default) or postgresql+psycopg://...",
+    )
+    data_dir: Path = Field(default=Path("ubc-data"), description="keys and tokens")
+    origin: str = Field(
+        default="localhost/ubc",
+        description="the ledger origin: checkpoint key name and every payload's `ledger`",
+    )
+    enrollment: Literal["invite", "open"] = "invite"
+    journal_access: Literal["restricted", "public"] = "restricted"
+    models_file: Path | None = None
+    created_at_skew_seconds: int = Field(default=300, ge=1)
+    hold_sweep_interval_seconds: float = Field(default=1.0, gt=0)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
