@@ -1,0 +1,1 @@
+"""Verifiable journal: RFC 9162 Merkle log, C2SP tiles, checkpoints and proofs."""
