@@ -11,21 +11,32 @@ cannot be reached the PostgreSQL half is skipped with a message, unless
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from hypothesis import HealthCheck, settings
+from nacl.signing import SigningKey
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from ubc.app import create_app
+from ubc.config import Settings
 from ubc.db import make_engine, make_session_factory
 from ubc.migrations import upgrade
+from ubc.signing import generate_signing_key, load_signing_key, write_signing_key, write_token
 
 settings.register_profile(
     "ubc",
@@ -121,3 +132,81 @@ def session(sessions: sessionmaker[Session]) -> Iterator[Session]:
     yield session
     session.rollback()
     session.close()
+
+
+# --- a real server on loopback -------------------------------------------------------------
+
+
+@dataclass
+class LiveServer:
+    """A ubc server in a background thread, with its data dir and keys."""
+
+    url: str
+    db_url: str
+    data_dir: Path
+    settings: Settings
+    app: FastAPI
+
+    @property
+    def operator_key(self) -> SigningKey:
+        return load_signing_key(self.data_dir / "operator.key")
+
+    @property
+    def ledger_key(self) -> SigningKey:
+        return load_signing_key(self.data_dir / "ledger.key")
+
+    @property
+    def operator_token(self) -> str:
+        return (self.data_dir / "operator.token").read_text().strip()
+
+    @property
+    def auditor_token(self) -> str:
+        return (self.data_dir / "auditor.token").read_text().strip()
+
+
+def make_data_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("ledger.key", "operator.key"):
+        write_signing_key(path / name, generate_signing_key())
+    for name in ("operator.token", "auditor.token"):
+        write_token(path / name)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def run_server(db_url: str, data_dir: Path, **overrides: object) -> Iterator[LiveServer]:
+    settings = Settings(
+        database_url=db_url,
+        data_dir=data_dir,
+        origin="test.ubc/ledger",
+        **overrides,  # type: ignore[arg-type]
+    )
+    app = create_app(settings)
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", db_url, data_dir, settings, app)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture
+def live_server(db_url: str, tmp_path: Path) -> Iterator[LiveServer]:
+    """A served ledger (invite enrollment) on a fresh database of each engine."""
+    with run_server(db_url, make_data_dir(tmp_path / "data")) as server:
+        yield server

@@ -10,15 +10,23 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
 from ubc import __version__
 from ubc.config import Settings, get_settings
 from ubc.db import make_engine, make_session_factory, unit_of_work
+from ubc.envelopes import routes as envelope_routes
+from ubc.envelopes.writer import GroupCommitWriter
 from ubc.errors import UbcError
+from ubc.journal import routes as journal_routes
+from ubc.ledger import routes as ledger_routes
 from ubc.ledger import service as ledger
+from ubc.members import routes as member_routes
 from ubc.migrations import current_revision, head_revision
+from ubc.runtime import Runtime, load_runtime
 
 log = logging.getLogger("ubc")
 
@@ -26,10 +34,18 @@ log = logging.getLogger("ubc")
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = make_engine(settings.database_url)
+    read_engine = make_engine(settings.database_url, readonly=True)
     sessions = make_session_factory(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await asyncio.to_thread(_load_runtime, sessions, settings)
+        app.state.ctx = runtime.ctx
+        app.state.tokens = runtime.tokens
+        app.state.ledger_info = runtime.info
+        writer = GroupCommitWriter(sessions, runtime.ctx)
+        app.state.writer = writer
+        writer.start()
         sweeper = asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds))
         try:
             yield
@@ -37,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await writer.stop()
             engine.dispose()
+            read_engine.dispose()
 
     app = FastAPI(
         title="ubc",
@@ -48,6 +66,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions
+    app.state.read_sessions = make_session_factory(read_engine)
+    for router in (
+        envelope_routes.router,
+        ledger_routes.router,
+        member_routes.router,
+        journal_routes.router,
+    ):
+        app.include_router(router)
+    _document(app)
 
     @app.exception_handler(UbcError)
     async def _ubc_error(_request: Request, error: UbcError) -> JSONResponse:
@@ -92,6 +119,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"status": "ok", "revision": current})
 
     return app
+
+
+def _load_runtime(sessions: sessionmaker[Session], settings: Settings) -> Runtime:
+    with unit_of_work(sessions) as session:
+        return load_runtime(settings, session)
+
+
+def _document(app: FastAPI) -> None:
+    """Add the envelope and payload schemas to the OpenAPI document."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(
+                envelope_routes.openapi_components()
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _sweep_holds(app: FastAPI, interval: float) -> None:

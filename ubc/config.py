@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     enrollment: Literal["invite", "open"] = "invite"
     journal_access: Literal["restricted", "public"] = "restricted"
     models_file: Path | None = None
+    operator_public_keys: list[str] = Field(
+        default_factory=list,
+        description="operator public keys (base64); default: the key in DATA_DIR/operator.key",
+    )
     created_at_skew_seconds: int = Field(default=300, ge=1)
     hold_sweep_interval_seconds: float = Field(default=1.0, gt=0)
 

@@ -24,15 +24,21 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def make_engine(url: str, *, pool_size: int = 10, echo: bool = False) -> Engine:
-    """The engine for ``url`` with the pragmas and isolation ubc relies on."""
+def make_engine(
+    url: str, *, pool_size: int = 10, echo: bool = False, readonly: bool = False
+) -> Engine:
+    """The engine for ``url`` with the pragmas and isolation ubc relies on.
+
+    A ``readonly`` SQLite engine starts deferred transactions, so that readers see a
+    snapshot under WAL without queueing behind writers.
+    """
     if is_sqlite(url):
         engine = create_engine(
             url,
             echo=echo,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, begin="BEGIN" if readonly else "BEGIN IMMEDIATE")
         return engine
     return create_engine(
         url,
@@ -62,7 +68,7 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, *, begin: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control from pysqlite so that we can issue BEGIN IMMEDIATE.
@@ -76,4 +82,4 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(begin)

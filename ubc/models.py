@@ -2,8 +2,24 @@
 
 from sqlmodel import SQLModel
 
+from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
+from ubc.members.models import ApiKey, ExternalRef, Member, MemberKey
 
 metadata = SQLModel.metadata
 
-__all__ = ["Account", "Asset", "Posting", "Request", "Transfer", "metadata"]
+__all__ = [
+    "Account",
+    "ApiKey",
+    "Asset",
+    "ExternalRef",
+    "JournalEntry",
+    "JournalHead",
+    "Member",
+    "MemberKey",
+    "MerkleNode",
+    "Posting",
+    "Request",
+    "Transfer",
+    "metadata",
+]

@@ -426,6 +426,31 @@ def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 
     return sum(1 for o in outcomes if isinstance(o, Applied) and not o.replayed)
 
 
+def record(
+    session: Session,
+    request_id: str,
+    payload_hash: bytes,
+    outcome: Outcome,
+    *,
+    now: datetime | None = None,
+) -> None:
+    """Remember the outcome of a request that moved no value (its id is taken from now on)."""
+    session.execute(
+        insert(requests_t).values(
+            id=request_id,
+            payload_hash=payload_hash,
+            status="applied" if isinstance(outcome, Applied) else "failed",
+            result=_encode_outcome(outcome),
+            created_at=now or utcnow(),
+        )
+    )
+
+
+def decode_outcome(request_id: str, status: str, result: str) -> Outcome:
+    """The outcome stored for a request id (a failure comes back as :class:`StoredError`)."""
+    return _decode_outcome(request_id, status, result)
+
+
 def operations_fingerprint(operations: Sequence[Operation]) -> bytes:
     """A stable hash of a request's operations, used when the caller gives no payload hash."""
     items: list[dict[str, Any]] = []

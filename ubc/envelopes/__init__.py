@@ -1,0 +1,1 @@
+"""Signed envelopes: payload schemas, the checks every envelope passes, the one write path."""

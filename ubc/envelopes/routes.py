@@ -1,0 +1,201 @@
+"""HTTP: ``POST /api/envelopes`` and ``POST /api/envelopes/batch``, the one write path."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ubc.envelopes.payloads import PAYLOAD_MODELS
+from ubc.envelopes.service import Accepted, Outcome
+from ubc.envelopes.writer import GroupCommitWriter
+from ubc.errors import BadRequest, PayloadTooLarge, UbcError
+
+router = APIRouter(tags=["envelopes"])
+
+MAX_BATCH = 1000
+MAX_BODY = 16 * 1024 * 1024
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_ENVELOPE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["payloadType", "payload", "signatures"],
+    "additionalProperties": False,
+    "properties": {
+        "payloadType": {
+            "type": "string",
+            "enum": [f"application/vnd.ubc.{t}+json" for t in sorted(PAYLOAD_MODELS)],
+        },
+        "payload": {
+            "type": "string",
+            "format": "byte",
+            "description": "standard base64 of the exact payload bytes (UTF-8 JSON, ≤ 8 KiB)",
+        },
+        "signatures": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 8,
+            "items": {
+                "type": "object",
+                "required": ["keyid", "sig"],
+                "additionalProperties": False,
+                "properties": {
+                    "keyid": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                    "sig": {"type": "string", "format": "byte"},
+                },
+            },
+        },
+    },
+}
+_ERRORS_DOC: dict[int | str, dict[str, Any]] = {
+    400: {
+        "description": "not JSON, bad base64, unknown type, bad field, wrong ledger, "
+        "created_at outside the window",
+        "content": {"application/json": {"schema": _ERROR}},
+    },
+    401: {
+        "description": "no signature verifies under a key the ledger knows",
+        "content": {"application/json": {"schema": _ERROR}},
+    },
+    403: {
+        "description": "a known signer that may not do this (another member's account, "
+        "suspended, not admitted, rotated key, non-steward)",
+        "content": {"application/json": {"schema": _ERROR}},
+    },
+    404: {
+        "description": "unknown account, member or API key",
+        "content": {"application/json": {"schema": _ERROR}},
+    },
+    409: {
+        "description": "insufficient funds, idempotency conflict, state conflict",
+        "content": {"application/json": {"schema": _ERROR}},
+    },
+    413: {"description": "payload over 8 KiB", "content": {"application/json": {"schema": _ERROR}}},
+}
+
+
+@router.post(
+    "/api/envelopes",
+    summary="Submit one signed envelope",
+    status_code=201,
+    description=(
+        "Any DSSE envelope of DESIGN section 4. Answers 201 with `{seq, id, type, effects}`; "
+        "a replay of an accepted id with the same payload bytes answers 200 with the same body."
+        " Payload schemas: see the `*Payload` components."
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}},
+        }
+    },
+    responses={201: {"description": "accepted"}, 200: {"description": "replay"}, **_ERRORS_DOC},
+)
+async def post_envelope(request: Request) -> JSONResponse:
+    raw = await _json_body(request)
+    writer: GroupCommitWriter = request.app.state.writer
+    [outcome] = await writer.submit([raw])
+    status, body = _answer(outcome)
+    return JSONResponse(body, status_code=status)
+
+
+@router.post(
+    "/api/envelopes/batch",
+    summary="Submit up to 1,000 envelopes, atomically or not",
+    description=(
+        'Body `{"atomic": bool, "envelopes": [...]}`. Answers 200 with one result per '
+        "index. An atomic batch that cannot apply whole answers 409 naming the failing index "
+        "and applies nothing."
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["envelopes"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "atomic": {"type": "boolean", "default": False},
+                            "envelopes": {
+                                "type": "array",
+                                "minItems": 1,
+                                "maxItems": MAX_BATCH,
+                                "items": {"$ref": "#/components/schemas/Envelope"},
+                            },
+                        },
+                    }
+                }
+            },
+        }
+    },
+    responses={200: {"description": "one result per envelope"}, **_ERRORS_DOC},
+)
+async def post_batch(request: Request) -> JSONResponse:
+    body = await _json_body(request)
+    if not isinstance(body, dict) or set(body) - {"atomic", "envelopes"}:
+        raise BadRequest('a batch is {"atomic": bool, "envelopes": [...]}')
+    atomic = body.get("atomic", False)
+    envelopes = body.get("envelopes")
+    if not isinstance(atomic, bool):
+        raise BadRequest("atomic must be a boolean")
+    if not isinstance(envelopes, list) or not 1 <= len(envelopes) <= MAX_BATCH:
+        raise BadRequest(f"envelopes must be a list of 1 to {MAX_BATCH} envelopes")
+    writer: GroupCommitWriter = request.app.state.writer
+    outcomes = await writer.submit(envelopes, atomic=atomic)
+    results = []
+    for index, outcome in enumerate(outcomes):
+        status, answer = _answer(outcome)
+        results.append({"index": index, "status": status, "body": answer})
+    return JSONResponse({"results": results})
+
+
+def openapi_components() -> dict[str, Any]:
+    """Schemas for the OpenAPI document: the envelope, every payload type, the error body."""
+    components: dict[str, Any] = {
+        "Envelope": _ENVELOPE_SCHEMA,
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["type", "message", "detail"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "message": {"type": "string"},
+                        "detail": {"type": "object"},
+                    },
+                }
+            },
+        },
+    }
+    for name, model in PAYLOAD_MODELS.items():
+        schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+        for key, sub in schema.pop("$defs", {}).items():
+            components[key] = sub
+        schema["description"] = f"payload of application/vnd.ubc.{name}+json"
+        components[
+            model.__name__ + "Payload" if not model.__name__.endswith("Payload") else model.__name__
+        ] = schema
+    return components
+
+
+def _answer(outcome: Outcome) -> tuple[int, dict[str, Any]]:
+    if isinstance(outcome, Accepted):
+        return outcome.status_code, outcome.receipt.body()
+    assert isinstance(outcome, UbcError)
+    return outcome.status_code, outcome.to_body()
+
+
+async def _json_body(request: Request) -> Any:
+    data = await request.body()
+    if len(data) > MAX_BODY:
+        raise PayloadTooLarge(f"request body over {MAX_BODY} bytes")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not JSON: {exc}") from None

@@ -1,0 +1,529 @@
+"""The rules: who may sign what, and what each accepted payload does to the ledger.
+
+``plan`` turns an authenticated payload into the ledger operations it derives and the
+state change it makes; the server applies it, and the auditor replays the same
+function over the journal (one implementation, two users).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.orm import Session
+
+from ubc.envelopes.payloads import (
+    ApiKeyGrant,
+    ApiKeyRevoke,
+    Deposit,
+    KeyRotate,
+    MemberAdmit,
+    MemberRegister,
+    MemberUpdate,
+    Payload,
+    TransferPayload,
+    Withdrawal,
+    parse_timestamp,
+)
+from ubc.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    IdempotencyConflict,
+    NotFound,
+    StateConflict,
+    Unauthenticated,
+)
+from ubc.ledger import service as ledger
+from ubc.ledger.service import Leg, Operation
+from ubc.members.models import ApiKey, ExternalRef, Member, MemberKey
+from ubc.signing import Envelope, decode_public_key, key_id, verified_keyids
+
+if TYPE_CHECKING:
+    from ubc.envelopes.service import LedgerContext
+
+members_t = Member.__table__  # type: ignore[attr-defined]
+keys_t = MemberKey.__table__  # type: ignore[attr-defined]
+apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
+refs_t = ExternalRef.__table__  # type: ignore[attr-defined]
+
+#: Types a client may submit.
+SUBMITTABLE = frozenset(
+    {
+        "member.register",
+        "key.rotate",
+        "apikey.grant",
+        "apikey.revoke",
+        "transfer",
+        "member.admit",
+        "member.update",
+        "deposit",
+        "withdrawal",
+    }
+)
+#: Types only the ledger itself writes.
+LEDGER_ONLY = frozenset({"ledger.genesis", "ledger.config"})
+
+AfterApply = Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What an accepted payload does: ledger operations and/or a change of state."""
+
+    operations: tuple[Operation, ...] = ()
+    accounts: frozenset[str] = frozenset()
+    after: AfterApply | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    handle: str
+    status: str
+    tier: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    keyid: str
+    handle: str
+    public_key: bytes
+    current: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Signers:
+    """Whose signatures verified on an envelope."""
+
+    operator: bool = False
+    ledger: bool = False
+    current: frozenset[str] = frozenset()  # handles whose current key signed
+    rotated: frozenset[str] = frozenset()  # handles whose old key signed
+    payload_keys: frozenset[bytes] = frozenset()  # keys named in the payload that signed
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def actor_handle(actor: str) -> str | None:
+    return actor.removeprefix("member:") if actor.startswith("member:") else None
+
+
+@dataclass(slots=True)
+class State:
+    """Members and keys as the rules see them, cached for one batch and kept up to date."""
+
+    session: Session
+    ctx: LedgerContext
+    now: datetime
+    keys: dict[str, KeyInfo | None] = field(default_factory=dict)
+    members: dict[str, MemberInfo | None] = field(default_factory=dict)
+    refs: set[str] = field(default_factory=set)
+
+    def preload(self, *, keyids: set[str], handles: set[str | None]) -> None:
+        wanted = sorted(k for k in keyids if k not in self.keys)
+        for keyid in wanted:
+            self.keys[keyid] = None
+        if wanted:
+            for row in self.session.execute(
+                select(
+                    keys_t.c.keyid, keys_t.c.handle, keys_t.c.public_key, keys_t.c.current
+                ).where(keys_t.c.keyid.in_(wanted))
+            ):
+                self.keys[row[0]] = KeyInfo(row[0], row[1], decode_public_key(row[2]), row[3])
+        names = sorted(h for h in handles if h is not None and h not in self.members)
+        for handle in names:
+            self.members[handle] = None
+        if names:
+            for row in self.session.execute(
+                select(members_t.c.handle, members_t.c.status, members_t.c.tier).where(
+                    members_t.c.handle.in_(names)
+                )
+            ):
+                self.members[row[0]] = MemberInfo(row[0], row[1], row[2])
+
+    def key(self, keyid: str) -> KeyInfo | None:
+        if keyid not in self.keys:
+            self.preload(keyids={keyid}, handles=set())
+        return self.keys[keyid]
+
+    def member(self, handle: str) -> MemberInfo | None:
+        if handle not in self.members:
+            self.preload(keyids=set(), handles={handle})
+        return self.members[handle]
+
+    def authenticate(self, envelope: Envelope, payload: Payload) -> Signers:
+        """Verify the signatures against every key the ledger knows (and keys the payload
+        introduces); Unauthenticated when none verifies."""
+        candidates: dict[str, bytes] = dict(self.ctx.operator_keys)
+        candidates[self.ctx.ledger_keyid] = self.ctx.ledger_public_key
+        payload_keys: list[bytes] = []
+        for name in ("public_key", "new_public_key"):
+            value = getattr(payload, name, None)
+            if isinstance(value, str):
+                try:
+                    payload_keys.append(decode_public_key(value))
+                except ValueError as exc:
+                    raise BadRequest(f"field {name!r}: {exc}") from None
+        for public in payload_keys:
+            candidates.setdefault(key_id(public), public)
+        for signature in envelope.signatures:
+            info = self.key(signature.keyid)
+            if info is not None:
+                candidates[info.keyid] = info.public_key
+        verified = verified_keyids(envelope, candidates)
+        if not verified:
+            raise Unauthenticated(
+                "no signature verifies under a key this ledger knows",
+                detail={"keyids": [s.keyid for s in envelope.signatures]},
+            )
+        current: set[str] = set()
+        rotated: set[str] = set()
+        for keyid in verified:
+            info = self.keys.get(keyid)
+            if info is not None:
+                (current if info.current else rotated).add(info.handle)
+        return Signers(
+            operator=any(k in self.ctx.operator_keys for k in verified),
+            ledger=self.ctx.ledger_keyid in verified,
+            current=frozenset(current),
+            rotated=frozenset(rotated),
+            payload_keys=frozenset(p for p in payload_keys if key_id(p) in verified),
+        )
+
+
+def plan(state: State, type_: str, payload: Payload, signers: Signers) -> Plan:
+    """Authorize the signers for ``payload`` and derive what it does."""
+    if type_ in LEDGER_ONLY:
+        raise Forbidden(f"{type_} envelopes are written only by the ledger itself")
+    rule = _RULES[type_]
+    return rule(state, payload, signers)
+
+
+# --- one rule per payload type -----------------------------------------------------------
+
+
+def _transfer(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, TransferPayload)
+    handle = _active_member(state, payload.actor, signers)
+    own = f"member:{handle}"
+    if payload.from_ != own:
+        if payload.from_.startswith("cause:"):
+            raise Forbidden(
+                f"only a steward of {payload.from_} may spend its compute",
+                detail={"account": payload.from_},
+            )
+        raise Forbidden(
+            f"{payload.actor} may not move funds of {payload.from_}",
+            detail={"account": payload.from_},
+        )
+    if payload.to == own:
+        raise BadRequest("a transfer needs two different accounts")
+    kind = "donation" if payload.to.startswith("cause:") else "transfer"
+    leg = Leg(payload.from_, payload.to, payload.asset, payload.amount, kind, payload.memo)
+    return Plan(operations=(leg,))
+
+
+def _deposit(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, Deposit)
+    _operator(payload, signers)
+    _claim_ref(state, payload.external_ref, payload.id)
+    leg = Leg(
+        "system:deposits",
+        payload.to,
+        payload.asset,
+        payload.amount,
+        "deposit",
+        f"external_ref {payload.external_ref}",
+    )
+    return Plan(
+        operations=(leg,), after=lambda: _store_ref(state, payload.external_ref, payload.id)
+    )
+
+
+def _withdrawal(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, Withdrawal)
+    owner = actor_handle(payload.from_) if payload.from_.startswith("member:") else None
+    if owner is None:
+        raise Forbidden("withdrawals are from member accounts")
+    if not signers.operator or owner not in signers.current:
+        raise Forbidden(
+            "a withdrawal needs the signatures of the account owner and of the operator",
+            detail={"owner_signed": owner in signers.current, "operator_signed": signers.operator},
+        )
+    if payload.actor not in ("operator", payload.from_):
+        raise Forbidden(f"actor {payload.actor} did not sign this withdrawal")
+    _require_status(state, owner)
+    _claim_ref(state, payload.external_ref, payload.id)
+    leg = Leg(
+        payload.from_,
+        "system:deposits",
+        payload.asset,
+        payload.amount,
+        "withdrawal",
+        f"external_ref {payload.external_ref}",
+    )
+    return Plan(
+        operations=(leg,), after=lambda: _store_ref(state, payload.external_ref, payload.id)
+    )
+
+
+def _register(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, MemberRegister)
+    public = decode_public_key(payload.public_key)
+    if public not in signers.payload_keys:
+        raise Unauthenticated("member.register must be signed by the key it registers")
+    if payload.actor != f"member:{payload.handle}":
+        raise Forbidden(f"actor must be member:{payload.handle}")
+    if state.member(payload.handle) is not None:
+        raise Conflict(f"handle {payload.handle} is taken", detail={"handle": payload.handle})
+    keyid = key_id(public)
+    if state.key(keyid) is not None:
+        raise Conflict("this public key is already registered", detail={"keyid": keyid})
+    status = "active" if state.ctx.enrollment == "open" else "pending"
+
+    def after() -> None:
+        state.session.execute(
+            insert(members_t).values(
+                handle=payload.handle,
+                status=status,
+                tier=None,
+                display_name=payload.display_name,
+                created_at=state.now,
+            )
+        )
+        state.session.execute(
+            insert(keys_t).values(
+                keyid=keyid,
+                handle=payload.handle,
+                public_key=payload.public_key,
+                current=True,
+                created_at=state.now,
+            )
+        )
+        ledger.open_accounts(
+            state.session,
+            [(f"member:{payload.handle}", a) for a in state.ctx.assets],
+            now=state.now,
+        )
+        state.members[payload.handle] = MemberInfo(payload.handle, status, None)
+        state.keys[keyid] = KeyInfo(keyid, payload.handle, public, True)
+
+    return Plan(accounts=frozenset({f"member:{payload.handle}"}), after=after)
+
+
+def _rotate(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, KeyRotate)
+    if payload.actor != f"member:{payload.handle}":
+        raise Forbidden(f"actor must be member:{payload.handle}")
+    handle = _member_signer(state, payload.actor, signers)
+    _require_status(state, handle, allow_pending=True)
+    new = decode_public_key(payload.new_public_key)
+    if new not in signers.payload_keys:
+        raise Forbidden("key.rotate must be signed by the new key as well as the current one")
+    new_id_ = key_id(new)
+    if state.key(new_id_) is not None:
+        raise Conflict("the new key is already registered", detail={"keyid": new_id_})
+
+    def after() -> None:
+        state.session.execute(
+            update(keys_t).where(keys_t.c.handle == handle, keys_t.c.current).values(current=False)
+        )
+        state.session.execute(
+            insert(keys_t).values(
+                keyid=new_id_,
+                handle=handle,
+                public_key=payload.new_public_key,
+                current=True,
+                created_at=state.now,
+            )
+        )
+        for keyid, info in list(state.keys.items()):
+            if info is not None and info.handle == handle:
+                state.keys[keyid] = KeyInfo(info.keyid, handle, info.public_key, False)
+        state.keys[new_id_] = KeyInfo(new_id_, handle, new, True)
+
+    return Plan(accounts=frozenset({payload.actor}), after=after)
+
+
+def _grant(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, ApiKeyGrant)
+    handle = _active_member(state, payload.actor, signers)
+    _own_account(payload.account, handle)
+    exists = state.session.execute(
+        select(apikeys_t.c.key_hash).where(apikeys_t.c.key_hash == payload.key_hash)
+    ).first()
+    if exists is not None:
+        raise Conflict("an API key with this hash is already granted")
+    expires = parse_timestamp(payload.expires_at) if payload.expires_at else None
+    if expires is not None and expires <= state.now:
+        raise BadRequest("expires_at is in the past")
+
+    def after() -> None:
+        state.session.execute(
+            insert(apikeys_t).values(
+                key_hash=payload.key_hash,
+                account=payload.account,
+                label=payload.label,
+                scopes=",".join(sorted(set(payload.scopes))),
+                spend_cap_per_epoch=payload.spend_cap_per_epoch,
+                models=json.dumps(payload.models) if payload.models is not None else None,
+                expires_at=expires,
+                rpm=payload.rpm,
+                tpm=payload.tpm,
+                granted_by=payload.actor,
+                revoked=False,
+                created_at=state.now,
+            )
+        )
+
+    return Plan(accounts=frozenset({payload.account}), after=after)
+
+
+def _revoke(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, ApiKeyRevoke)
+    handle = _active_member(state, payload.actor, signers)
+    _own_account(payload.account, handle)
+    row = state.session.execute(
+        select(apikeys_t.c.revoked).where(
+            apikeys_t.c.key_hash == payload.key_hash, apikeys_t.c.account == payload.account
+        )
+    ).first()
+    if row is None:
+        raise NotFound("no such API key on this account", detail={"key_hash": payload.key_hash})
+    if row[0]:
+        raise StateConflict("this API key is already revoked")
+
+    def after() -> None:
+        state.session.execute(
+            update(apikeys_t).where(apikeys_t.c.key_hash == payload.key_hash).values(revoked=True)
+        )
+
+    return Plan(accounts=frozenset({payload.account}), after=after)
+
+
+def _admit(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, MemberAdmit)
+    _operator(payload, signers)
+    member = state.member(payload.handle)
+    if member is None:
+        raise NotFound(f"no member {payload.handle}", detail={"handle": payload.handle})
+    if member.status != "pending":
+        raise StateConflict(f"member {payload.handle} is already admitted ({member.status})")
+
+    def after() -> None:
+        _set_member(state, payload.handle, status="active", tier=payload.tier)
+
+    return Plan(accounts=frozenset({f"member:{payload.handle}"}), after=after)
+
+
+def _update_member(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, MemberUpdate)
+    _operator(payload, signers)
+    member = state.member(payload.handle)
+    if member is None:
+        raise NotFound(f"no member {payload.handle}", detail={"handle": payload.handle})
+    if payload.tier is None and payload.status is None:
+        raise BadRequest("member.update needs a tier or a status")
+    if payload.status is not None and member.status == "pending":
+        raise StateConflict(f"member {payload.handle} is not admitted yet: use member.admit")
+
+    def after() -> None:
+        _set_member(
+            state,
+            payload.handle,
+            status=payload.status or member.status,
+            tier=payload.tier if payload.tier is not None else member.tier,
+        )
+
+    return Plan(accounts=frozenset({f"member:{payload.handle}"}), after=after)
+
+
+_RULES: dict[str, Callable[[State, Payload, Signers], Plan]] = {
+    "transfer": _transfer,
+    "deposit": _deposit,
+    "withdrawal": _withdrawal,
+    "member.register": _register,
+    "key.rotate": _rotate,
+    "apikey.grant": _grant,
+    "apikey.revoke": _revoke,
+    "member.admit": _admit,
+    "member.update": _update_member,
+}
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _member_signer(state: State, actor: str, signers: Signers) -> str:
+    handle = actor_handle(actor)
+    if handle is None:
+        raise Forbidden("this payload must be signed by a member")
+    if handle in signers.current:
+        return handle
+    if handle in signers.rotated:
+        raise Forbidden(
+            f"the key that signed was rotated away from member:{handle}",
+            detail={"actor": actor},
+        )
+    raise Forbidden(f"the signer may not act for {actor}", detail={"actor": actor})
+
+
+def _active_member(state: State, actor: str, signers: Signers) -> str:
+    handle = _member_signer(state, actor, signers)
+    _require_status(state, handle)
+    return handle
+
+
+def _require_status(state: State, handle: str, *, allow_pending: bool = False) -> None:
+    member = state.member(handle)
+    if member is None:
+        raise NotFound(f"no member {handle}", detail={"handle": handle})
+    if member.status == "suspended":
+        raise Forbidden(f"member {handle} is suspended", detail={"handle": handle})
+    if member.status == "pending" and not allow_pending:
+        raise Forbidden(f"member {handle} is not admitted yet", detail={"handle": handle})
+
+
+def _operator(payload: Payload, signers: Signers) -> None:
+    if not signers.operator:
+        raise Forbidden("only the operator may sign this payload type")
+    if payload.actor != "operator":
+        raise Forbidden("actor must be operator")
+
+
+def _own_account(account: str, handle: str) -> None:
+    if account == f"member:{handle}":
+        return
+    if account.startswith("cause:"):
+        raise Forbidden(f"only a steward of {account} may act for it", detail={"account": account})
+    raise Forbidden(f"member:{handle} may not act for {account}", detail={"account": account})
+
+
+def _claim_ref(state: State, ref: str, envelope_id: str) -> None:
+    if ref in state.refs:
+        raise IdempotencyConflict(f"external_ref {ref!r} is already used in this batch")
+    row = state.session.execute(select(refs_t.c.envelope_id).where(refs_t.c.ref == ref)).first()
+    if row is not None and row[0] != envelope_id:
+        raise IdempotencyConflict(
+            f"external_ref {ref!r} was already used by envelope {row[0]}",
+            detail={"external_ref": ref, "envelope_id": row[0]},
+        )
+    state.refs.add(ref)
+
+
+def _store_ref(state: State, ref: str, envelope_id: str) -> None:
+    state.session.execute(insert(refs_t).values(ref=ref, envelope_id=envelope_id))
+
+
+def _set_member(state: State, handle: str, *, status: str, tier: str | None) -> None:
+    state.session.execute(
+        update(members_t).where(members_t.c.handle == handle).values(status=status, tier=tier)
+    )
+    state.members[handle] = MemberInfo(handle, status, tier)

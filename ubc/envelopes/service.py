@@ -1,0 +1,467 @@
+"""The one write path: check signed envelopes, apply their rules, journal them.
+
+``submit`` takes a batch of envelopes (one HTTP request, or many coalesced by the group
+commit writer) and, in one transaction:
+
+1. locks the journal head (one lock per batch, never per envelope);
+2. decodes each envelope and its payload strictly, answers replays of an accepted id
+   with the original result, and checks the ledger origin and the ``created_at`` window;
+3. authenticates the signatures against the keys the ledger knows and authorizes the
+   signer for what the payload does;
+4. derives the ledger operations with the rule of its type (``ubc.envelopes.rules``: the
+   same functions the auditor replays) and applies runs of value-moving envelopes with
+   one ``apply_many`` (group commit), and state changes (registrations, admissions,
+   grants) one by one between those runs;
+5. appends every accepted envelope to the journal, with its effects, and signs a new
+   checkpoint.
+
+Services flush; the caller commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from nacl.signing import SigningKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ubc.dbtypes import utcnow
+from ubc.envelopes import rules
+from ubc.envelopes.payloads import (
+    MAX_PAYLOAD_BYTES,
+    LedgerGenesis,
+    Payload,
+    format_timestamp,
+    parse_timestamp,
+    payload_json,
+    validate_payload,
+)
+from ubc.errors import (
+    BadRequest,
+    BatchFailed,
+    IdempotencyConflict,
+    InvalidEnvelope,
+    InvalidPayload,
+    PayloadTooLarge,
+    UbcError,
+)
+from ubc.journal import store as journal
+from ubc.ledger import service as ledger
+from ubc.ledger.models import Request
+from ubc.members.models import MemberKey
+from ubc.signing import (
+    Envelope,
+    EnvelopeFormatError,
+    NoteSigner,
+    PayloadError,
+    canonical_json,
+    decode_public_key,
+    encode_public_key,
+    key_id,
+    parse_payload,
+    payload_type_for,
+    sign_envelope,
+    type_name,
+)
+
+requests_t = Request.__table__  # type: ignore[attr-defined]
+member_keys_t = MemberKey.__table__  # type: ignore[attr-defined]
+
+DEFAULT_ASSETS = {"CU": 0, "USD": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerContext:
+    """What the write path needs to know about this ledger."""
+
+    origin: str
+    ledger_key: SigningKey
+    operator_keys: dict[str, bytes]
+    enrollment: str
+    skew: timedelta
+    assets: tuple[str, ...]
+
+    @property
+    def ledger_public_key(self) -> bytes:
+        return bytes(self.ledger_key.verify_key)
+
+    @property
+    def ledger_keyid(self) -> str:
+        return key_id(self.ledger_public_key)
+
+    @property
+    def note_signer(self) -> NoteSigner:
+        return NoteSigner(self.origin, self.ledger_key)
+
+
+@dataclass(slots=True)
+class Receipt:
+    """The answer to an accepted envelope: ``{seq, id, type, effects}``."""
+
+    id: str
+    type: str
+    effects: list[dict[str, Any]]
+    seq: int = -1
+
+    def body(self) -> dict[str, Any]:
+        return {"seq": self.seq, "id": self.id, "type": self.type, "effects": self.effects}
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    receipt: Receipt
+    replayed: bool
+
+    @property
+    def status_code(self) -> int:
+        return 200 if self.replayed else 201
+
+
+Outcome = Accepted | UbcError
+
+
+def submit(
+    session: Session,
+    ctx: LedgerContext,
+    raws: Sequence[object],
+    *,
+    atomic: bool = False,
+    now: datetime | None = None,
+) -> list[Outcome]:
+    """Check, apply and journal a batch of envelopes; one outcome per envelope, in order.
+
+    With ``atomic`` the first failure raises :class:`BatchFailed` naming its index and
+    the caller must roll back: nothing applies.
+    """
+    writer = _Writer(session, ctx, now or utcnow(), atomic)
+    return writer.run(raws)
+
+
+def write_genesis(session: Session, ctx: LedgerContext, *, now: datetime | None = None) -> bool:
+    """Record the ledger's configuration as journal entry 0, once; True if written now."""
+    now = now or utcnow()
+    size = journal.lock_head(session)
+    if size is None:
+        journal.create_head(session)
+        size = journal.lock_head(session)
+    if size != 0:
+        return False
+    payload = LedgerGenesis.model_validate(
+        {
+            "ledger": ctx.origin,
+            "id": rules.new_id(),
+            "created_at": format_timestamp(now),
+            "actor": "ledger",
+            "ledger_public_key": encode_public_key(ctx.ledger_public_key),
+            "operator_public_keys": [encode_public_key(k) for k in ctx.operator_keys.values()],
+            "enrollment": ctx.enrollment,
+            "assets": {code: {"scale": DEFAULT_ASSETS.get(code, 0)} for code in ctx.assets},
+            "market_fee_bps": 0,
+            "models": {},
+            "cu_price_usd": "0.001",
+        }
+    )
+    envelope = sign_payload(payload, "ledger.genesis", [ctx.ledger_key])
+    ledger.ensure_assets(session, {c: DEFAULT_ASSETS.get(c, 0) for c in ctx.assets})
+    ledger.open_system_accounts(session, ctx.assets)
+    ledger.record(
+        session,
+        payload.id,
+        _payload_hash(envelope.payload),
+        ledger.Applied(payload.id, ()),
+        now=now,
+    )
+    journal.append(
+        session,
+        0,
+        [
+            journal.NewEntry(
+                payload.id, "ledger.genesis", "ledger", envelope.to_json(), [], frozenset()
+            )
+        ],
+        now=now,
+        signer=ctx.note_signer,
+    )
+    return True
+
+
+def sign_payload(payload: Payload, type_: str, keys: Sequence[SigningKey]) -> Envelope:
+    """The DSSE envelope of ``payload`` (RFC 8785 canonical bytes) signed by ``keys``."""
+    body = canonical_json(payload_json(payload))
+    return sign_envelope(payload_type_for(type_), body, keys)
+
+
+# --- internals ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Decoded:
+    index: int
+    envelope: Envelope
+    type: str
+    payload: Payload
+    payload_hash: bytes
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A value-moving envelope waiting for its run's ``apply_many``."""
+
+    decoded: _Decoded
+    request: ledger.LedgerRequest
+    accounts: frozenset[str]
+    after: rules.AfterApply | None
+
+
+@dataclass(slots=True)
+class _Writer:
+    session: Session
+    ctx: LedgerContext
+    now: datetime
+    atomic: bool
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    accepted: list[tuple[_Decoded, Receipt, frozenset[str]]] = field(default_factory=list)
+    run_: list[_Pending] = field(default_factory=list)
+    seen: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    known: dict[str, tuple[bytes, str, str]] = field(default_factory=dict)
+    state: rules.State | None = None
+
+    def run(self, raws: Sequence[object]) -> list[Outcome]:
+        size = journal.lock_head(self.session)
+        if size is None:
+            raise BadRequest("the ledger has no genesis entry yet")
+        decoded: list[_Decoded | UbcError] = []
+        for index, raw in enumerate(raws):
+            try:
+                decoded.append(_decode(index, raw))
+            except UbcError as error:
+                decoded.append(error)
+        good = [d for d in decoded if isinstance(d, _Decoded)]
+        self._preload(good)
+        self.state = rules.State(self.session, self.ctx, self.now)
+        self.state.preload(
+            keyids={s.keyid for d in good for s in d.envelope.signatures},
+            handles={rules.actor_handle(d.payload.actor) for d in good} - {None},
+        )
+        for index, item in enumerate(decoded):
+            if isinstance(item, UbcError):
+                self._fail(index, item, remember=None)
+                continue
+            self._one(item)
+        self._flush()
+        receipts = [r for _, r, _ in self.accepted]
+        seqs = journal.append(
+            self.session,
+            size,
+            [
+                journal.NewEntry(
+                    d.payload.id, d.type, d.payload.actor, d.envelope.to_json(), r.effects, acc
+                )
+                for d, r, acc in self.accepted
+            ],
+            now=self.now,
+            signer=self.ctx.note_signer,
+        )
+        for receipt, seq in zip(receipts, seqs, strict=True):
+            receipt.seq = seq
+        return [self.outcomes[i] for i in range(len(raws))]
+
+    def _preload(self, good: Sequence[_Decoded]) -> None:
+        ids = sorted({d.payload.id for d in good})
+        for chunk in _chunks(ids, 1000):
+            for row in self.session.execute(
+                select(
+                    requests_t.c.id,
+                    requests_t.c.payload_hash,
+                    requests_t.c.status,
+                    requests_t.c.result,
+                ).where(requests_t.c.id.in_(chunk))
+            ):
+                self.known[row[0]] = (bytes(row[1]), row[2], row[3])
+
+    def _one(self, item: _Decoded) -> None:
+        payload = item.payload
+        # Replays first: an accepted id answers its original result, even past the window.
+        earlier = self.seen.get(payload.id)
+        if earlier is not None and earlier[0] == item.payload_hash:
+            self._replay_in_batch(item.index, earlier[1])
+            return
+        stored = self.known.get(payload.id)
+        if earlier is None and stored is not None and stored[0] == item.payload_hash:
+            self._replay_stored(item, stored)
+            return
+        try:
+            self._check_window(payload)
+            assert self.state is not None
+            signers = self.state.authenticate(item.envelope, payload)
+        except UbcError as error:
+            self._fail(item.index, error, remember=None)
+            return
+        # From here on the envelope is authenticated: its id is remembered, even failed.
+        if earlier is not None or stored is not None:
+            self._fail(
+                item.index,
+                IdempotencyConflict(
+                    f"id {payload.id} was already used with a different payload",
+                    detail={"id": payload.id},
+                ),
+                remember=None,
+            )
+            return
+        self.seen[payload.id] = (item.payload_hash, item.index)
+        try:
+            plan = rules.plan(self.state, item.type, payload, signers)
+        except UbcError as error:
+            self._fail(item.index, error, remember=item)
+            return
+        if plan.operations:
+            self.run_.append(
+                _Pending(
+                    item,
+                    ledger.LedgerRequest(payload.id, plan.operations, item.payload_hash),
+                    plan.accounts,
+                    plan.after,
+                )
+            )
+            return
+        # A change of state: apply the run before it, then this one on its own.
+        self._flush()
+        try:
+            if plan.after is not None:
+                plan.after()
+        except UbcError as error:
+            self._fail(item.index, error, remember=item)
+            return
+        ledger.record(
+            self.session,
+            payload.id,
+            item.payload_hash,
+            ledger.Applied(payload.id, ()),
+            now=self.now,
+        )
+        self._accept(item, [], plan.accounts)
+
+    def _flush(self) -> None:
+        pending, self.run_ = self.run_, []
+        if not pending:
+            return
+        try:
+            outcomes = ledger.apply_many(
+                self.session, [p.request for p in pending], now=self.now, atomic=self.atomic
+            )
+        except BatchFailed as failure:
+            raise BatchFailed(pending[failure.index].decoded.index, failure.cause) from None
+        for item, outcome in zip(pending, outcomes, strict=True):
+            if isinstance(outcome, UbcError):
+                # apply_many has already remembered the failed id.
+                self._fail(item.decoded.index, outcome, remember=None)
+                continue
+            if item.after is not None:
+                item.after()
+            self._accept(item.decoded, [e.to_json() for e in outcome.effects], item.accounts)
+
+    def _accept(
+        self, item: _Decoded, effects: list[dict[str, Any]], accounts: frozenset[str]
+    ) -> None:
+        receipt = Receipt(item.payload.id, item.type, effects)
+        touched = set(accounts)
+        for effect in effects:
+            touched.add(effect["debit"])
+            touched.add(effect["credit"])
+        self.accepted.append((item, receipt, frozenset(touched)))
+        self.outcomes[item.index] = Accepted(receipt, replayed=False)
+
+    def _fail(self, index: int, error: UbcError, *, remember: _Decoded | None) -> None:
+        if self.atomic:
+            raise BatchFailed(index, error)
+        if remember is not None:
+            ledger.record(
+                self.session, remember.payload.id, remember.payload_hash, error, now=self.now
+            )
+        self.outcomes[index] = error
+
+    def _replay_in_batch(self, index: int, first: int) -> None:
+        outcome = self.outcomes.get(first)
+        if isinstance(outcome, Accepted):
+            self.outcomes[index] = Accepted(outcome.receipt, replayed=True)
+        elif outcome is not None:
+            self.outcomes[index] = outcome
+        else:  # still waiting in the current run: resolve it first
+            self._flush()
+            self._replay_in_batch(index, first)
+
+    def _replay_stored(self, item: _Decoded, stored: tuple[bytes, str, str]) -> None:
+        _, status, result = stored
+        outcome = ledger.decode_outcome(item.payload.id, status, result)
+        if isinstance(outcome, UbcError):
+            self.outcomes[item.index] = outcome
+            return
+        found = journal.entry_by_envelope(self.session, item.payload.id)
+        if found is None:  # recorded by the core but never journaled: not an envelope id
+            self._fail(
+                item.index,
+                IdempotencyConflict(
+                    f"id {item.payload.id} is taken", detail={"id": item.payload.id}
+                ),
+                remember=None,
+            )
+            return
+        seq, entry = found
+        receipt = Receipt(item.payload.id, item.type, list(entry["effects"]), seq)
+        self.outcomes[item.index] = Accepted(receipt, replayed=True)
+
+    def _check_window(self, payload: Payload) -> None:
+        if payload.ledger != self.ctx.origin:
+            raise InvalidPayload(
+                f"envelope is for ledger {payload.ledger!r}, this is {self.ctx.origin!r}",
+                detail={"ledger": payload.ledger, "expected": self.ctx.origin},
+            )
+        created = parse_timestamp(payload.created_at)
+        if abs(created - self.now) > self.ctx.skew:
+            raise InvalidPayload(
+                f"created_at {payload.created_at} is outside the accepted window of "
+                f"±{int(self.ctx.skew.total_seconds())} s around {format_timestamp(self.now)}",
+                detail={"created_at": payload.created_at, "now": format_timestamp(self.now)},
+            )
+
+
+def _decode(index: int, raw: object) -> _Decoded:
+    try:
+        envelope = Envelope.from_json(raw)
+    except EnvelopeFormatError as exc:
+        raise InvalidEnvelope(str(exc)) from None
+    if len(envelope.payload) > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(
+            f"payload is {len(envelope.payload)} bytes, at most {MAX_PAYLOAD_BYTES} allowed",
+            detail={"size": len(envelope.payload), "limit": MAX_PAYLOAD_BYTES},
+        )
+    name = type_name(envelope.payload_type)
+    if name is None or name not in rules.SUBMITTABLE | rules.LEDGER_ONLY:
+        raise InvalidEnvelope(
+            f"unknown payload type {envelope.payload_type!r}",
+            detail={"payloadType": envelope.payload_type},
+        )
+    try:
+        body = parse_payload(envelope.payload)
+        payload = validate_payload(name, body)
+    except (PayloadError, ValueError) as exc:
+        raise InvalidPayload(str(exc)) from None
+    return _Decoded(index, envelope, name, payload, _payload_hash(envelope.payload))
+
+
+def _payload_hash(payload: bytes) -> bytes:
+    return hashlib.sha256(payload).digest()
+
+
+def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def operator_keys_from(public_keys: Sequence[str]) -> dict[str, bytes]:
+    keys = [decode_public_key(k) for k in public_keys]
+    return {key_id(k): k for k in keys}

@@ -1,0 +1,88 @@
+"""Group commit: concurrent envelope submissions share one transaction.
+
+Every HTTP request puts its envelopes on a queue; one writer task takes whatever is
+waiting (up to ``max_batch`` envelopes), applies it with one ``submit`` in one
+transaction in a worker thread, and answers each caller. Under load, batches grow by
+themselves; idle, a single envelope commits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from ubc.db import unit_of_work
+from ubc.envelopes.service import LedgerContext, Outcome, submit
+
+
+@dataclass(slots=True)
+class _Job:
+    raws: Sequence[object]
+    atomic: bool
+    future: asyncio.Future[list[Outcome]] = field(repr=False)
+
+
+class GroupCommitWriter:
+    def __init__(
+        self, sessions: sessionmaker[Session], ctx: LedgerContext, *, max_batch: int = 1000
+    ) -> None:
+        self.sessions = sessions
+        self.ctx = ctx
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, raws: Sequence[object], *, atomic: bool = False) -> list[Outcome]:
+        """Apply ``raws``; atomic submissions run alone and raise BatchFailed whole."""
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(raws, atomic, future))
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            jobs = [first]
+            if not first.atomic:
+                size = len(first.raws)
+                while not self._queue.empty() and size < self.max_batch:
+                    job = self._queue.get_nowait()
+                    if job.atomic:
+                        # run it on its own right after this batch
+                        await self._run([job])
+                        continue
+                    jobs.append(job)
+                    size += len(job.raws)
+            await self._run(jobs)
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        raws = [raw for job in jobs for raw in job.raws]
+        try:
+            outcomes = await asyncio.to_thread(self._apply, raws, jobs[0].atomic)
+        except Exception as exc:  # answer every caller, keep the writer alive
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        start = 0
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_result(outcomes[start : start + len(job.raws)])
+            start += len(job.raws)
+
+    def _apply(self, raws: list[object], atomic: bool) -> list[Outcome]:
+        # BatchFailed of an atomic batch leaves the unit of work rolled back: nothing applies.
+        with unit_of_work(self.sessions) as session:
+            return submit(session, self.ctx, raws, atomic=atomic)

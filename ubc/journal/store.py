@@ -1,0 +1,177 @@
+"""The journal in the database: append a batch of entries under one lock, read them back.
+
+Every accepted envelope becomes one entry, appended in the same transaction as its
+postings. Writers lock the single ``journal_head`` row once per batch (group commit),
+which makes sequence numbers gapless under concurrent writers: a rolled-back batch
+never consumed any.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from ubc.envelopes.payloads import format_timestamp
+from ubc.journal.checkpoint import format_checkpoint
+from ubc.journal.merkle import (
+    EMPTY_ROOT,
+    NodeID,
+    append_leaves,
+    frontier_ids,
+    leaf_hash,
+    root_from_frontier,
+)
+from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
+from ubc.signing import NoteSigner, canonical_json
+
+entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
+nodes_t = MerkleNode.__table__  # type: ignore[attr-defined]
+head_t = JournalHead.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class NewEntry:
+    """What an accepted envelope contributes to the journal."""
+
+    envelope_id: str
+    type: str
+    actor: str
+    envelope: dict[str, Any]
+    effects: list[dict[str, Any]]
+    accounts: frozenset[str]
+
+
+def lock_head(session: Session) -> int | None:
+    """Lock the journal for this transaction; the current size, or None before genesis."""
+    stmt = select(head_t.c.size).where(head_t.c.id == 1)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    size = session.execute(stmt).scalar_one_or_none()
+    return None if size is None else int(size)
+
+
+def create_head(session: Session) -> None:
+    session.execute(insert(head_t).values(id=1, size=0, checkpoint=""))
+
+
+def append(
+    session: Session,
+    size: int,
+    new: Sequence[NewEntry],
+    *,
+    now: datetime,
+    signer: NoteSigner,
+) -> list[int]:
+    """Append ``new`` after ``size`` entries (the caller holds the head lock); their seqs."""
+    if not new:
+        return []
+    reader = HashTable(session)
+    frontier = reader.get_hashes(frontier_ids(size))
+    committed_at = format_timestamp(now)
+    rows = []
+    leaves = []
+    for offset, item in enumerate(new):
+        seq = size + offset
+        entry = canonical_json(
+            {
+                "seq": seq,
+                "committed_at": committed_at,
+                "envelope": item.envelope,
+                "effects": item.effects,
+            }
+        )
+        leaves.append(leaf_hash(entry))
+        rows.append(
+            {
+                "seq": seq,
+                "envelope_id": item.envelope_id,
+                "type": item.type,
+                "actor": item.actor,
+                "accounts": " ".join(sorted(item.accounts)),
+                "entry": entry,
+                "committed_at": now,
+            }
+        )
+    nodes, new_frontier = append_leaves(size, frontier, leaves)
+    new_size = size + len(new)
+    root = root_from_frontier(new_size, new_frontier)
+    connection = session.connection()
+    connection.execute(insert(entries_t), rows)
+    connection.execute(
+        insert(nodes_t), [{"level": lv, "index": ix, "hash": h} for lv, ix, h in nodes]
+    )
+    checkpoint = signer.sign(format_checkpoint(signer.name, new_size, root))
+    connection.execute(
+        update(head_t).where(head_t.c.id == 1).values(size=new_size, checkpoint=checkpoint)
+    )
+    return [size + offset for offset in range(len(rows))]
+
+
+def latest_checkpoint(session: Session) -> tuple[int, str]:
+    row = session.execute(select(head_t.c.size, head_t.c.checkpoint).where(head_t.c.id == 1)).one()
+    return int(row[0]), str(row[1])
+
+
+def entry_by_envelope(session: Session, envelope_id: str) -> tuple[int, dict[str, Any]] | None:
+    row = session.execute(
+        select(entries_t.c.seq, entries_t.c.entry).where(entries_t.c.envelope_id == envelope_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    return int(row[0]), cast(dict[str, Any], json.loads(bytes(row[1])))
+
+
+def entry_bytes(session: Session, seq: int) -> bytes | None:
+    value = session.execute(
+        select(entries_t.c.entry).where(entries_t.c.seq == seq)
+    ).scalar_one_or_none()
+    return None if value is None else bytes(value)
+
+
+def entries(session: Session, start: int, end: int) -> list[tuple[int, bytes, str]]:
+    """Entries with start ≤ seq < end: (seq, exact bytes, accounts)."""
+    rows = session.execute(
+        select(entries_t.c.seq, entries_t.c.entry, entries_t.c.accounts)
+        .where(entries_t.c.seq >= start, entries_t.c.seq < end)
+        .order_by(entries_t.c.seq)
+    ).all()
+    return [(int(r[0]), bytes(r[1]), str(r[2])) for r in rows]
+
+
+def entry_json(entry: bytes) -> str:
+    return base64.b64encode(entry).decode()
+
+
+class HashTable:
+    """Stored Merkle node hashes as a :class:`ubc.journal.merkle.HashReader`."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def get_hashes(self, ids: Sequence[NodeID]) -> list[bytes]:
+        if not ids:
+            return []
+        rows = self.session.execute(
+            select(nodes_t.c.level, nodes_t.c.index, nodes_t.c.hash).where(
+                tuple_(nodes_t.c.level, nodes_t.c.index).in_(list(ids))
+            )
+        ).all()
+        found = {(int(r[0]), int(r[1])): bytes(r[2]) for r in rows}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"merkle nodes missing: {missing[:5]}")
+        return [found[i] for i in ids]
+
+
+def root(session: Session, size: int) -> bytes:
+    if size == 0:
+        return EMPTY_ROOT
+    reader = HashTable(session)
+    return root_from_frontier(size, reader.get_hashes(frontier_ids(size)))

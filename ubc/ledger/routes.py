@@ -1,0 +1,131 @@
+"""HTTP reads of the ledger: configuration, balances, history, transfers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import select
+from sqlalchemy.orm import aliased
+
+from ubc.deps import Reader, ReadSession, require_read
+from ubc.errors import BadRequest, TransferNotFound
+from ubc.ledger import service as ledger
+from ubc.ledger.models import Account, Transfer
+
+router = APIRouter(tags=["ledger"])
+accounts_t = Account.__table__  # type: ignore[attr-defined]
+transfers_t = Transfer.__table__  # type: ignore[attr-defined]
+
+
+@router.get("/api/ledger", summary="Public facts of this ledger")
+def get_ledger(request: Request) -> dict[str, Any]:
+    info: dict[str, Any] = request.app.state.ledger_info
+    return info
+
+
+@router.get("/api/accounts/{address}", summary="Balances of an account, per asset")
+def get_account(address: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
+    require_read(reader, address)
+    return {
+        "address": address,
+        "balances": [
+            {
+                "asset": b.asset,
+                "posted": b.posted,
+                "pending_debits": b.debits_pending,
+                "pending_credits": b.credits_pending,
+                "available": b.available,
+            }
+            for b in ledger.balances(session, address)
+        ],
+    }
+
+
+@router.get("/api/accounts/{address}/history", summary="Postings of an account, newest first")
+def get_history(
+    address: str,
+    session: ReadSession,
+    reader: Reader,
+    cursor: Annotated[str | None, Query(description="from the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    asset: str | None = None,
+) -> dict[str, Any]:
+    require_read(reader, address)
+    position = None
+    if cursor:
+        if not cursor.isdigit():
+            raise BadRequest("invalid cursor", detail={"cursor": cursor})
+        position = int(cursor)
+    items, next_cursor = ledger.history(session, address, asset=asset, cursor=position, limit=limit)
+    return {
+        "address": address,
+        "items": [
+            {
+                "transfer_id": i.transfer_id,
+                "kind": i.kind,
+                "phase": i.phase,
+                "asset": i.asset,
+                "amount": i.amount,
+                "pending": i.pending if i.side == "C" else -i.pending,
+                "counterparty": i.counterparty,
+                "balance_after": i.balance_after,
+                "available_after": i.available_after,
+                "memo": i.memo,
+                "created_at": i.created_at.isoformat(),
+            }
+            for i in items
+        ],
+        "next_cursor": None if next_cursor is None else str(next_cursor),
+    }
+
+
+@router.get("/api/transfers/{transfer_id}", summary="A transfer, or every leg of an envelope")
+def get_transfer(transfer_id: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
+    debit = aliased(accounts_t)
+    credit = aliased(accounts_t)
+    stmt = (
+        select(
+            transfers_t.c.id,
+            transfers_t.c.kind,
+            transfers_t.c.phase,
+            debit.c.address,
+            credit.c.address,
+            transfers_t.c.asset,
+            transfers_t.c.amount,
+            transfers_t.c.pending_id,
+            transfers_t.c.state,
+            transfers_t.c.memo,
+            transfers_t.c.created_at,
+        )
+        .join(debit, debit.c.id == transfers_t.c.debit_account_id)
+        .join(credit, credit.c.id == transfers_t.c.credit_account_id)
+        .order_by(transfers_t.c.seq)
+    )
+    if ":" in transfer_id:
+        stmt = stmt.where(transfers_t.c.id == transfer_id)
+    else:
+        stmt = stmt.where(transfers_t.c.request_id == transfer_id)
+    rows = session.execute(stmt).all()
+    visible = [r for r in rows if reader.may_read(r[3]) or reader.may_read(r[4])]
+    if not visible:
+        raise TransferNotFound(f"no transfer {transfer_id}", detail={"id": transfer_id})
+    return {
+        "id": transfer_id,
+        "transfers": [
+            {
+                "transfer_id": r[0],
+                "kind": r[1],
+                "phase": r[2],
+                "debit": r[3],
+                "credit": r[4],
+                "asset": r[5],
+                "amount": r[6],
+                "pending_id": r[7],
+                "state": r[8],
+                "memo": r[9],
+                "created_at": r[10].isoformat(),
+            }
+            for r in visible
+        ],
+    }

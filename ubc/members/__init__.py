@@ -1,0 +1,1 @@
+"""Members: registration, keys, admission, tiers, suspension, API-key grants."""

@@ -1,0 +1,42 @@
+"""HTTP reads of members."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import select
+
+from ubc.deps import Reader, ReadSession, require_read
+from ubc.errors import NotFound
+from ubc.members.models import Member, MemberKey
+
+router = APIRouter(tags=["members"])
+members_t = Member.__table__  # type: ignore[attr-defined]
+keys_t = MemberKey.__table__  # type: ignore[attr-defined]
+
+
+@router.get("/api/members/{handle}", summary="A member: status, tier and keys")
+def get_member(handle: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
+    require_read(reader, f"member:{handle}")
+    row = session.execute(
+        select(
+            members_t.c.status, members_t.c.tier, members_t.c.display_name, members_t.c.created_at
+        ).where(members_t.c.handle == handle)
+    ).first()
+    if row is None:
+        raise NotFound(f"no member {handle}", detail={"handle": handle})
+    keys = session.execute(
+        select(keys_t.c.keyid, keys_t.c.public_key, keys_t.c.current)
+        .where(keys_t.c.handle == handle)
+        .order_by(keys_t.c.created_at)
+    ).all()
+    return {
+        "handle": handle,
+        "address": f"member:{handle}",
+        "status": row[0],
+        "tier": row[1],
+        "display_name": row[2],
+        "created_at": row[3].isoformat(),
+        "keys": [{"keyid": k[0], "public_key": k[1], "current": k[2]} for k in keys],
+    }
