@@ -25,12 +25,18 @@ def is_sqlite(url: str) -> bool:
 
 
 def make_engine(
-    url: str, *, pool_size: int = 10, echo: bool = False, readonly: bool = False
+    url: str,
+    *,
+    pool_size: int = 10,
+    echo: bool = False,
+    readonly: bool = False,
+    durable: bool = True,
 ) -> Engine:
     """The engine for ``url`` with the pragmas and isolation ubc relies on.
 
     A ``readonly`` SQLite engine starts deferred transactions, so that readers see a
-    snapshot under WAL without queueing behind writers.
+    snapshot under WAL without queueing behind writers. ``durable=False`` is only for
+    scratch databases (the auditor's replay), which nothing needs after a crash.
     """
     if is_sqlite(url):
         engine = create_engine(
@@ -38,7 +44,11 @@ def make_engine(
             echo=echo,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         )
-        _configure_sqlite(engine, begin="BEGIN" if readonly else "BEGIN IMMEDIATE")
+        _configure_sqlite(
+            engine,
+            begin="BEGIN" if readonly else "BEGIN IMMEDIATE",
+            synchronous="FULL" if durable else "OFF",
+        )
         return engine
     return create_engine(
         url,
@@ -68,14 +78,14 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         session.close()
 
 
-def _configure_sqlite(engine: Engine, *, begin: str) -> None:
+def _configure_sqlite(engine: Engine, *, begin: str, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Take transaction control from pysqlite so that we can issue BEGIN IMMEDIATE.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()

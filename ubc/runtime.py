@@ -12,8 +12,15 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from ubc.config import Settings
-from ubc.envelopes.service import LedgerContext, operator_keys_from, write_genesis
+from ubc.envelopes.payloads import LedgerGenesis
+from ubc.envelopes.service import (
+    LedgerContext,
+    context_from_genesis,
+    operator_keys_from,
+    write_genesis,
+)
 from ubc.journal import store as journal
+from ubc.migrations import current_revision, head_revision
 from ubc.signing import encode_public_key, load_signing_key, vkey
 
 log = logging.getLogger("ubc")
@@ -32,6 +39,12 @@ class Runtime:
 
 def load_runtime(settings: Settings, session: Session) -> Runtime:
     """Load keys, write the genesis entry on first start, and read the ledger's config back."""
+    current, head = current_revision(session.get_bind()), head_revision()  # type: ignore[arg-type]
+    if current != head:
+        raise SetupError(
+            f"the database is not migrated (revision {current}, latest {head}): "
+            "run `ubc db upgrade` (`ubc serve` does it on start)"
+        )
     data_dir = settings.data_dir
     ledger_path = data_dir / "ledger.key"
     if not ledger_path.exists():
@@ -47,6 +60,7 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         operator_keys = [encode_public_key(bytes(load_signing_key(operator_path).verify_key))]
     ctx = LedgerContext(
         origin=settings.origin,
+        ledger_public_key=bytes(ledger_key.verify_key),
         ledger_key=ledger_key,
         operator_keys=operator_keys_from(operator_keys),
         enrollment=settings.enrollment,
@@ -62,13 +76,8 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
     if genesis["ledger_public_key"] != encode_public_key(ctx.ledger_public_key):
         raise SetupError("the ledger key in the data dir is not the key of this journal")
     # The journal is the source of truth for the configuration.
-    ctx = LedgerContext(
-        origin=ctx.origin,
-        ledger_key=ledger_key,
-        operator_keys=operator_keys_from(genesis["operator_public_keys"]),
-        enrollment=genesis["enrollment"],
-        skew=ctx.skew,
-        assets=tuple(sorted(genesis["assets"])),
+    ctx = context_from_genesis(
+        LedgerGenesis.model_validate(genesis), skew=ctx.skew, ledger_key=ledger_key
     )
     if settings.enrollment != ctx.enrollment:
         log.warning(

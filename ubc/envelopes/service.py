@@ -80,15 +80,13 @@ class LedgerContext:
     """What the write path needs to know about this ledger."""
 
     origin: str
-    ledger_key: SigningKey
+    ledger_public_key: bytes
     operator_keys: dict[str, bytes]
     enrollment: str
     skew: timedelta
     assets: tuple[str, ...]
-
-    @property
-    def ledger_public_key(self) -> bytes:
-        return bytes(self.ledger_key.verify_key)
+    # The server signs with it; an auditor replaying a journal has only the public key.
+    ledger_key: SigningKey | None = None
 
     @property
     def ledger_keyid(self) -> str:
@@ -96,6 +94,8 @@ class LedgerContext:
 
     @property
     def note_signer(self) -> NoteSigner:
+        if self.ledger_key is None:
+            raise RuntimeError("this context has no ledger signing key")
         return NoteSigner(self.origin, self.ledger_key)
 
 
@@ -107,6 +107,9 @@ class Receipt:
     type: str
     effects: list[dict[str, Any]]
     seq: int = -1
+    actor: str = ""
+    # Accounts the entry concerns: their owners may read it.
+    accounts: frozenset[str] = frozenset()
 
     def body(self) -> dict[str, Any]:
         return {"seq": self.seq, "id": self.id, "type": self.type, "effects": self.effects}
@@ -132,13 +135,16 @@ def submit(
     *,
     atomic: bool = False,
     now: datetime | None = None,
+    replay: bool = False,
 ) -> list[Outcome]:
     """Check, apply and journal a batch of envelopes; one outcome per envelope, in order.
 
     With ``atomic`` the first failure raises :class:`BatchFailed` naming its index and
-    the caller must roll back: nothing applies.
+    the caller must roll back: nothing applies. With ``replay`` (the auditor and
+    ``restore`` re-applying a journal at its recorded time) the ``created_at`` window is
+    not checked and nothing is journaled: the caller compares or stores the entries.
     """
-    writer = _Writer(session, ctx, now or utcnow(), atomic)
+    writer = _Writer(session, ctx, now or utcnow(), atomic, replay)
     return writer.run(raws)
 
 
@@ -166,9 +172,9 @@ def write_genesis(session: Session, ctx: LedgerContext, *, now: datetime | None 
             "cu_price_usd": "0.001",
         }
     )
+    assert ctx.ledger_key is not None
     envelope = sign_payload(payload, "ledger.genesis", [ctx.ledger_key])
-    ledger.ensure_assets(session, {c: DEFAULT_ASSETS.get(c, 0) for c in ctx.assets})
-    ledger.open_system_accounts(session, ctx.assets)
+    apply_genesis(session, payload)
     ledger.record(
         session,
         payload.id,
@@ -188,6 +194,27 @@ def write_genesis(session: Session, ctx: LedgerContext, *, now: datetime | None 
         signer=ctx.note_signer,
     )
     return True
+
+
+def apply_genesis(session: Session, payload: LedgerGenesis) -> None:
+    """What entry 0 does: the assets and the system accounts of each."""
+    ledger.ensure_assets(session, {code: spec.scale for code, spec in payload.assets.items()})
+    ledger.open_system_accounts(session, sorted(payload.assets))
+
+
+def context_from_genesis(
+    payload: LedgerGenesis, *, skew: timedelta, ledger_key: SigningKey | None = None
+) -> LedgerContext:
+    """The ledger context an entry-0 payload establishes."""
+    return LedgerContext(
+        origin=payload.ledger,
+        ledger_public_key=decode_public_key(payload.ledger_public_key),
+        operator_keys=operator_keys_from(payload.operator_public_keys),
+        enrollment=payload.enrollment,
+        skew=skew,
+        assets=tuple(sorted(payload.assets)),
+        ledger_key=ledger_key,
+    )
 
 
 def sign_payload(payload: Payload, type_: str, keys: Sequence[SigningKey]) -> Envelope:
@@ -224,6 +251,7 @@ class _Writer:
     ctx: LedgerContext
     now: datetime
     atomic: bool
+    replay: bool
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     accepted: list[tuple[_Decoded, Receipt, frozenset[str]]] = field(default_factory=list)
     run_: list[_Pending] = field(default_factory=list)
@@ -254,6 +282,8 @@ class _Writer:
                 continue
             self._one(item)
         self._flush()
+        if self.replay:
+            return [self.outcomes[i] for i in range(len(raws))]
         receipts = [r for _, r, _ in self.accepted]
         seqs = journal.append(
             self.session,
@@ -368,12 +398,18 @@ class _Writer:
     def _accept(
         self, item: _Decoded, effects: list[dict[str, Any]], accounts: frozenset[str]
     ) -> None:
-        receipt = Receipt(item.payload.id, item.type, effects)
         touched = set(accounts)
         for effect in effects:
             touched.add(effect["debit"])
             touched.add(effect["credit"])
-        self.accepted.append((item, receipt, frozenset(touched)))
+        receipt = Receipt(
+            item.payload.id,
+            item.type,
+            effects,
+            actor=item.payload.actor,
+            accounts=frozenset(touched),
+        )
+        self.accepted.append((item, receipt, receipt.accounts))
         self.outcomes[item.index] = Accepted(receipt, replayed=False)
 
     def _fail(self, index: int, error: UbcError, *, remember: _Decoded | None) -> None:
@@ -421,6 +457,8 @@ class _Writer:
                 f"envelope is for ledger {payload.ledger!r}, this is {self.ctx.origin!r}",
                 detail={"ledger": payload.ledger, "expected": self.ctx.origin},
             )
+        if self.replay:
+            return
         created = parse_timestamp(payload.created_at)
         if abs(created - self.now) > self.ctx.skew:
             raise InvalidPayload(

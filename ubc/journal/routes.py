@@ -1,14 +1,37 @@
-"""HTTP: the journal's signed checkpoint (public)."""
+"""HTTP: checkpoint, tlog-tiles, entries and proofs of the journal (DESIGN section 5).
+
+Checkpoints, hash tiles and proofs are public. Entry contents (entries and entry
+bundles) are for the operator, auditors and, for its own entries, each member, unless
+``UBC_JOURNAL_ACCESS=public``.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
+import base64
+from typing import Annotated, Any
 
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from ubc.auth import Principal, authenticate_bearer
+from ubc.dbtypes import utcnow
 from ubc.deps import ReadSession
+from ubc.errors import BadRequest, Forbidden, NotFound
 from ubc.journal import store
+from ubc.journal.merkle import consistency_proof, inclusion_proof, leaf_hash
+from ubc.journal.tiles import (
+    TILE_WIDTH,
+    entry_bundle,
+    parse_entries_path,
+    parse_tile_path,
+    tile_bytes,
+    tile_exists,
+)
 
 router = APIRouter(tags=["journal"])
+
+MAX_ENTRIES_PAGE = 1000
+IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 @router.get(
@@ -19,3 +42,119 @@ router = APIRouter(tags=["journal"])
 def get_checkpoint(session: ReadSession) -> PlainTextResponse:
     _, checkpoint = store.latest_checkpoint(session)
     return PlainTextResponse(checkpoint, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/journal/tile/{path:path}", summary="C2SP tlog-tiles: hash tiles and entry bundles")
+def get_tile(
+    path: str,
+    request: Request,
+    session: ReadSession,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Response:
+    size, _ = store.latest_checkpoint(session)
+    if path.startswith("entries/"):
+        try:
+            bundle = parse_entries_path(path)
+        except ValueError as exc:
+            raise NotFound(f"no such tile: {exc}") from None
+        if not tile_exists(0, bundle.n, bundle.width, size):
+            raise NotFound(f"entry bundle {path} is beyond the journal's size {size}")
+        reader = _principal(request, session, authorization)
+        if not _sees_all_entries(request, reader):
+            raise Forbidden("entry bundles are for the operator and auditors")
+        start = bundle.n * TILE_WIDTH
+        rows = store.entries(session, start, start + (bundle.width or TILE_WIDTH))
+        body = entry_bundle([entry for _, entry, _ in rows])
+        return Response(body, media_type="application/octet-stream", headers=_cache(bundle.width))
+    try:
+        tile = parse_tile_path(path)
+    except ValueError as exc:
+        raise NotFound(f"no such tile: {exc}") from None
+    if not tile_exists(tile.level, tile.n, tile.width, size):
+        raise NotFound(f"tile {path} is beyond the journal's size {size}")
+    body = tile_bytes(tile.level, tile.n, tile.width, store.HashTable(session))
+    return Response(body, media_type="application/octet-stream", headers=_cache(tile.width))
+
+
+@router.get("/journal/entries", summary="Journal entries start ≤ seq < end, exact bytes")
+def get_entries(
+    request: Request,
+    session: ReadSession,
+    start: Annotated[int, Query(ge=0)],
+    end: Annotated[int, Query(ge=1)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> dict[str, Any]:
+    if end <= start or end - start > MAX_ENTRIES_PAGE:
+        raise BadRequest(f"need start < end and at most {MAX_ENTRIES_PAGE} entries per page")
+    reader = _principal(request, session, authorization)
+    sees_all = _sees_all_entries(request, reader)
+    items = []
+    for seq, entry, accounts in store.entries(session, start, end):
+        item: dict[str, Any] = {
+            "seq": seq,
+            "leaf_hash": base64.b64encode(leaf_hash(entry)).decode(),
+        }
+        if sees_all or (reader is not None and reader.account in accounts.split()):
+            item["entry"] = base64.b64encode(entry).decode()
+        items.append(item)
+    size, _ = store.latest_checkpoint(session)
+    return {"size": size, "entries": items}
+
+
+@router.get("/journal/proof/inclusion", summary="RFC 9162 inclusion proof of entry seq")
+def get_inclusion_proof(
+    session: ReadSession,
+    seq: Annotated[int, Query(ge=0)],
+    size: Annotated[int | None, Query(ge=1)] = None,
+) -> dict[str, Any]:
+    current, _ = store.latest_checkpoint(session)
+    tree_size = current if size is None else size
+    if tree_size > current or seq >= tree_size:
+        raise BadRequest(f"need seq < size ≤ {current}", detail={"seq": seq, "size": tree_size})
+    entry = store.entry_bytes(session, seq)
+    assert entry is not None
+    proof = inclusion_proof(seq, tree_size, store.HashTable(session))
+    return {
+        "seq": seq,
+        "size": tree_size,
+        "leaf_hash": base64.b64encode(leaf_hash(entry)).decode(),
+        "root": base64.b64encode(store.root(session, tree_size)).decode(),
+        "proof": [base64.b64encode(h).decode() for h in proof],
+    }
+
+
+@router.get("/journal/proof/consistency", summary="RFC 9162 consistency proof old → new")
+def get_consistency_proof(
+    session: ReadSession,
+    old: Annotated[int, Query(ge=1)],
+    new: Annotated[int, Query(ge=1)],
+) -> dict[str, Any]:
+    current, _ = store.latest_checkpoint(session)
+    if not old <= new <= current:
+        raise BadRequest(f"need 1 ≤ old ≤ new ≤ {current}", detail={"old": old, "new": new})
+    proof = consistency_proof(old, new, store.HashTable(session))
+    return {
+        "old": old,
+        "new": new,
+        "old_root": base64.b64encode(store.root(session, old)).decode(),
+        "new_root": base64.b64encode(store.root(session, new)).decode(),
+        "proof": [base64.b64encode(h).decode() for h in proof],
+    }
+
+
+def _principal(request: Request, session: Any, authorization: str | None) -> Principal | None:
+    if authorization is None:
+        return None
+    return authenticate_bearer(
+        session, authorization, tokens=request.app.state.tokens, now=utcnow()
+    )
+
+
+def _sees_all_entries(request: Request, reader: Principal | None) -> bool:
+    if request.app.state.settings.journal_access == "public":
+        return True
+    return reader is not None and reader.sees_everything
+
+
+def _cache(width: int | None) -> dict[str, str]:
+    return {"Cache-Control": IMMUTABLE if width is None else "no-cache"}

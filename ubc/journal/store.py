@@ -70,48 +70,79 @@ def append(
     signer: NoteSigner,
 ) -> list[int]:
     """Append ``new`` after ``size`` entries (the caller holds the head lock); their seqs."""
-    if not new:
-        return []
-    reader = HashTable(session)
-    frontier = reader.get_hashes(frontier_ids(size))
     committed_at = format_timestamp(now)
     rows = []
-    leaves = []
     for offset, item in enumerate(new):
-        seq = size + offset
         entry = canonical_json(
             {
-                "seq": seq,
+                "seq": size + offset,
                 "committed_at": committed_at,
                 "envelope": item.envelope,
                 "effects": item.effects,
             }
         )
-        leaves.append(leaf_hash(entry))
-        rows.append(
+        rows.append(RawEntry(item.envelope_id, item.type, item.actor, item.accounts, entry))
+    return append_raw(session, size, rows, now=now, signer=signer)
+
+
+@dataclass(frozen=True, slots=True)
+class RawEntry:
+    envelope_id: str
+    type: str
+    actor: str
+    accounts: frozenset[str]
+    entry: bytes
+
+
+def append_raw(
+    session: Session,
+    size: int,
+    rows: Sequence[RawEntry],
+    *,
+    now: datetime,
+    signer: NoteSigner | None = None,
+    checkpoint: str | None = None,
+) -> list[int]:
+    """Store entries' exact bytes and their Merkle nodes, then the new checkpoint.
+
+    The checkpoint is signed by ``signer``, or given (``restore`` keeps the exported one).
+    """
+    if not rows:
+        return []
+    frontier = HashTable(session).get_hashes(frontier_ids(size))
+    leaves = [leaf_hash(r.entry) for r in rows]
+    nodes, new_frontier = append_leaves(size, frontier, leaves)
+    new_size = size + len(rows)
+    connection = session.connection()
+    connection.execute(
+        insert(entries_t),
+        [
             {
-                "seq": seq,
-                "envelope_id": item.envelope_id,
-                "type": item.type,
-                "actor": item.actor,
-                "accounts": " ".join(sorted(item.accounts)),
-                "entry": entry,
+                "seq": size + offset,
+                "envelope_id": r.envelope_id,
+                "type": r.type,
+                "actor": r.actor,
+                "accounts": " ".join(sorted(r.accounts)),
+                "entry": r.entry,
                 "committed_at": now,
             }
-        )
-    nodes, new_frontier = append_leaves(size, frontier, leaves)
-    new_size = size + len(new)
-    root = root_from_frontier(new_size, new_frontier)
-    connection = session.connection()
-    connection.execute(insert(entries_t), rows)
+            for offset, r in enumerate(rows)
+        ],
+    )
     connection.execute(
         insert(nodes_t), [{"level": lv, "index": ix, "hash": h} for lv, ix, h in nodes]
     )
-    checkpoint = signer.sign(format_checkpoint(signer.name, new_size, root))
+    if signer is not None:
+        root = root_from_frontier(new_size, new_frontier)
+        checkpoint = signer.sign(format_checkpoint(signer.name, new_size, root))
     connection.execute(
-        update(head_t).where(head_t.c.id == 1).values(size=new_size, checkpoint=checkpoint)
+        update(head_t).where(head_t.c.id == 1).values(size=new_size, checkpoint=checkpoint or "")
     )
-    return [size + offset for offset in range(len(rows))]
+    return list(range(size, new_size))
+
+
+def set_checkpoint(session: Session, checkpoint: str) -> None:
+    session.execute(update(head_t).where(head_t.c.id == 1).values(checkpoint=checkpoint))
 
 
 def latest_checkpoint(session: Session) -> tuple[int, str]:

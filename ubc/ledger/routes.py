@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
 from ubc.deps import Reader, ReadSession, require_read
-from ubc.errors import BadRequest, TransferNotFound
+from ubc.errors import BadRequest, Forbidden, TransferNotFound
 from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Transfer
 
@@ -22,6 +22,35 @@ transfers_t = Transfer.__table__  # type: ignore[attr-defined]
 def get_ledger(request: Request) -> dict[str, Any]:
     info: dict[str, Any] = request.app.state.ledger_info
     return info
+
+
+@router.get("/api/accounts", summary="Every account's balances (operator and auditors)")
+def list_accounts(session: ReadSession, reader: Reader) -> dict[str, Any]:
+    if not reader.sees_everything:
+        raise Forbidden("only the operator and auditors list every account")
+    rows = session.execute(
+        select(
+            accounts_t.c.address,
+            accounts_t.c.asset,
+            accounts_t.c.debits_posted,
+            accounts_t.c.credits_posted,
+            accounts_t.c.debits_pending,
+            accounts_t.c.credits_pending,
+        ).order_by(accounts_t.c.address, accounts_t.c.asset)
+    ).all()
+    return {
+        "accounts": [
+            {
+                "address": r[0],
+                "asset": r[1],
+                "posted": r[3] - r[2],
+                "pending_debits": r[4],
+                "pending_credits": r[5],
+                "available": r[3] - r[2] - r[4],
+            }
+            for r in rows
+        ]
+    }
 
 
 @router.get("/api/accounts/{address}", summary="Balances of an account, per asset")

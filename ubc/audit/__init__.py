@@ -1,0 +1,1 @@
+"""The offline auditor: export, verify and restore a journal."""

@@ -1,0 +1,162 @@
+"""Where a journal comes from: an export file, a server, or a database; and exporting one.
+
+An export is JSON lines: a header ``{"format", "origin", "size", "checkpoint"}`` then one
+``{"seq", "entry"}`` line per entry (the entry's exact bytes in base64), so that it can
+be written and read in constant memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from sqlalchemy import select
+
+from ubc.db import make_engine, make_session_factory
+from ubc.journal import store
+from ubc.journal.models import JournalEntry
+
+FORMAT = "ubc-journal/v1"
+PAGE = 1000
+
+entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """A journal to verify: its latest signed checkpoint and a stream of (label, bytes)."""
+
+    checkpoint: str
+    size: int
+    entries: Iterator[tuple[int, bytes]]
+
+
+class SourceError(RuntimeError):
+    """The journal could not be read."""
+
+
+def open_source(location: str, *, token: str | None = None) -> Journal:
+    """An export file path, an ``http(s)://`` server URL, or a database URL."""
+    if location.startswith(("http://", "https://")):
+        return from_server(location, token=token)
+    if "://" in location and not Path(location).exists():
+        return from_database(location)
+    return from_export(Path(location))
+
+
+def from_export(path: Path) -> Journal:
+    try:
+        handle = path.open("r", encoding="utf-8")
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc}") from None
+    header = _header(handle.readline(), path)
+    return Journal(header["checkpoint"], int(header["size"]), _export_entries(handle, path))
+
+
+def from_server(url: str, *, token: str | None = None) -> Journal:
+    client = httpx.Client(
+        base_url=url.rstrip("/"),
+        headers={"Authorization": f"Bearer {token}"} if token else {},
+        timeout=60,
+    )
+    try:
+        checkpoint = client.get("/journal/checkpoint")
+        checkpoint.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise SourceError(f"cannot read the checkpoint of {url}: {exc}") from None
+    size = int(checkpoint.text.split("\n")[1])
+    return Journal(checkpoint.text, size, _server_entries(client, size))
+
+
+def from_database(url: str) -> Journal:
+    engine = make_engine(url, readonly=True)
+    sessions = make_session_factory(engine)
+    with sessions() as session:
+        size, checkpoint = store.latest_checkpoint(session)
+    return Journal(checkpoint, size, _database_entries(url))
+
+
+def write_export(journal: Journal, out: IO[str], *, origin: str) -> int:
+    """Write ``journal`` as an export; returns the number of entries written."""
+    header = {
+        "format": FORMAT,
+        "origin": origin,
+        "size": journal.size,
+        "checkpoint": journal.checkpoint,
+    }
+    out.write(json.dumps(header) + "\n")
+    count = 0
+    for seq, entry in journal.entries:
+        out.write(json.dumps({"seq": seq, "entry": base64.b64encode(entry).decode()}) + "\n")
+        count += 1
+    return count
+
+
+def _header(line: str, path: Path) -> dict[str, Any]:
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError:
+        raise SourceError(f"{path} is not a ubc journal export") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise SourceError(f"{path} is not a {FORMAT} export")
+    return header
+
+
+def _export_entries(handle: IO[str], path: Path) -> Iterator[tuple[int, bytes]]:
+    with handle:
+        for number, line in enumerate(handle, start=2):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                yield int(item["seq"]), base64.b64decode(item["entry"], validate=True)
+            except (ValueError, KeyError, TypeError):
+                raise SourceError(f"{path}:{number}: not an entry line") from None
+
+
+def _server_entries(client: httpx.Client, size: int) -> Iterator[tuple[int, bytes]]:
+    try:
+        start = 0
+        # Read past the checkpoint too: entries beyond it are a finding, not a secret.
+        while True:
+            response = client.get("/journal/entries", params={"start": start, "end": start + PAGE})
+            if response.status_code != 200:
+                raise SourceError(f"GET /journal/entries: {response.status_code} {response.text}")
+            items = response.json()["entries"]
+            if not items:
+                return
+            for item in items:
+                if "entry" not in item:
+                    raise SourceError("this token may not read every entry: use an auditor token")
+                yield int(item["seq"]), base64.b64decode(item["entry"])
+            start += PAGE
+            if start >= size and len(items) < PAGE:
+                return
+    finally:
+        client.close()
+
+
+def _database_entries(url: str) -> Iterator[tuple[int, bytes]]:
+    engine = make_engine(url, readonly=True)
+    try:
+        with engine.connect() as connection:
+            last = -1
+            while True:
+                rows = connection.execute(
+                    select(entries_t.c.seq, entries_t.c.entry)
+                    .where(entries_t.c.seq > last)
+                    .order_by(entries_t.c.seq)
+                    .limit(PAGE)
+                ).all()
+                if not rows:
+                    return
+                for seq, entry in rows:
+                    yield int(seq), bytes(entry)
+                last = int(rows[-1][0])
+    finally:
+        engine.dispose()

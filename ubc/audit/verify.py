@@ -1,0 +1,471 @@
+"""Verify a journal offline: checkpoint signature, Merkle root, consistency, every rule.
+
+The auditor trusts only the ledger's vkey. It checks the checkpoint's signature, streams
+every entry (constant memory), recomputes the Merkle root incrementally, checks it
+against the checkpoint and against an earlier checkpoint the auditor kept, and replays
+every envelope through the same write path the server runs (``ubc.envelopes.service``
+in replay mode, into a scratch database): signatures under the keys valid at that point
+of the journal, the rules, and the effects derived, compared with the effects recorded.
+Findings are data, not the first exception: ``(seq, rule, expected, found)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from ubc.audit.source import Journal
+from ubc.db import make_engine, make_session_factory
+from ubc.envelopes import service as envelopes
+from ubc.envelopes.payloads import LedgerGenesis, parse_timestamp, validate_payload
+from ubc.journal import store as journal_store
+from ubc.journal.checkpoint import Checkpoint, parse_checkpoint
+from ubc.journal.merkle import append_leaves, leaf_hash, root_from_frontier
+from ubc.ledger import service as ledger
+from ubc.ledger.models import Account
+from ubc.migrations import upgrade
+from ubc.signing import (
+    Envelope,
+    EnvelopeFormatError,
+    NoteError,
+    NoteVerifier,
+    parse_payload,
+    verified_keyids,
+)
+from ubc.signing.keys import key_id
+
+accounts_t = Account.__table__  # type: ignore[attr-defined]
+
+REPLAY_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    seq: int | None
+    rule: str
+    expected: str
+    found: str
+
+
+@dataclass(slots=True)
+class Report:
+    findings: list[Finding] = field(default_factory=list)
+    entries: int = 0
+    checkpoint_size: int = 0
+    root: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "entries": self.entries,
+            "checkpoint_size": self.checkpoint_size,
+            "root": self.root,
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+
+ProgressFn = Callable[[int], None]
+
+
+def verify_journal(
+    journal: Journal,
+    vkey: str,
+    *,
+    old_checkpoint: str | None = None,
+    into: str | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[Report, str]:
+    """Verify ``journal`` under ``vkey``; returns the report and the URL of the replayed db.
+
+    ``into`` is the database to replay into (default: a scratch SQLite file); ``ubc
+    restore`` passes its target, and the journal's exact bytes are stored there too.
+    """
+    report = Report()
+    verifier = NoteVerifier.from_vkey(vkey)
+    checkpoint = _checked_checkpoint(journal.checkpoint, verifier, report, "checkpoint")
+    old = None
+    if old_checkpoint is not None:
+        old = _checked_checkpoint(old_checkpoint, verifier, report, "old_checkpoint")
+    report.checkpoint_size = checkpoint.size if checkpoint else 0
+    if into is None:
+        scratch = Path(tempfile.mkdtemp(prefix="ubc-audit-")) / "replay.db"
+        into = f"sqlite:///{scratch}"
+        engine = make_engine(into, durable=False)
+        keep_journal = False
+    else:
+        engine = make_engine(into)
+        keep_journal = True
+    try:
+        upgrade(engine)
+        replayer = _Replayer(
+            make_session_factory(engine),
+            verifier,
+            report,
+            keep_journal=keep_journal,
+            checkpoint=journal.checkpoint,
+        )
+        replayer.run(journal.entries, checkpoint, old, progress)
+        replayer.finish()
+        _check_invariants(engine, report)
+    finally:
+        engine.dispose()
+    return report, into
+
+
+def compare_balances(replayed_url: str, live: dict[tuple[str, str], int]) -> list[Finding]:
+    """Findings for every (account, asset) whose live posted balance differs from replay."""
+    engine = make_engine(replayed_url, readonly=True)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(
+                    accounts_t.c.address,
+                    accounts_t.c.asset,
+                    accounts_t.c.credits_posted - accounts_t.c.debits_posted,
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    replayed = {(r[0], r[1]): int(r[2]) for r in rows}
+    findings = []
+    for key in sorted(set(replayed) | set(live)):
+        want, got = replayed.get(key), live.get(key)
+        if want != got:
+            findings.append(
+                Finding(
+                    None,
+                    "balance.against",
+                    f"{key[0]} {key[1]} posted {want}",
+                    f"live {got}",
+                )
+            )
+    return findings
+
+
+def live_balances_from_database(url: str) -> dict[tuple[str, str], int]:
+    engine = make_engine(url, readonly=True)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                select(
+                    accounts_t.c.address,
+                    accounts_t.c.asset,
+                    accounts_t.c.credits_posted - accounts_t.c.debits_posted,
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return {(r[0], r[1]): int(r[2]) for r in rows}
+
+
+# --- internals --------------------------------------------------------------------------
+
+
+def _checked_checkpoint(
+    note: str, verifier: NoteVerifier, report: Report, what: str
+) -> Checkpoint | None:
+    try:
+        text = verifier.verify(note)
+    except NoteError as exc:
+        report.findings.append(
+            Finding(None, f"{what}.signature", f"signed by {verifier.name}", str(exc))
+        )
+        text = note.split("\n\n", 1)[0] + "\n"
+    try:
+        checkpoint = parse_checkpoint(text)
+    except ValueError as exc:
+        report.findings.append(Finding(None, f"{what}.format", "a tlog-checkpoint", str(exc)))
+        return None
+    if checkpoint.origin != verifier.name:
+        report.findings.append(Finding(None, f"{what}.origin", verifier.name, checkpoint.origin))
+    return checkpoint
+
+
+@dataclass(slots=True)
+class _Group:
+    committed_at: str = ""
+    items: list[tuple[int, dict[str, Any], bytes]] = field(default_factory=list)
+
+
+class _Replayer:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        verifier: NoteVerifier,
+        report: Report,
+        *,
+        keep_journal: bool,
+        checkpoint: str,
+    ) -> None:
+        self.sessions = sessions
+        self.verifier = verifier
+        self.report = report
+        self.keep_journal = keep_journal
+        self.checkpoint = checkpoint
+        self.ctx: envelopes.LedgerContext | None = None
+        self.group = _Group()
+        self.size = 0
+
+    def run(
+        self,
+        entries: Iterator[tuple[int, bytes]],
+        checkpoint: Checkpoint | None,
+        old: Checkpoint | None,
+        progress: ProgressFn | None,
+    ) -> None:
+        findings = self.report.findings
+        frontier: list[bytes] = []
+        position = 0
+        for label, entry in entries:
+            nodes, frontier = append_leaves(position, frontier, [leaf_hash(entry)])
+            del nodes
+            position += 1
+            if checkpoint is not None and position == checkpoint.size:
+                root = root_from_frontier(position, frontier)
+                self.report.root = base64.b64encode(root).decode()
+                if root != checkpoint.root:
+                    findings.append(
+                        Finding(
+                            position - 1,
+                            "merkle.root",
+                            f"root {base64.b64encode(checkpoint.root).decode()} "
+                            f"at size {checkpoint.size}",
+                            f"root {base64.b64encode(root).decode()} from the entries",
+                        )
+                    )
+            if old is not None and position == old.size:
+                root = root_from_frontier(position, frontier)
+                if root != old.root:
+                    findings.append(
+                        Finding(
+                            position - 1,
+                            "merkle.consistency",
+                            "the earlier checkpoint's root at size "
+                            f"{old.size}: {base64.b64encode(old.root).decode()}",
+                            f"{base64.b64encode(root).decode()}: history was rewritten",
+                        )
+                    )
+            seq = position - 1
+            if checkpoint is not None and seq >= checkpoint.size:
+                findings.append(
+                    Finding(
+                        seq,
+                        "journal.unsigned",
+                        f"at most {checkpoint.size} entries under the checkpoint",
+                        f"entry {seq} beyond it",
+                    )
+                )
+            self._entry(seq, label, entry)
+            if progress is not None:
+                progress(1)
+        self._flush()
+        self.report.entries = position
+        if checkpoint is not None and position < checkpoint.size:
+            findings.append(
+                Finding(
+                    position, "journal.missing", f"{checkpoint.size} entries", f"{position} entries"
+                )
+            )
+        if old is not None and position < old.size:
+            findings.append(
+                Finding(
+                    None,
+                    "merkle.consistency",
+                    f"at least {old.size} entries",
+                    f"{position} entries",
+                )
+            )
+        if old is not None and checkpoint is not None and old.size > checkpoint.size:
+            findings.append(
+                Finding(
+                    None,
+                    "merkle.consistency",
+                    f"a checkpoint of size ≥ {old.size}",
+                    f"size {checkpoint.size}: the log shrank",
+                )
+            )
+
+    def _entry(self, seq: int, label: int, entry: bytes) -> None:
+        findings = self.report.findings
+        try:
+            body = json.loads(entry)
+            recorded_seq = body["seq"]
+            envelope_json = body["envelope"]
+            effects = body["effects"]
+            committed_at = body["committed_at"]
+        except (ValueError, KeyError, TypeError) as exc:
+            findings.append(Finding(seq, "entry.format", "a journal entry", str(exc)))
+            return
+        if recorded_seq != seq or label != seq:
+            findings.append(
+                Finding(
+                    seq,
+                    "journal.sequence",
+                    f"entry {seq}",
+                    f"entry labelled {label} recording seq {recorded_seq}",
+                )
+            )
+        if seq == 0:
+            self._genesis(envelope_json, effects, entry)
+            return
+        if self.ctx is None:
+            findings.append(Finding(seq, "journal.genesis", "a genesis entry first", "none"))
+            return
+        if self.group.items and (
+            self.group.committed_at != committed_at or len(self.group.items) >= REPLAY_BATCH
+        ):
+            self._flush()
+        self.group.committed_at = committed_at
+        self.group.items.append((seq, body, entry))
+
+    def _genesis(self, envelope_json: Any, effects: Any, entry: bytes) -> None:
+        findings = self.report.findings
+        try:
+            envelope = Envelope.from_json(envelope_json)
+            payload = validate_payload("ledger.genesis", parse_payload(envelope.payload))
+        except (EnvelopeFormatError, ValueError) as exc:
+            findings.append(Finding(0, "genesis.format", "a ledger.genesis envelope", str(exc)))
+            return
+        public = self.verifier.public_key
+        if not verified_keyids(envelope, {key_id(public): public}):
+            findings.append(
+                Finding(
+                    0,
+                    "genesis.signature",
+                    "signed by the ledger key of the vkey",
+                    "no valid ledger signature",
+                )
+            )
+            return
+        assert isinstance(payload, LedgerGenesis)
+        if payload.ledger != self.verifier.name:
+            findings.append(Finding(0, "genesis.origin", self.verifier.name, payload.ledger))
+        if effects != []:
+            findings.append(Finding(0, "genesis.effects", "[]", json.dumps(effects)))
+        self.ctx = envelopes.context_from_genesis(payload, skew=timedelta(days=36500))
+        with self.sessions() as session, session.begin():
+            journal_store.create_head(session)
+            envelopes.apply_genesis(session, payload)
+            if self.keep_journal:
+                ledger.record(
+                    session,
+                    payload.id,
+                    hashlib.sha256(envelope.payload).digest(),
+                    ledger.Applied(payload.id, ()),
+                    now=parse_timestamp(payload.created_at),
+                )
+                self._store(
+                    session,
+                    [
+                        journal_store.RawEntry(
+                            payload.id, "ledger.genesis", "ledger", frozenset(), entry
+                        )
+                    ],
+                    parse_timestamp(payload.created_at),
+                )
+
+    def _flush(self) -> None:
+        group, self.group = self.group, _Group()
+        if not group.items or self.ctx is None:
+            return
+        now = parse_timestamp(group.committed_at)
+        raws = [body["envelope"] for _, body, _ in group.items]
+        with self.sessions() as session, session.begin():
+            outcomes = envelopes.submit(session, self.ctx, raws, now=now, replay=True)
+            rows = []
+            for (seq, body, entry), outcome in zip(group.items, outcomes, strict=True):
+                kind = _type_of(body)
+                if isinstance(outcome, envelopes.Accepted):
+                    receipt = outcome.receipt
+                    rows.append(
+                        journal_store.RawEntry(
+                            receipt.id, receipt.type, receipt.actor, receipt.accounts, entry
+                        )
+                    )
+                    derived = receipt.effects
+                    if _canonical(derived) != _canonical(body["effects"]):
+                        self.report.findings.append(
+                            Finding(
+                                seq,
+                                f"effects.{kind}",
+                                json.dumps(derived, sort_keys=True),
+                                json.dumps(body["effects"], sort_keys=True),
+                            )
+                        )
+                else:
+                    self.report.findings.append(
+                        Finding(
+                            seq,
+                            f"envelope.{kind}",
+                            "accepted under the ledger's rules",
+                            f"{outcome.status_code} {outcome.error_type}: {outcome.message}",
+                        )
+                    )
+            if self.keep_journal:
+                self._store(session, rows, now)
+
+    def _store(self, session: Session, rows: list[journal_store.RawEntry], now: datetime) -> None:
+        """Keep the journal's exact bytes (restore); the exported checkpoint comes last."""
+        self.size = journal_store.append_raw(session, self.size, rows, now=now)[-1] + 1
+
+    def finish(self) -> None:
+        if self.keep_journal:
+            with self.sessions() as session, session.begin():
+                journal_store.set_checkpoint(session, self.checkpoint)
+
+
+def _check_invariants(engine: Engine, report: Report) -> None:
+    with engine.connect() as connection:
+        sums = connection.execute(
+            select(
+                accounts_t.c.asset,
+                func.sum(accounts_t.c.credits_posted - accounts_t.c.debits_posted),
+                func.sum(accounts_t.c.credits_pending - accounts_t.c.debits_pending),
+            ).group_by(accounts_t.c.asset)
+        ).all()
+        negative = connection.execute(
+            select(accounts_t.c.address, accounts_t.c.asset).where(
+                accounts_t.c.non_negative,
+                accounts_t.c.credits_posted
+                - accounts_t.c.debits_posted
+                - accounts_t.c.debits_pending
+                < 0,
+            )
+        ).all()
+    for asset, posted, pending in sums:
+        if int(posted or 0) != 0 or int(pending or 0) != 0:
+            report.findings.append(
+                Finding(
+                    None,
+                    "double_entry",
+                    f"{asset} balances sum to 0",
+                    f"posted {posted}, pending {pending}",
+                )
+            )
+    for address, asset in negative:
+        report.findings.append(
+            Finding(None, "non_negative", f"{address} {asset} ≥ 0", "below zero")
+        )
+
+
+def _type_of(body: dict[str, Any]) -> str:
+    payload_type = str(body.get("envelope", {}).get("payloadType", ""))
+    return payload_type.removeprefix("application/vnd.ubc.").removesuffix("+json") or "unknown"
+
+
+def _canonical(effects: Any) -> str:
+    return json.dumps(effects, sort_keys=True)
