@@ -1,10 +1,10 @@
-"""The ``ubc`` command line: operator set-up, the service, and (later) members' commands."""
+"""The ``ubc`` command line: operator set-up, the service, and members' commands."""
 
 from __future__ import annotations
 
 import typer
 
-from ubc.cli import server
+from ubc.cli import audit, member, server
 
 app = typer.Typer(
     name="ubc",
@@ -13,6 +13,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 server.register(app)
+member.register(app)
+audit.register(app)
 
 
 def main() -> None:

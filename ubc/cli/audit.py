@@ -1,0 +1,254 @@
+"""Auditors' commands: ``ubc audit export|verify``, ``ubc restore``, ``ubc proof``."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from sqlalchemy import text
+
+from ubc.audit.source import Journal, SourceError, open_source, write_export
+from ubc.audit.verify import (
+    Finding,
+    Report,
+    compare_balances,
+    live_balances_from_database,
+    verify_journal,
+)
+from ubc.db import make_engine
+from ubc.journal.checkpoint import format_tlog_proof, parse_checkpoint, parse_tlog_proof
+from ubc.journal.merkle import ProofError, leaf_hash, verify_inclusion
+from ubc.migrations import upgrade
+from ubc.signing import NoteError, NoteVerifier
+
+console = Console(stderr=True)
+audit = typer.Typer(help="Export and verify the journal offline.", no_args_is_help=True)
+proof = typer.Typer(help="Receipts: inclusion proofs of journal entries.", no_args_is_help=True)
+
+Token = Annotated[
+    str | None,
+    typer.Option("--token", envvar="UBC_TOKEN", help="auditor or operator token for a server"),
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(audit, name="audit")
+    app.command("restore")(restore)
+    app.add_typer(proof, name="proof")
+
+
+@audit.command("export")
+def export(
+    source: Annotated[str, typer.Argument(help="server URL or database URL")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
+    token: Token = None,
+) -> None:
+    """Write the journal (every entry and the latest checkpoint) to a file."""
+    journal = _open(source, token)
+    origin = journal.checkpoint.split("\n", 1)[0]
+    with _progress(journal.size) as (progress, task), out.open("w", encoding="utf-8") as f:
+        counted = _counting(journal, lambda n: progress.advance(task, n))
+        written = write_export(counted, f, origin=origin)
+    console.print(f"Exported {written} entries and the checkpoint of size {journal.size} to {out}")
+
+
+@audit.command("verify")
+def verify(
+    source: Annotated[str, typer.Argument(help="export file, server URL or database URL")],
+    vkey: Annotated[str, typer.Option("--vkey", help="the ledger's trusted verifier key")],
+    checkpoint: Annotated[
+        Path | None, typer.Option("--checkpoint", help="a checkpoint saved earlier")
+    ] = None,
+    against: Annotated[
+        str | None,
+        typer.Option("--against", help="compare replayed balances with a live server or db"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
+    token: Token = None,
+) -> None:
+    """Verify signatures, Merkle root, consistency and every rule; exit 1 on any finding."""
+    journal = _open(source, token)
+    old = checkpoint.read_text(encoding="utf-8") if checkpoint else None
+    with _progress(journal.size, quiet=as_json) as (progress, task):
+        report, replayed = verify_journal(
+            journal, vkey, old_checkpoint=old, progress=lambda n: progress.advance(task, n)
+        )
+    if against is not None:
+        report.findings.extend(compare_balances(replayed, _live_balances(against, token)))
+    _print_report(report, as_json)
+    raise typer.Exit(code=0 if report.ok else 1)
+
+
+def restore(
+    export_file: Annotated[Path, typer.Argument(help="an export written by `ubc audit export`")],
+    into: Annotated[str, typer.Option("--into", help="database URL to rebuild (empty)")],
+    vkey: Annotated[str, typer.Option("--vkey", help="the ledger's trusted verifier key")],
+) -> None:
+    """Rebuild a complete database from an export with the same rules, verifying as it goes."""
+    journal = _open(str(export_file), None)
+    engine = make_engine(into)
+    try:
+        upgrade(engine)
+        with engine.connect() as connection:
+            existing = connection.execute(text("SELECT count(*) FROM journal_entries")).scalar()
+    finally:
+        engine.dispose()
+    if existing:
+        console.print(f"[red]{into} already holds a journal; restore needs an empty database[/red]")
+        raise typer.Exit(code=1)
+    with _progress(journal.size) as (progress, task):
+        report, _ = verify_journal(
+            journal, vkey, into=into, progress=lambda n: progress.advance(task, n)
+        )
+    _print_report(report, False)
+    if not report.ok:
+        console.print("[red]The export has findings: do not serve the restored database.[/red]")
+        raise typer.Exit(code=1)
+    console.print(f"Restored {report.entries} entries into {into}.")
+
+
+@proof.command("get")
+def proof_get(
+    seq: Annotated[int, typer.Argument(help="the journal entry's sequence number")],
+    server: Annotated[str, typer.Option("--server", envvar="UBC_SERVER")] = "http://127.0.0.1:8000",
+    vkey: Annotated[
+        str | None, typer.Option("--vkey", help="trusted vkey (default: ask the server)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o")] = None,
+    token: Token = None,
+) -> None:
+    """Fetch and verify the inclusion proof of entry SEQ; write a C2SP tlog-proof file."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=server, headers=headers, timeout=30) as client:
+        trusted = vkey or client.get("/api/ledger").json()["vkey"]
+        note = client.get("/journal/checkpoint").text
+        size = int(note.split("\n")[1])
+        answer = client.get("/journal/proof/inclusion", params={"seq": seq, "size": size})
+        entries = client.get("/journal/entries", params={"start": seq, "end": seq + 1})
+    if answer.status_code != 200:
+        _fail(answer.json().get("error", {}).get("message", answer.text))
+    item = entries.json()["entries"][0] if entries.status_code == 200 else {}
+    if "entry" not in item:
+        _fail("this key may not read that entry (a member reads only its own entries)")
+    entry = base64.b64decode(item["entry"])
+    hashes = [base64.b64decode(h) for h in answer.json()["proof"]]
+    _check_proof(trusted, note, seq, entry, hashes)
+    target = out or Path(f"proof-{seq}.tlog-proof")
+    target.write_text(format_tlog_proof(seq, hashes, note, extra=entry), encoding="utf-8")
+    console.print(f"Entry {seq} is in the journal of size {size}: proof written to {target}")
+
+
+@proof.command("check")
+def proof_check(
+    file: Annotated[Path, typer.Argument(help="a tlog-proof file written by `ubc proof get`")],
+    vkey: Annotated[str, typer.Option("--vkey", help="the ledger's trusted verifier key")],
+) -> None:
+    """Check a saved proof offline: checkpoint signature and the entry's inclusion."""
+    try:
+        parsed = parse_tlog_proof(file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        _fail(f"not a tlog-proof file: {exc}")
+    if parsed.extra is None:
+        _fail("the proof file does not carry the entry")
+    _check_proof(vkey, parsed.checkpoint, parsed.index, parsed.extra, list(parsed.proof))
+    console.print(f"Entry {parsed.index} is included in the signed checkpoint.")
+
+
+def _check_proof(vkey: str, note: str, seq: int, entry: bytes, hashes: list[bytes]) -> None:
+    try:
+        checkpoint = parse_checkpoint(NoteVerifier.from_vkey(vkey).verify(note))
+        verify_inclusion(leaf_hash(entry), seq, checkpoint.size, hashes, checkpoint.root)
+    except (NoteError, ProofError, ValueError) as exc:
+        _fail(f"the proof does not verify: {exc}")
+
+
+def _open(source: str, token: str | None) -> Journal:
+    try:
+        return open_source(source, token=token)
+    except SourceError as exc:
+        _fail(str(exc))
+
+
+def _live_balances(against: str, token: str | None) -> dict[tuple[str, str], int]:
+    if not against.startswith(("http://", "https://")):
+        return live_balances_from_database(against)
+    balances: dict[tuple[str, str], int] = {}
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=against, headers=headers, timeout=30) as client:
+        response = client.get("/api/accounts")
+        if response.status_code != 200:
+            _fail(f"cannot list accounts of {against}: {response.text}")
+        for item in response.json()["accounts"]:
+            balances[(item["address"], item["asset"])] = int(item["posted"])
+    return balances
+
+
+def _print_report(report: Report, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
+        return
+    if report.ok:
+        console.print(
+            f"[green]OK[/green]: {report.entries} entries verified, checkpoint size "
+            f"{report.checkpoint_size}, root {report.root}"
+        )
+        return
+    table = Table(title=f"{len(report.findings)} findings in {report.entries} entries")
+    for column in ("entry", "rule", "expected", "found"):
+        table.add_column(column, overflow="fold")
+    for finding in report.findings:
+        table.add_row(_seq(finding), finding.rule, finding.expected, finding.found)
+    console.print(table)
+
+
+def _seq(finding: Finding) -> str:
+    return "-" if finding.seq is None else str(finding.seq)
+
+
+class _progress:  # noqa: N801 - used as a context manager
+    def __init__(self, total: int, *, quiet: bool = False) -> None:
+        self.progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet or total < 1000,
+        )
+        self.total = total
+
+    def __enter__(self) -> tuple[Progress, TaskID]:
+        self.progress.start()
+        return self.progress, self.progress.add_task("journal", total=self.total)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _counting(journal: Journal, advance: Callable[[int], object]) -> Journal:
+    def entries() -> Iterator[tuple[int, bytes]]:
+        for item in journal.entries:
+            yield item
+            advance(1)
+
+    return Journal(journal.checkpoint, journal.size, entries())
+
+
+def _fail(message: str) -> NoReturn:
+    console.print(f"[red]{message}[/red]")
+    raise typer.Exit(code=1)

@@ -1,0 +1,629 @@
+"""The Python client of a ubc ledger: build, sign and submit envelopes; read accounts.
+
+One :class:`UbcClient` speaks for one signer. Give it a member's key and handle to act as
+that member, or the operator's key and no handle to act as the operator; give it a
+bearer ``token`` (an API key secret with the ``read`` scope, or an operator or auditor
+token) to read. Every answer other than 2xx raises :class:`UbcApiError`; transport
+failures raise ``httpx.TransportError`` after the retries.
+
+Envelopes carry a client-chosen UUID, so resending one after a lost answer is safe: the
+ledger answers the original result. The client does that by itself on transport errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self, TypedDict, cast
+from urllib.parse import quote
+
+import httpx
+from nacl.signing import SigningKey
+
+from ubc import __version__
+from ubc.envelopes.payloads import format_timestamp
+from ubc.signing import (
+    Envelope,
+    add_signature,
+    canonical_json,
+    encode_public_key,
+    payload_type_for,
+    sign_envelope,
+)
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "Account",
+    "Balance",
+    "BatchResult",
+    "Effect",
+    "HistoryItem",
+    "HistoryPage",
+    "LedgerInfo",
+    "Member",
+    "MemberKey",
+    "Receipt",
+    "Transfer",
+    "TransferLeg",
+    "UbcApiError",
+    "UbcClient",
+    "api_key_hash",
+    "new_api_key_secret",
+    "to_address",
+]
+
+API_KEY_PREFIX = "ubc_sk_"
+DEFAULT_TIMEOUT = 10.0
+_API_KEY_BYTES = 32
+
+
+class UbcApiError(Exception):
+    """The ledger answered with an error: its HTTP status and ``{type, message, detail}``."""
+
+    def __init__(
+        self, status: int, type: str, message: str, detail: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(f"{status} {type}: {message}")
+        self.status = status
+        self.type = type
+        self.message = message
+        self.detail: dict[str, Any] = dict(detail or {})
+
+
+# --- what the ledger answers (JSON objects, typed) ----------------------------------------
+
+
+class Effect(TypedDict):
+    """One ledger transfer an accepted envelope made."""
+
+    transfer_id: str
+    kind: str
+    debit: str
+    credit: str
+    asset: str
+    amount: int
+    phase: str
+
+
+class Receipt(TypedDict):
+    """The answer to an accepted envelope; ``seq`` is its journal entry."""
+
+    seq: int
+    id: str
+    type: str
+    effects: list[Effect]
+
+
+class LedgerInfo(TypedDict):
+    origin: str
+    vkey: str
+    ledger_public_key: str
+    operator_public_keys: list[str]
+    assets: dict[str, dict[str, int]]
+    enrollment: str
+    market_fee_bps: int
+    current_epoch: Any
+
+
+class Balance(TypedDict):
+    asset: str
+    posted: int
+    pending_debits: int
+    pending_credits: int
+    available: int
+
+
+class Account(TypedDict):
+    address: str
+    balances: list[Balance]
+
+
+class HistoryItem(TypedDict):
+    """One posting; ``amount`` is the signed change of this account's posted balance."""
+
+    transfer_id: str
+    kind: str
+    phase: str
+    asset: str
+    amount: int
+    pending: int
+    counterparty: str
+    balance_after: int
+    available_after: int
+    memo: str | None
+    created_at: str
+
+
+class HistoryPage(TypedDict):
+    address: str
+    items: list[HistoryItem]
+    next_cursor: str | None
+
+
+class MemberKey(TypedDict):
+    keyid: str
+    public_key: str
+    current: bool
+
+
+class Member(TypedDict):
+    handle: str
+    address: str
+    status: str
+    tier: str | None
+    display_name: str | None
+    created_at: str
+    keys: list[MemberKey]
+
+
+class TransferLeg(TypedDict):
+    transfer_id: str
+    kind: str
+    phase: str
+    debit: str
+    credit: str
+    asset: str
+    amount: int
+    pending_id: str | None
+    state: str
+    memo: str | None
+    created_at: str
+
+
+class Transfer(TypedDict):
+    id: str
+    transfers: list[TransferLeg]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """The outcome of one envelope of a batch: a receipt, or the error (not raised)."""
+
+    index: int
+    status: int
+    receipt: Receipt | None
+    error: UbcApiError | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# --- helpers anyone may use ---------------------------------------------------------------
+
+
+def to_address(name: str) -> str:
+    """A full address: ``alice`` → ``member:alice``; full addresses are kept as they are."""
+    return name if ":" in name else f"member:{name}"
+
+
+def new_api_key_secret() -> str:
+    """A new API key secret: ``ubc_sk_`` + 32 random bytes, urlsafe base64 without padding."""
+    body = base64.urlsafe_b64encode(secrets.token_bytes(_API_KEY_BYTES)).rstrip(b"=")
+    return API_KEY_PREFIX + body.decode("ascii")
+
+
+def api_key_hash(secret: str) -> str:
+    """What the ledger stores of an API key: hex SHA-256 of the whole secret string."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# --- the client ---------------------------------------------------------------------------
+
+
+class UbcClient:
+    """A synchronous client of one ubc ledger, signing as one member or as the operator.
+
+    ``origin`` is fetched from ``GET /api/ledger`` on first use unless given. ``key`` signs
+    every envelope; ``handle`` makes the client act as ``member:<handle>`` (without one it
+    acts as the operator). ``token`` authenticates reads. ``transport`` replaces the
+    network, e.g. with ``httpx.MockTransport`` in tests. Envelope submissions are resent
+    up to ``retries`` times on transport errors (safe: envelope ids are idempotency keys).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        origin: str | None = None,
+        key: SigningKey | None = None,
+        handle: str | None = None,
+        token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        retries: int = 2,
+    ) -> None:
+        self.key = key
+        self.handle = handle
+        self.token = token
+        self.retries = retries
+        self._origin = origin
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            transport=transport,
+            timeout=timeout,
+            headers={"User-Agent": f"ubc-client/{__version__}"},
+        )
+
+    # --- lifecycle ---
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    @property
+    def origin(self) -> str:
+        """The ledger origin every payload names (fetched once from ``/api/ledger``)."""
+        if self._origin is None:
+            self._origin = self.ledger_info()["origin"]
+        return self._origin
+
+    @property
+    def actor(self) -> str:
+        """``member:<handle>``, or ``operator`` for a client without a handle."""
+        return f"member:{self.handle}" if self.handle else "operator"
+
+    @property
+    def address(self) -> str:
+        """This member's account address."""
+        return f"member:{self._require_handle()}"
+
+    # --- building and signing ---
+
+    def envelope(
+        self,
+        type_: str,
+        /,
+        *,
+        keys: Sequence[SigningKey] | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """A signed envelope of payload type ``type_`` (e.g. ``"transfer"``) as a JSON dict.
+
+        Fills ``ledger``, ``id`` (a new UUID), ``created_at`` (now) and ``actor`` unless
+        given; ``from_`` stands for ``from``; fields that are None are left out. Signed by
+        ``keys``, or by this client's key.
+        """
+        payload: dict[str, Any] = {
+            "ledger": self.origin,
+            "id": str(uuid.uuid4()),
+            "created_at": format_timestamp(datetime.now(UTC)),
+            "actor": self.actor,
+        }
+        for name, value in fields.items():
+            payload["from" if name == "from_" else name] = value
+        body = canonical_json({k: v for k, v in payload.items() if v is not None})
+        signers = list(keys) if keys is not None else [self._require_key()]
+        return sign_envelope(payload_type_for(type_), body, signers).to_json()
+
+    def cosign(self, envelope: Mapping[str, Any] | Envelope) -> dict[str, Any]:
+        """``envelope`` with this client's signature added (e.g. the operator's on a
+        withdrawal the owner signed)."""
+        parsed = envelope if isinstance(envelope, Envelope) else Envelope.from_json(envelope)
+        return add_signature(parsed, self._require_key()).to_json()
+
+    # --- submitting ---
+
+    def submit(self, envelope: Mapping[str, Any] | Envelope) -> Receipt:
+        """Submit one envelope; its receipt (the same one again for a replay)."""
+        body = envelope.to_json() if isinstance(envelope, Envelope) else dict(envelope)
+        return cast(Receipt, self._post("/api/envelopes", body))
+
+    def submit_batch(
+        self, envelopes: Sequence[Mapping[str, Any] | Envelope], *, atomic: bool = False
+    ) -> list[BatchResult]:
+        """Submit up to 1,000 envelopes at once; one result per envelope, in order.
+
+        An atomic batch applies whole or raises :class:`UbcApiError` (409, ``detail["index"]``
+        naming the failing envelope) and applies nothing.
+        """
+        items = [e.to_json() if isinstance(e, Envelope) else dict(e) for e in envelopes]
+        answer = self._post("/api/envelopes/batch", {"atomic": atomic, "envelopes": items})
+        results = []
+        for result in answer["results"]:
+            status: int = result["status"]
+            body: dict[str, Any] = result["body"]
+            if 200 <= status < 300:
+                results.append(BatchResult(result["index"], status, cast(Receipt, body), None))
+            else:
+                results.append(BatchResult(result["index"], status, None, _error(status, body)))
+        return results
+
+    # --- members ---
+
+    def register(self, handle: str | None = None, display_name: str | None = None) -> Receipt:
+        """Register this client's key as ``member:<handle>``; the client then acts as it."""
+        handle = handle or self._require_handle()
+        key = self._require_key()
+        receipt = self.submit(
+            self.envelope(
+                "member.register",
+                actor=f"member:{handle}",
+                handle=handle,
+                public_key=encode_public_key(bytes(key.verify_key)),
+                display_name=display_name,
+            )
+        )
+        self.handle = handle
+        return receipt
+
+    def rotate_key(self, new_key: SigningKey) -> Receipt:
+        """Replace this member's key by ``new_key`` (signed by both); the client then signs
+        with ``new_key``."""
+        handle = self._require_handle()
+        receipt = self.submit(
+            self.envelope(
+                "key.rotate",
+                keys=[self._require_key(), new_key],
+                handle=handle,
+                new_public_key=encode_public_key(bytes(new_key.verify_key)),
+            )
+        )
+        self.key = new_key
+        return receipt
+
+    def grant_api_key(
+        self,
+        label: str,
+        scopes: Sequence[str] = ("models", "read"),
+        account: str | None = None,
+        spend_cap_per_epoch: int | None = None,
+        models: Sequence[str] | None = None,
+        expires_at: datetime | str | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+    ) -> tuple[str, Receipt]:
+        """Grant a new API key on this member's account (or ``account``).
+
+        Returns the secret, which the ledger never sees (only its SHA-256), and the receipt.
+        """
+        secret = new_api_key_secret()
+        if isinstance(expires_at, datetime):
+            expires_at = format_timestamp(expires_at)
+        receipt = self.submit(
+            self.envelope(
+                "apikey.grant",
+                account=to_address(account) if account else self.address,
+                key_hash=api_key_hash(secret),
+                label=label,
+                scopes=list(scopes),
+                spend_cap_per_epoch=spend_cap_per_epoch,
+                models=list(models) if models is not None else None,
+                expires_at=expires_at,
+                rpm=rpm,
+                tpm=tpm,
+            )
+        )
+        return secret, receipt
+
+    def revoke_api_key(self, key_hash: str, account: str | None = None) -> Receipt:
+        """Revoke the API key whose hash is ``key_hash`` (see :func:`api_key_hash`)."""
+        return self.submit(
+            self.envelope(
+                "apikey.revoke",
+                account=to_address(account) if account else self.address,
+                key_hash=key_hash,
+            )
+        )
+
+    # --- moving value ---
+
+    def send(self, to: str, amount: int, *, asset: str = "CU", memo: str | None = None) -> Receipt:
+        """Transfer ``amount`` of ``asset`` to ``to`` (a handle or a full address)."""
+        return self.submit(
+            self.envelope(
+                "transfer",
+                from_=self.address,
+                to=to_address(to),
+                asset=asset,
+                amount=amount,
+                memo=memo,
+            )
+        )
+
+    def donate(
+        self, cause_slug: str, amount: int, memo: str | None = None, *, asset: str = "CU"
+    ) -> Receipt:
+        """Transfer ``amount`` to the cause ``cause_slug`` (or ``cause:<slug>``)."""
+        cause = cause_slug if cause_slug.startswith("cause:") else f"cause:{cause_slug}"
+        return self.send(cause, amount, asset=asset, memo=memo)
+
+    def withdrawal_envelope(
+        self,
+        amount: int,
+        *,
+        external_ref: str,
+        asset: str = "CU",
+        account: str | None = None,
+    ) -> dict[str, Any]:
+        """A withdrawal from this member's account, signed by the owner; the operator must
+        :meth:`cosign` it before it is submitted."""
+        return self.envelope(
+            "withdrawal",
+            from_=to_address(account) if account else self.address,
+            asset=asset,
+            amount=amount,
+            external_ref=external_ref,
+        )
+
+    # --- the operator ---
+
+    def admit(self, handle: str, tier: str) -> Receipt:
+        """Admit a registered member into ``tier`` (operator)."""
+        return self.submit(
+            self.envelope("member.admit", actor="operator", handle=handle, tier=tier)
+        )
+
+    def update_member(
+        self,
+        handle: str,
+        tier: str | None = None,
+        status: str | None = None,
+        reason: str | None = None,
+    ) -> Receipt:
+        """Change a member's tier, or suspend (``status="suspended"``) or reinstate it."""
+        return self.submit(
+            self.envelope(
+                "member.update",
+                actor="operator",
+                handle=handle,
+                tier=tier,
+                status=status,
+                reason=reason,
+            )
+        )
+
+    def deposit(self, to: str, amount: int, asset: str = "CU", *, external_ref: str) -> Receipt:
+        """Credit ``to`` with value that entered from outside (operator); idempotent on
+        ``external_ref``."""
+        return self.submit(
+            self.envelope(
+                "deposit",
+                actor="operator",
+                to=to_address(to),
+                asset=asset,
+                amount=amount,
+                external_ref=external_ref,
+            )
+        )
+
+    # --- reads ---
+
+    def ledger_info(self) -> LedgerInfo:
+        """The ledger's public facts: origin, keys, assets, enrollment, current epoch."""
+        info = cast(LedgerInfo, self._get("/api/ledger"))
+        self._origin = self._origin or info["origin"]
+        return info
+
+    def member(self, handle: str | None = None) -> Member:
+        return cast(Member, self._get(f"/api/members/{_path(handle or self._require_handle())}"))
+
+    def balance(self, address: str | None = None) -> Account:
+        """Balances per asset of ``address`` (a handle or address; default: this member)."""
+        return cast(Account, self._get(f"/api/accounts/{_path(self._address_or_own(address))}"))
+
+    def history(
+        self,
+        address: str | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+        asset: str | None = None,
+    ) -> HistoryPage:
+        """One page of postings, newest first; pass ``next_cursor`` for the next page."""
+        params: dict[str, str | int] = {"limit": limit}
+        if cursor is not None:
+            params["cursor"] = cursor
+        if asset is not None:
+            params["asset"] = asset
+        path = f"/api/accounts/{_path(self._address_or_own(address))}/history"
+        return cast(HistoryPage, self._get(path, params=params))
+
+    def iter_history(
+        self, address: str | None = None, *, asset: str | None = None, page_size: int = 200
+    ) -> Iterator[HistoryItem]:
+        """Every posting of an account, newest first, fetched page by page."""
+        cursor: str | None = None
+        while True:
+            page = self.history(address, cursor=cursor, limit=page_size, asset=asset)
+            yield from page["items"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return
+
+    def transfer(self, id: str) -> Transfer:
+        """A transfer (``<envelope id>:<n>``) or every leg an envelope made (its id)."""
+        return cast(Transfer, self._get(f"/api/transfers/{_path(id)}"))
+
+    def checkpoint(self) -> str:
+        """The journal's latest signed checkpoint (a C2SP signed note)."""
+        response = self._http.get("/journal/checkpoint")
+        _raise_for_error(response)
+        return response.text
+
+    # --- internals ---
+
+    def _require_key(self) -> SigningKey:
+        if self.key is None:
+            raise ValueError("this client has no signing key")
+        return self.key
+
+    def _require_handle(self) -> str:
+        if not self.handle:
+            raise ValueError("this client has no member handle")
+        return self.handle
+
+    def _address_or_own(self, address: str | None) -> str:
+        return to_address(address) if address else self.address
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _get(self, path: str, params: Mapping[str, str | int] | None = None) -> Any:
+        response = self._http.get(path, params=params, headers=self._headers())
+        _raise_for_error(response)
+        return response.json()
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        attempt = 0
+        while True:
+            try:
+                response = self._http.post(path, json=body)
+                break
+            except httpx.TransportError:
+                # The same envelope ids again: the ledger answers what it already did.
+                if attempt >= self.retries:
+                    raise
+                attempt += 1
+        _raise_for_error(response)
+        return response.json()
+
+
+def _path(segment: str) -> str:
+    return quote(segment, safe=":")
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    raise _error(response.status_code, body, fallback=response.text or response.reason_phrase)
+
+
+def _error(status: int, body: object, *, fallback: str = "") -> UbcApiError:
+    """The error of an answer: the ledger's ``{"error": {...}}`` body, or what there is."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            detail = error.get("detail")
+            return UbcApiError(
+                status,
+                str(error.get("type", "error")),
+                str(error.get("message", "")),
+                detail if isinstance(detail, dict) else {},
+            )
+        if "detail" in body:  # FastAPI's own answers, e.g. an unknown path
+            return UbcApiError(status, "http_error", str(body["detail"]), {})
+    return UbcApiError(status, "http_error", fallback or f"HTTP {status}", {})
