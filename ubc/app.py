@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.ctx = runtime.ctx
         app.state.tokens = runtime.tokens
         app.state.ledger_info = runtime.info
-        writer = GroupCommitWriter(sessions, runtime.ctx)
+        writer = GroupCommitWriter(sessions, runtime.ctx, read_sessions=app.state.read_sessions)
         app.state.writer = writer
         writer.start()
         sweeper = asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds))

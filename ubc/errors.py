@@ -10,6 +10,7 @@ DESIGN section 4. Nothing outside ``ubc.app`` raises ``HTTPException``.
     │   └── InvalidPayload (400 invalid_payload)
     ├── Unauthenticated (401 unauthenticated)
     ├── Forbidden (403 forbidden)
+    │   └── MissingSignature (403 missing_signature)
     ├── NotFound (404 not_found)
     │   ├── AccountNotFound (404 account_not_found)
     │   └── TransferNotFound (404 transfer_not_found)
@@ -70,6 +71,13 @@ class Unauthenticated(UbcError):
 class Forbidden(UbcError):
     status = 403
     type = "forbidden"
+
+
+class MissingSignature(Forbidden):
+    """A required co-signature is absent; the same envelope may come back co-signed, so
+    its id is not remembered as failed."""
+
+    type = "missing_signature"
 
 
 class NotFound(UbcError):

@@ -35,6 +35,7 @@ from ubc.errors import (
     Conflict,
     Forbidden,
     IdempotencyConflict,
+    MissingSignature,
     NotFound,
     StateConflict,
     Unauthenticated,
@@ -158,9 +159,16 @@ class State:
             self.preload(keyids=set(), handles={handle})
         return self.members[handle]
 
-    def authenticate(self, envelope: Envelope, payload: Payload) -> Signers:
+    def authenticate(
+        self, envelope: Envelope, payload: Payload, preverified: frozenset[str] = frozenset()
+    ) -> Signers:
         """Verify the signatures against every key the ledger knows (and keys the payload
-        introduces); Unauthenticated when none verifies."""
+        introduces); Unauthenticated when none verifies.
+
+        ``preverified`` are keyids whose signatures were already checked against the same
+        public keys outside the transaction (keys never change their bytes, only whether
+        they are current), so only the others are verified here.
+        """
         candidates: dict[str, bytes] = dict(self.ctx.operator_keys)
         candidates[self.ctx.ledger_keyid] = self.ctx.ledger_public_key
         payload_keys: list[bytes] = []
@@ -177,7 +185,8 @@ class State:
             info = self.key(signature.keyid)
             if info is not None:
                 candidates[info.keyid] = info.public_key
-        verified = verified_keyids(envelope, candidates)
+        remaining = {k: v for k, v in candidates.items() if k not in preverified}
+        verified = preverified | verified_keyids(envelope, remaining)
         if not verified:
             raise Unauthenticated(
                 "no signature verifies under a key this ledger knows",
@@ -253,7 +262,7 @@ def _withdrawal(state: State, payload: Payload, signers: Signers) -> Plan:
     if owner is None:
         raise Forbidden("withdrawals are from member accounts")
     if not signers.operator or owner not in signers.current:
-        raise Forbidden(
+        raise MissingSignature(
             "a withdrawal needs the signatures of the account owner and of the operator",
             detail={"owner_signed": owner in signers.current, "operator_signed": signers.operator},
         )
@@ -326,7 +335,9 @@ def _rotate(state: State, payload: Payload, signers: Signers) -> Plan:
     _require_status(state, handle, allow_pending=True)
     new = decode_public_key(payload.new_public_key)
     if new not in signers.payload_keys:
-        raise Forbidden("key.rotate must be signed by the new key as well as the current one")
+        raise MissingSignature(
+            "key.rotate must be signed by the new key as well as the current one"
+        )
     new_id_ = key_id(new)
     if state.key(new_id_) is not None:
         raise Conflict("the new key is already registered", detail={"keyid": new_id_})

@@ -47,6 +47,7 @@ from ubc.errors import (
     IdempotencyConflict,
     InvalidEnvelope,
     InvalidPayload,
+    MissingSignature,
     PayloadTooLarge,
     UbcError,
 )
@@ -67,6 +68,7 @@ from ubc.signing import (
     payload_type_for,
     sign_envelope,
     type_name,
+    verified_keyids,
 )
 
 requests_t = Request.__table__  # type: ignore[attr-defined]
@@ -128,10 +130,53 @@ class Accepted:
 Outcome = Accepted | UbcError
 
 
+@dataclass(frozen=True, slots=True)
+class Prechecked:
+    """An envelope decoded and its signatures verified before the write transaction."""
+
+    decoded: _Decoded | UbcError
+    verified: frozenset[str]
+
+
+def precheck(session: Session, ctx: LedgerContext, raws: Sequence[object]) -> list[Prechecked]:
+    """Decode envelopes and verify their signatures outside the write lock.
+
+    This is the CPU-heavy part of a write (Ed25519 and strict parsing); callers run it
+    in parallel before queueing for the group commit, which then only re-checks what
+    can change: whether a verified key is still current, and the rules.
+    """
+    items: list[Prechecked] = []
+    decoded: list[_Decoded | UbcError] = []
+    for index, raw in enumerate(raws):
+        try:
+            decoded.append(_decode(index, raw))
+        except UbcError as error:
+            decoded.append(error)
+    keyids = sorted(
+        {s.keyid for d in decoded if isinstance(d, _Decoded) for s in d.envelope.signatures}
+    )
+    known: dict[str, bytes] = dict(ctx.operator_keys)
+    known[ctx.ledger_keyid] = ctx.ledger_public_key
+    for chunk in _chunks(keyids, 1000):
+        for keyid, public in session.execute(
+            select(member_keys_t.c.keyid, member_keys_t.c.public_key).where(
+                member_keys_t.c.keyid.in_(chunk)
+            )
+        ):
+            known[keyid] = decode_public_key(public)
+    for item in decoded:
+        if isinstance(item, UbcError):
+            items.append(Prechecked(item, frozenset()))
+            continue
+        wanted = {s.keyid: known[s.keyid] for s in item.envelope.signatures if s.keyid in known}
+        items.append(Prechecked(item, verified_keyids(item.envelope, wanted)))
+    return items
+
+
 def submit(
     session: Session,
     ctx: LedgerContext,
-    raws: Sequence[object],
+    raws: Sequence[object | Prechecked],
     *,
     atomic: bool = False,
     now: datetime | None = None,
@@ -257,6 +302,7 @@ class _Writer:
     run_: list[_Pending] = field(default_factory=list)
     seen: dict[str, tuple[bytes, int]] = field(default_factory=dict)
     known: dict[str, tuple[bytes, str, str]] = field(default_factory=dict)
+    preverified: dict[int, frozenset[str]] = field(default_factory=dict)
     state: rules.State | None = None
 
     def run(self, raws: Sequence[object]) -> list[Outcome]:
@@ -265,6 +311,13 @@ class _Writer:
             raise BadRequest("the ledger has no genesis entry yet")
         decoded: list[_Decoded | UbcError] = []
         for index, raw in enumerate(raws):
+            if isinstance(raw, Prechecked):
+                item = raw.decoded
+                if isinstance(item, _Decoded):
+                    item.index = index
+                    self.preverified[index] = raw.verified
+                decoded.append(item)
+                continue
             try:
                 decoded.append(_decode(index, raw))
             except UbcError as error:
@@ -328,7 +381,9 @@ class _Writer:
         try:
             self._check_window(payload)
             assert self.state is not None
-            signers = self.state.authenticate(item.envelope, payload)
+            signers = self.state.authenticate(
+                item.envelope, payload, self.preverified.get(item.index, frozenset())
+            )
         except UbcError as error:
             self._fail(item.index, error, remember=None)
             return
@@ -346,6 +401,11 @@ class _Writer:
         self.seen[payload.id] = (item.payload_hash, item.index)
         try:
             plan = rules.plan(self.state, item.type, payload, signers)
+        except MissingSignature as error:
+            # The same envelope may come back with the missing signature: not remembered.
+            del self.seen[payload.id]
+            self._fail(item.index, error, remember=None)
+            return
         except UbcError as error:
             self._fail(item.index, error, remember=item)
             return
@@ -393,7 +453,9 @@ class _Writer:
                 continue
             if item.after is not None:
                 item.after()
-            self._accept(item.decoded, [e.to_json() for e in outcome.effects], item.accounts)
+            # Sorted keys, as in the journal entry, so that a replay answers the same bytes.
+            effects = [dict(sorted(e.to_json().items())) for e in outcome.effects]
+            self._accept(item.decoded, effects, item.accounts)
 
     def _accept(
         self, item: _Decoded, effects: list[dict[str, Any]], accounts: frozenset[str]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.db import unit_of_work
-from ubc.envelopes.service import LedgerContext, Outcome, submit
+from ubc.envelopes.service import LedgerContext, Outcome, Prechecked, precheck, submit
 
 
 @dataclass(slots=True)
@@ -28,9 +28,15 @@ class _Job:
 
 class GroupCommitWriter:
     def __init__(
-        self, sessions: sessionmaker[Session], ctx: LedgerContext, *, max_batch: int = 1000
+        self,
+        sessions: sessionmaker[Session],
+        ctx: LedgerContext,
+        *,
+        read_sessions: sessionmaker[Session] | None = None,
+        max_batch: int = 1000,
     ) -> None:
         self.sessions = sessions
+        self.read_sessions = read_sessions or sessions
         self.ctx = ctx
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
@@ -47,9 +53,16 @@ class GroupCommitWriter:
 
     async def submit(self, raws: Sequence[object], *, atomic: bool = False) -> list[Outcome]:
         """Apply ``raws``; atomic submissions run alone and raise BatchFailed whole."""
+        # Decoding and Ed25519 run here, in parallel across callers (libsodium releases the
+        # GIL); the single writer then only does what needs the lock.
+        prechecked = await asyncio.to_thread(self._precheck, raws)
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(raws, atomic, future))
+        await self._queue.put(_Job(prechecked, atomic, future))
         return await future
+
+    def _precheck(self, raws: Sequence[object]) -> list[Prechecked]:
+        with self.read_sessions() as session:
+            return precheck(session, self.ctx, raws)
 
     async def _loop(self) -> None:
         while True:
