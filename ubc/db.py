@@ -55,7 +55,10 @@ def make_engine(
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No ping per checkout on the write path (a round trip per transaction); stale
+        # connections are recycled instead.
+        pool_pre_ping=readonly,
+        pool_recycle=1800,
         isolation_level="READ COMMITTED",
     )
 

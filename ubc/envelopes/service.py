@@ -495,9 +495,10 @@ class _Writer:
 
     def _replay_stored(self, item: _Decoded, stored: tuple[bytes, str, str]) -> None:
         _, status, result = stored
-        outcome = ledger.decode_outcome(item.payload.id, status, result)
-        if isinstance(outcome, UbcError):
-            self.outcomes[item.index] = outcome
+        if status != "applied":
+            failure = ledger.decode_outcome(self.session, item.payload.id, status, result)
+            assert isinstance(failure, UbcError)
+            self.outcomes[item.index] = failure
             return
         found = journal.entry_by_envelope(self.session, item.payload.id)
         if found is None:  # recorded by the core but never journaled: not an envelope id

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlmodel import Field, SQLModel
 
@@ -58,26 +59,31 @@ class Account(SQLModel, table=True):
 class Transfer(SQLModel, table=True):
     """One leg: a debit account, a credit account, one asset, a positive amount.
 
-    ``phase`` is ``posted`` or ``pending`` for a new transfer, ``post`` or ``void`` for one
-    that resolves a pending transfer named by ``pending_id``. A pending transfer carries
-    its ``state`` (pending, posted, voided, expired) and ``timeout_at``.
+    ``id`` is ``<request id>:<leg index>``, so every leg of a request is one range of the
+    primary key. ``phase`` is ``posted`` or ``pending`` for a new transfer, ``post`` or
+    ``void`` for one that resolves the pending transfer named by ``pending_id``. A pending
+    transfer carries its ``state`` (pending, posted, voided, expired) and ``timeout_at``.
+
+    The account columns carry no foreign key: the core writes a transfer only after it
+    has loaded and locked both accounts, and a per-row trigger would cost the write path
+    more than the transfer itself.
     """
 
     __tablename__ = "transfers"
     __table_args__ = (
         CheckConstraint("amount > 0", name="ck_transfers_amount_positive"),
-        Index("ix_transfers_pending_timeout", "state", "timeout_at"),
+        # Only open holds are indexed for the expiry sweeper.
+        Index(
+            "ix_transfers_open_holds",
+            "timeout_at",
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
     )
 
-    seq: int | None = Field(default=None, sa_column=Column(BigIntPK, primary_key=True))
-    id: str = Field(sa_column=Column(String(112), nullable=False, unique=True))
-    request_id: str = Field(sa_column=Column(String(96), nullable=False, index=True))
-    debit_account_id: int = Field(
-        sa_column=Column(BigInteger, ForeignKey("accounts.id"), nullable=False)
-    )
-    credit_account_id: int = Field(
-        sa_column=Column(BigInteger, ForeignKey("accounts.id"), nullable=False)
-    )
+    id: str = Field(sa_column=Column(String(112), primary_key=True))
+    debit_account_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    credit_account_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     asset: str = Field(sa_column=Column(String(16), nullable=False))
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
     kind: str = Field(sa_column=Column(String(16), nullable=False))
@@ -100,7 +106,7 @@ class Posting(SQLModel, table=True):
     __table_args__ = (Index("ix_postings_account_id_id", "account_id", "id"),)
 
     id: int | None = Field(default=None, sa_column=Column(BigIntPK, primary_key=True))
-    account_id: int = Field(sa_column=Column(BigInteger, ForeignKey("accounts.id"), nullable=False))
+    account_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     transfer_id: str = Field(sa_column=Column(String(112), nullable=False))
     side: str = Field(sa_column=Column(String(1), nullable=False))
     posted: int = Field(sa_column=Column(BigInteger, nullable=False))
@@ -111,7 +117,10 @@ class Posting(SQLModel, table=True):
 
 
 class Request(SQLModel, table=True):
-    """The idempotency record of one client id: its payload's hash and its outcome."""
+    """The idempotency record of one client id: its payload's hash and its outcome.
+
+    ``result`` holds a failure's error; an applied request's effects are its transfers.
+    """
 
     __tablename__ = "requests"
 

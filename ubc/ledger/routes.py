@@ -129,13 +129,12 @@ def get_transfer(transfer_id: str, session: ReadSession, reader: Reader) -> dict
         )
         .join(debit, debit.c.id == transfers_t.c.debit_account_id)
         .join(credit, credit.c.id == transfers_t.c.credit_account_id)
-        .order_by(transfers_t.c.seq)
     )
     if ":" in transfer_id:
         stmt = stmt.where(transfers_t.c.id == transfer_id)
     else:
-        stmt = stmt.where(transfers_t.c.request_id == transfer_id)
-    rows = session.execute(stmt).all()
+        stmt = stmt.where(*ledger.transfer_id_range(transfer_id))
+    rows = sorted(session.execute(stmt).all(), key=lambda r: int(r[0].rsplit(":", 1)[1]))
     visible = [r for r in rows if reader.may_read(r[3]) or reader.may_read(r[4])]
     if not visible:
         raise TransferNotFound(f"no transfer {transfer_id}", detail={"id": transfer_id})

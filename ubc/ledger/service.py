@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import bindparam, insert, or_, select, tuple_, update
+from sqlalchemy import insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -40,6 +40,7 @@ from ubc.errors import (
     TransferNotFound,
     UbcError,
 )
+from ubc.ledger._sql import Driver, PostingRow, RequestRow, TransferRow
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
 
 MAX_COUNTER = 2**63 - 1
@@ -409,7 +410,8 @@ def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 
     now = now or utcnow()
     stmt = (
         select(transfers_t.c.id)
-        .where(transfers_t.c.state == HoldState.pending, transfers_t.c.timeout_at <= now)
+        # A literal predicate, so that PostgreSQL uses the partial index of open holds.
+        .where(text("state = 'pending'"), transfers_t.c.timeout_at <= now)
         .order_by(transfers_t.c.id)
         .limit(limit)
     )
@@ -446,25 +448,21 @@ def record(
     )
 
 
-def decode_outcome(request_id: str, status: str, result: str) -> Outcome:
+def decode_outcome(session: Session, request_id: str, status: str, result: str) -> Outcome:
     """The outcome stored for a request id (a failure comes back as :class:`StoredError`)."""
-    return _decode_outcome(request_id, status, result)
+    if status == "applied":
+        return Applied(request_id, _effects_of(session, request_id))
+    body = cast(dict[str, Any], json.loads(result))
+    return StoredError(body["status"], body["type"], body["message"], body.get("detail"))
 
 
 def operations_fingerprint(operations: Sequence[Operation]) -> bytes:
-    """A stable hash of a request's operations, used when the caller gives no payload hash."""
-    items: list[dict[str, Any]] = []
-    for op in operations:
-        if isinstance(op, Leg):
-            timeout = None if op.timeout is None else op.timeout.total_seconds()
-            items.append(
-                {"leg": [op.debit, op.credit, op.asset, op.amount, op.kind, op.memo, timeout]}
-            )
-        elif isinstance(op, Post):
-            items.append({"post": [op.pending_id, op.amount]})
-        else:
-            items.append({"void": [op.pending_id, op.expired]})
-    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).digest()
+    """A stable hash of a request's operations, used when the caller gives no payload hash.
+
+    The dataclasses' reprs name every field with its value, so equal operations give
+    equal bytes.
+    """
+    return hashlib.sha256(repr(tuple(operations)).encode()).digest()
 
 
 # --- internals --------------------------------------------------------------------------
@@ -520,8 +518,8 @@ class _Scratch:
     saved_accounts: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
     saved_holds: dict[str, str] = field(default_factory=dict)
     new_holds: list[str] = field(default_factory=list)
-    transfers: list[dict[str, Any]] = field(default_factory=list)
-    postings: list[dict[str, Any]] = field(default_factory=list)
+    transfers: list[TransferRow] = field(default_factory=list)
+    postings: list[PostingRow] = field(default_factory=list)
     effects: list[Effect] = field(default_factory=list)
 
 
@@ -531,75 +529,41 @@ class _Batch:
     def __init__(self, session: Session, now: datetime) -> None:
         self.session = session
         self.now = now
+        self.driver = Driver(session)
+        self.stamp = self.driver.timestamp(now)
         self.accounts: dict[tuple[str, str], _AccountState] = {}
         self.accounts_by_id: dict[int, _AccountState] = {}
         self.holds: dict[str, _HoldState] = {}
         self.known: dict[str, tuple[bytes, str, str]] = {}
         self.done: dict[str, tuple[bytes, Outcome]] = {}
-        self.transfers: list[dict[str, Any]] = []
-        self.postings: list[dict[str, Any]] = []
-        self.request_rows: list[dict[str, Any]] = []
+        self.transfers: list[TransferRow] = []
+        self.postings: list[PostingRow] = []
+        self.request_rows: list[RequestRow] = []
 
     # -- loading: pending transfers first, then accounts, each in sorted order --
 
     def load(self, requests: Sequence[LedgerRequest]) -> None:
-        pairs: set[tuple[str, str]] = set()
+        addresses: dict[str, set[str]] = {}
         pending_ids: set[str] = set()
         for request in requests:
             for op in request.operations:
                 if isinstance(op, Leg):
-                    pairs.add((op.debit, op.asset))
-                    pairs.add((op.credit, op.asset))
+                    wanted = addresses.setdefault(op.asset, set())
+                    wanted.add(op.debit)
+                    wanted.add(op.credit)
                 else:
                     pending_ids.add(op.pending_id)
-        lock = self.session.get_bind().dialect.name == "postgresql"
-        hold_rows: list[Any] = []
-        if pending_ids:
-            stmt = (
-                select(
-                    transfers_t.c.id,
-                    transfers_t.c.debit_account_id,
-                    transfers_t.c.credit_account_id,
-                    transfers_t.c.asset,
-                    transfers_t.c.amount,
-                    transfers_t.c.kind,
-                    transfers_t.c.state,
-                    transfers_t.c.timeout_at,
-                )
-                .where(transfers_t.c.id.in_(sorted(pending_ids)))
-                .where(transfers_t.c.phase == Phase.pending)
-                .order_by(transfers_t.c.id)
-            )
-            if lock:
-                stmt = stmt.with_for_update()
-            hold_rows = list(self.session.execute(stmt))
-        account_ids = {r[1] for r in hold_rows} | {r[2] for r in hold_rows}
-        conditions = []
-        if pairs:
-            conditions.append(tuple_(accounts_t.c.address, accounts_t.c.asset).in_(sorted(pairs)))
-        if account_ids:
-            conditions.append(accounts_t.c.id.in_(sorted(account_ids)))
-        if conditions:
-            stmt = (
-                select(
-                    accounts_t.c.id,
-                    accounts_t.c.address,
-                    accounts_t.c.asset,
-                    accounts_t.c.non_negative,
-                    accounts_t.c.debits_posted,
-                    accounts_t.c.credits_posted,
-                    accounts_t.c.debits_pending,
-                    accounts_t.c.credits_pending,
-                )
-                .where(or_(*conditions))
-                .order_by(accounts_t.c.id)
-            )
-            if lock:
-                stmt = stmt.with_for_update()
-            for row in self.session.execute(stmt):
-                account = _AccountState(*row)
-                self.accounts[(account.address, account.asset)] = account
-                self.accounts_by_id[account.id] = account
+        hold_rows = self.driver.lock_holds(sorted(pending_ids)) if pending_ids else []
+        account_ids = sorted({r[1] for r in hold_rows} | {r[2] for r in hold_rows})
+        account_rows, request_rows = self.driver.lock_accounts_and_requests(
+            {asset: sorted(names) for asset, names in addresses.items()},
+            account_ids,
+            sorted({r.id for r in requests}),
+        )
+        for row in account_rows:
+            account = _AccountState(*row)
+            self.accounts[(account.address, account.asset)] = account
+            self.accounts_by_id[account.id] = account
         for r in hold_rows:
             self.holds[r[0]] = _HoldState(
                 id=r[0],
@@ -611,15 +575,8 @@ class _Batch:
                 state=r[6],
                 timeout_at=r[7],
             )
-        # Idempotency is checked after the locks: a concurrent writer of the same id has
-        # committed by now, and READ COMMITTED lets this statement see it.
-        ids = sorted({r.id for r in requests})
-        for row in self.session.execute(
-            select(
-                requests_t.c.id, requests_t.c.payload_hash, requests_t.c.status, requests_t.c.result
-            ).where(requests_t.c.id.in_(ids))
-        ):
-            self.known[row[0]] = (bytes(row[1]), row[2], row[3])
+        for request_id, payload_hash, status, result in request_rows:
+            self.known[request_id] = (payload_hash, status, result)
 
     # -- applying --
 
@@ -628,7 +585,7 @@ class _Batch:
         seen = self.done.get(request.id)
         if seen is None and request.id in self.known:
             stored_hash, status, result = self.known[request.id]
-            seen = (stored_hash, _decode_outcome(request.id, status, result))
+            seen = (stored_hash, decode_outcome(self.session, request.id, status, result))
         if seen is not None:
             stored_hash, outcome = seen
             if stored_hash != fingerprint:
@@ -698,21 +655,20 @@ class _Batch:
         timeout_at = self.now + op.timeout if op.timeout is not None else None
         phase = Phase.pending if pending else Phase.posted
         scratch.transfers.append(
-            {
-                "id": transfer_id,
-                "request_id": request_id,
-                "debit_account_id": debit.id,
-                "credit_account_id": credit.id,
-                "asset": op.asset,
-                "amount": op.amount,
-                "kind": op.kind,
-                "phase": phase,
-                "pending_id": None,
-                "state": HoldState.pending if pending else None,
-                "timeout_at": timeout_at,
-                "memo": op.memo,
-                "created_at": self.now,
-            }
+            (
+                transfer_id,
+                debit.id,
+                credit.id,
+                op.asset,
+                op.amount,
+                op.kind,
+                phase,
+                None,
+                HoldState.pending if pending else None,
+                None if timeout_at is None else self.driver.timestamp(timeout_at),
+                op.memo,
+                self.stamp,
+            )
         )
         posted, held = (0, op.amount) if pending else (op.amount, 0)
         self._posting(scratch, debit, transfer_id, "D", posted, held)
@@ -785,21 +741,20 @@ class _Batch:
         phase = Phase.post if to_state == HoldState.posted else Phase.void
         amount_out = posted if to_state == HoldState.posted else hold.amount
         scratch.transfers.append(
-            {
-                "id": transfer_id,
-                "request_id": request_id,
-                "debit_account_id": debit.id,
-                "credit_account_id": credit.id,
-                "asset": hold.asset,
-                "amount": amount_out,
-                "kind": hold.kind,
-                "phase": phase,
-                "pending_id": pending_id,
-                "state": None,
-                "timeout_at": None,
-                "memo": None,
-                "created_at": self.now,
-            }
+            (
+                transfer_id,
+                debit.id,
+                credit.id,
+                hold.asset,
+                amount_out,
+                hold.kind,
+                phase,
+                pending_id,
+                None,
+                None,
+                None,
+                self.stamp,
+            )
         )
         self._posting(scratch, debit, transfer_id, "D", posted, -hold.amount)
         self._posting(scratch, credit, transfer_id, "C", posted, -hold.amount)
@@ -860,16 +815,16 @@ class _Batch:
     ) -> None:
         account.dirty = True
         scratch.postings.append(
-            {
-                "account_id": account.id,
-                "transfer_id": transfer_id,
-                "side": side,
-                "posted": posted,
-                "pending": pending,
-                "balance_after": account.balance,
-                "available_after": account.available,
-                "created_at": self.now,
-            }
+            (
+                account.id,
+                transfer_id,
+                side,
+                posted,
+                pending,
+                account.balance,
+                account.available,
+                self.stamp,
+            )
         )
 
     @staticmethod
@@ -897,56 +852,24 @@ class _Batch:
         else:
             self.done[request_id] = (fingerprint, outcome)
         self.request_rows.append(
-            {
-                "id": request_id,
-                "payload_hash": fingerprint,
-                "status": status,
-                "result": _encode_outcome(outcome),
-                "created_at": self.now,
-            }
+            (request_id, fingerprint, status, _encode_outcome(outcome), self.stamp)
         )
 
     # -- writing: one bulk statement per table --
 
     def write(self) -> None:
-        connection = self.session.connection()
-        if self.transfers:
-            connection.execute(insert(transfers_t), self.transfers)
-        if self.postings:
-            connection.execute(insert(postings_t), self.postings)
-        dirty = [a for a in self.accounts_by_id.values() if a.dirty]
-        if dirty:
-            connection.execute(
-                update(accounts_t)
-                .where(accounts_t.c.id == bindparam("b_id"))
-                .values(
-                    debits_posted=bindparam("b_dp"),
-                    credits_posted=bindparam("b_cp"),
-                    debits_pending=bindparam("b_dpe"),
-                    credits_pending=bindparam("b_cpe"),
-                ),
-                [
-                    {
-                        "b_id": a.id,
-                        "b_dp": a.debits_posted,
-                        "b_cp": a.credits_posted,
-                        "b_dpe": a.debits_pending,
-                        "b_cpe": a.credits_pending,
-                    }
-                    for a in sorted(dirty, key=lambda a: a.id)
-                ],
-            )
-        # Holds created earlier in this batch were inserted above, so one UPDATE covers all.
-        resolved = [h for h in self.holds.values() if h.dirty]
-        if resolved:
-            connection.execute(
-                update(transfers_t)
-                .where(transfers_t.c.id == bindparam("b_id"))
-                .values(state=bindparam("b_state")),
-                [{"b_id": h.id, "b_state": h.state} for h in resolved],
-            )
-        if self.request_rows:
-            connection.execute(insert(requests_t), self.request_rows)
+        dirty = sorted((a for a in self.accounts_by_id.values() if a.dirty), key=lambda a: a.id)
+        self.driver.write(
+            self.transfers,
+            self.postings,
+            [
+                (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending, a.id)
+                for a in dirty
+            ],
+            # Holds created earlier in this batch are inserted first, so one pass covers all.
+            [(h.state, h.id) for h in self.holds.values() if h.dirty],
+            self.request_rows,
+        )
 
 
 def _check_amount(amount: int) -> None:
@@ -957,8 +880,9 @@ def _check_amount(amount: int) -> None:
 
 
 def _encode_outcome(outcome: Outcome) -> str:
+    """A failure's error; an applied request's effects are read back from its transfers."""
     if isinstance(outcome, Applied):
-        return json.dumps({"effects": [e.to_json() for e in outcome.effects]})
+        return ""
     return json.dumps(
         {
             "status": outcome.status_code,
@@ -969,11 +893,32 @@ def _encode_outcome(outcome: Outcome) -> str:
     )
 
 
-def _decode_outcome(request_id: str, status: str, result: str) -> Outcome:
-    body = cast(dict[str, Any], json.loads(result))
-    if status == "applied":
-        return Applied(request_id, tuple(Effect.from_json(e) for e in body["effects"]))
-    return StoredError(body["status"], body["type"], body["message"], body.get("detail"))
+def _effects_of(session: Session, request_id: str) -> tuple[Effect, ...]:
+    debit = aliased(accounts_t)
+    credit = aliased(accounts_t)
+    rows = session.execute(
+        select(
+            transfers_t.c.id,
+            transfers_t.c.kind,
+            debit.c.address,
+            credit.c.address,
+            transfers_t.c.asset,
+            transfers_t.c.amount,
+            transfers_t.c.phase,
+            transfers_t.c.pending_id,
+        )
+        .join(debit, debit.c.id == transfers_t.c.debit_account_id)
+        .join(credit, credit.c.id == transfers_t.c.credit_account_id)
+        .where(*transfer_id_range(request_id))
+    ).all()
+    effects = [Effect(*row) for row in rows]
+    effects.sort(key=lambda e: int(e.transfer_id.rsplit(":", 1)[1]))
+    return tuple(effects)
+
+
+def transfer_id_range(request_id: str) -> tuple[Any, Any]:
+    """The WHERE terms selecting every leg ``<request_id>:<n>`` (one primary-key range)."""
+    return (transfers_t.c.id >= f"{request_id}:", transfers_t.c.id < f"{request_id};")
 
 
 def _insert_ignore(session: Session, table: Any, keys: list[str]) -> Any:
