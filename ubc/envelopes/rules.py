@@ -287,7 +287,7 @@ def _register(state: State, payload: Payload, signers: Signers) -> Plan:
     assert isinstance(payload, MemberRegister)
     public = decode_public_key(payload.public_key)
     if public not in signers.payload_keys:
-        raise Unauthenticated("member.register must be signed by the key it registers")
+        raise MissingSignature("member.register must be signed by the key it registers")
     if payload.actor != f"member:{payload.handle}":
         raise Forbidden(f"actor must be member:{payload.handle}")
     if state.member(payload.handle) is not None:
