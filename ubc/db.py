@@ -55,9 +55,9 @@ def make_engine(
         echo=echo,
         pool_size=pool_size,
         max_overflow=pool_size,
-        # No ping per checkout on the write path (a round trip per transaction); stale
-        # connections are recycled instead.
-        pool_pre_ping=readonly,
+        # No ping per checkout (a round trip per transaction); stale connections are
+        # recycled instead, and the writer's unit of work retries nothing by itself.
+        pool_pre_ping=False,
         pool_recycle=1800,
         isolation_level="READ COMMITTED",
     )

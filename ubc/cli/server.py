@@ -82,6 +82,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
     migrate: Annotated[bool, typer.Option(help="apply migrations before serving")] = True,
+    access_log: Annotated[bool, typer.Option(help="log every request")] = False,
 ) -> None:
     """Run the service (migrating the database first)."""
     import uvicorn
@@ -97,6 +98,7 @@ def serve(
         port=port,
         workers=workers,
         log_level="info",
+        access_log=access_log,
     )
 
 

@@ -29,6 +29,7 @@ from ubc.journal.merkle import (
     root_from_frontier,
 )
 from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
+from ubc.ledger._sql import Driver
 from ubc.signing import NoteSigner
 
 entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
@@ -125,25 +126,26 @@ def append_raw(
     leaves = [leaf_hash(r.entry) for r in rows]
     nodes, new_frontier = append_leaves(size, frontier, leaves)
     new_size = size + len(rows)
-    connection = session.connection()
-    connection.execute(
-        insert(entries_t),
+    driver = Driver(session)
+    stamp = driver.timestamp(now)
+    driver.insert(
+        "journal_entries",
+        "seq, envelope_id, type, actor, accounts, entry, committed_at",
         [
-            {
-                "seq": size + offset,
-                "envelope_id": r.envelope_id,
-                "type": r.type,
-                "actor": r.actor,
-                "accounts": " ".join(sorted(r.accounts)),
-                "entry": r.entry,
-                "committed_at": now,
-            }
+            (
+                size + offset,
+                r.envelope_id,
+                r.type,
+                r.actor,
+                " ".join(sorted(r.accounts)),
+                r.entry,
+                stamp,
+            )
             for offset, r in enumerate(rows)
         ],
     )
-    connection.execute(
-        insert(nodes_t), [{"level": lv, "index": ix, "hash": h} for lv, ix, h in nodes]
-    )
+    driver.insert("merkle_nodes", 'level, "index", hash', nodes)
+    connection = session.connection()
     if signer is not None:
         root = root_from_frontier(new_size, new_frontier)
         checkpoint = signer.sign(format_checkpoint(signer.name, new_size, root))

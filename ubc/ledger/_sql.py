@@ -178,6 +178,21 @@ class Driver:
                 if requests:
                     cursor.executemany(self._insert("requests", _REQUEST_COLUMNS, 5), requests)
 
+    def insert(self, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` into ``table``: ``COPY`` for large batches on PostgreSQL."""
+        if not rows:
+            return
+        if self.postgres and len(rows) >= _COPY_THRESHOLD:
+            with self.raw.cursor() as cursor:
+                self._copy(cursor, table, columns, rows)
+            return
+        count = columns.count(",") + 1
+        cursor = self.raw.cursor()
+        try:
+            cursor.executemany(self._insert(table, columns, count), rows)
+        finally:
+            cursor.close()
+
     # -- helpers --
 
     def _marks(self, count: int) -> str:
