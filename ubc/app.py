@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ubc import __version__
 from ubc.config import Settings, get_settings
-from ubc.db import make_engine, make_session_factory, unit_of_work
+from ubc.db import make_engine, make_session_factory, run_unit_of_work, unit_of_work
 from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes.writer import GroupCommitWriter
 from ubc.errors import UbcError
@@ -155,8 +155,7 @@ async def _sweep_holds(app: FastAPI, interval: float) -> None:
 
 def _sweep_once(app: FastAPI) -> None:
     while True:
-        with unit_of_work(app.state.sessions) as session:
-            released = ledger.expire_holds(session)
+        released = run_unit_of_work(app.state.sessions, ledger.expire_holds)
         if released == 0:
             return
 

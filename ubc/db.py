@@ -9,12 +9,15 @@ at READ COMMITTED; the ledger takes row locks in one sorted order (see
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -79,6 +82,41 @@ def unit_of_work(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+T = TypeVar("T")
+
+
+def run_unit_of_work(
+    factory: sessionmaker[Session], work: Callable[[Session], T], *, attempts: int = 3
+) -> T:
+    """Run ``work`` in one unit of work, again from the start if a concurrent writer won a race.
+
+    Two transactions that write the same new request id without sharing a row lock
+    both pass the idempotency check; the second then fails on the unique key when the
+    first commits. Run again, it sees the first one's record and answers its outcome.
+    The same holds for a deadlock or serialization failure reported by PostgreSQL.
+    """
+    for attempt in range(attempts):
+        try:
+            with unit_of_work(factory) as session:
+                return work(session)
+        except _RETRYABLE as exc:
+            if not _is_race(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+# The write path talks to the driver directly, so its errors come unwrapped too.
+_RETRYABLE = (IntegrityError, OperationalError, psycopg.Error, sqlite3.IntegrityError)
+
+
+def _is_race(exc: BaseException) -> bool:
+    if isinstance(exc, IntegrityError | sqlite3.IntegrityError | psycopg.errors.UniqueViolation):
+        return True
+    original = getattr(exc, "orig", exc)
+    # serialization failure, deadlock detected
+    return getattr(original, "sqlstate", None) in ("40001", "40P01")
 
 
 def _configure_sqlite(engine: Engine, *, begin: str, synchronous: str) -> None:

@@ -2,6 +2,7 @@
 
 from sqlmodel import SQLModel
 
+from ubc.epochs.models import Epoch, EpochAllocation
 from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
 from ubc.members.models import ApiKey, ExternalRef, Member, MemberKey
@@ -11,6 +12,8 @@ metadata = SQLModel.metadata
 __all__ = [
     "Account",
     "ApiKey",
+    "Epoch",
+    "EpochAllocation",
     "Asset",
     "ExternalRef",
     "JournalEntry",

@@ -182,6 +182,26 @@ class Withdrawal(Payload):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=False)
 
 
+Tier = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_-]{1,32}$")]
+
+
+class EpochOpen(Payload):
+    """Allocate each active member of a listed tier its amount from ``system:issuance``."""
+
+    epoch: Annotated[int, Field(ge=1, le=MAX_AMOUNT)]
+    asset: AssetCode
+    allocations: Annotated[dict[Tier, Amount], Field(min_length=1, max_length=64)]
+    carryover_cap: Annotated[int, Field(ge=0, le=MAX_AMOUNT)] | None
+    starts_at: Timestamp
+    ends_at: Timestamp
+
+
+class EpochClose(Payload):
+    """Expire what each member can still spend above the epoch's carryover cap."""
+
+    epoch: Annotated[int, Field(ge=1, le=MAX_AMOUNT)]
+
+
 PAYLOAD_MODELS: dict[str, type[Payload]] = {
     "ledger.genesis": LedgerGenesis,
     "ledger.config": LedgerConfig,
@@ -194,6 +214,8 @@ PAYLOAD_MODELS: dict[str, type[Payload]] = {
     "member.update": MemberUpdate,
     "deposit": Deposit,
     "withdrawal": Withdrawal,
+    "epoch.open": EpochOpen,
+    "epoch.close": EpochClose,
 }
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ubc.db import unit_of_work
+from ubc.db import run_unit_of_work
 from ubc.envelopes.service import LedgerContext, Outcome, Prechecked, precheck, submit
 
 
@@ -97,5 +97,6 @@ class GroupCommitWriter:
 
     def _apply(self, raws: list[object], atomic: bool) -> list[Outcome]:
         # BatchFailed of an atomic batch leaves the unit of work rolled back: nothing applies.
-        with unit_of_work(self.sessions) as session:
-            return submit(session, self.ctx, raws, atomic=atomic)
+        return run_unit_of_work(
+            self.sessions, lambda session: submit(session, self.ctx, raws, atomic=atomic)
+        )

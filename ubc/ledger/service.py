@@ -451,7 +451,7 @@ def record(
 def decode_outcome(session: Session, request_id: str, status: str, result: str) -> Outcome:
     """The outcome stored for a request id (a failure comes back as :class:`StoredError`)."""
     if status == "applied":
-        return Applied(request_id, _effects_of(session, request_id))
+        return Applied(request_id, _effects_of(session, request_id, result))
     body = cast(dict[str, Any], json.loads(result))
     return StoredError(body["status"], body["type"], body["message"], body.get("detail"))
 
@@ -880,9 +880,10 @@ def _check_amount(amount: int) -> None:
 
 
 def _encode_outcome(outcome: Outcome) -> str:
-    """A failure's error; an applied request's effects are read back from its transfers."""
+    """A failure's error; for an applied request its number of legs, whose transfers are
+    ``<id>:0`` … ``<id>:<n-1>`` (the effects are read back from them on a replay)."""
     if isinstance(outcome, Applied):
-        return ""
+        return json.dumps({"legs": len(outcome.effects)})
     return json.dumps(
         {
             "status": outcome.status_code,
@@ -893,7 +894,23 @@ def _encode_outcome(outcome: Outcome) -> str:
     )
 
 
-def _effects_of(session: Session, request_id: str) -> tuple[Effect, ...]:
+def leg_ids(session: Session, request_id: str) -> list[str]:
+    """The transfer ids of an applied request's legs, in order (empty if none)."""
+    result = session.execute(
+        select(requests_t.c.result).where(
+            requests_t.c.id == request_id, requests_t.c.status == "applied"
+        )
+    ).scalar_one_or_none()
+    if not result:
+        return []
+    return [f"{request_id}:{i}" for i in range(int(json.loads(result)["legs"]))]
+
+
+def _effects_of(session: Session, request_id: str, result: str) -> tuple[Effect, ...]:
+    legs = int(json.loads(result)["legs"]) if result else 0
+    if legs == 0:
+        return ()
+    ids = [f"{request_id}:{i}" for i in range(legs)]
     debit = aliased(accounts_t)
     credit = aliased(accounts_t)
     rows = session.execute(
@@ -909,16 +926,10 @@ def _effects_of(session: Session, request_id: str) -> tuple[Effect, ...]:
         )
         .join(debit, debit.c.id == transfers_t.c.debit_account_id)
         .join(credit, credit.c.id == transfers_t.c.credit_account_id)
-        .where(*transfer_id_range(request_id))
+        .where(transfers_t.c.id.in_(ids))
     ).all()
-    effects = [Effect(*row) for row in rows]
-    effects.sort(key=lambda e: int(e.transfer_id.rsplit(":", 1)[1]))
-    return tuple(effects)
-
-
-def transfer_id_range(request_id: str) -> tuple[Any, Any]:
-    """The WHERE terms selecting every leg ``<request_id>:<n>`` (one primary-key range)."""
-    return (transfers_t.c.id >= f"{request_id}:", transfers_t.c.id < f"{request_id};")
+    by_id = {row[0]: Effect(*row) for row in rows}
+    return tuple(by_id[i] for i in ids)
 
 
 def _insert_ignore(session: Session, table: Any, keys: list[str]) -> Any:

@@ -1,0 +1,1 @@
+"""Allocation epochs and the utilization report."""
