@@ -18,8 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from ubc import __version__
 from ubc.config import Settings, get_settings
 from ubc.db import make_engine, make_session_factory, run_unit_of_work, unit_of_work
+from ubc.dbtypes import utcnow
 from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes.writer import GroupCommitWriter
+from ubc.epochs import routes as epoch_routes
+from ubc.epochs import service as epochs
 from ubc.errors import UbcError
 from ubc.journal import routes as journal_routes
 from ubc.ledger import routes as ledger_routes
@@ -46,13 +49,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         writer = GroupCommitWriter(sessions, runtime.ctx, read_sessions=app.state.read_sessions)
         app.state.writer = writer
         writer.start()
-        sweeper = asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds))
+        background = [
+            asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds)),
+            asyncio.create_task(_advance_epochs(app)),
+        ]
         try:
             yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await writer.stop()
             engine.dispose()
             read_engine.dispose()
@@ -72,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ledger_routes.router,
         member_routes.router,
         journal_routes.router,
+        epoch_routes.router,
     ):
         app.include_router(router)
     _document(app)
@@ -151,6 +159,27 @@ async def _sweep_holds(app: FastAPI, interval: float) -> None:
         except Exception:  # keep sweeping; the next round retries
             log.exception("hold sweep failed")
         await asyncio.sleep(interval)
+
+
+async def _advance_epochs(app: FastAPI) -> None:
+    """Apply opening epochs batch by batch (also one left half-applied by a crash)."""
+    while True:
+        try:
+            progressed = await asyncio.to_thread(_advance_once, app)
+        except Exception:  # keep going; the next round retries the batch
+            log.exception("epoch allocation batch failed")
+            progressed = False
+        await asyncio.sleep(0 if progressed else 0.5)
+
+
+def _advance_once(app: FastAPI) -> bool:
+    def work(session: Session) -> bool:
+        now = utcnow()
+        return any(
+            epochs.apply_allocations(session, n, now=now) for n in epochs.pending_epochs(session)
+        )
+
+    return run_unit_of_work(app.state.sessions, work)
 
 
 def _sweep_once(app: FastAPI) -> None:

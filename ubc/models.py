@@ -2,7 +2,7 @@
 
 from sqlmodel import SQLModel
 
-from ubc.epochs.models import Epoch, EpochAllocation
+from ubc.epochs.models import Epoch, EpochAllocation, EpochExpiry
 from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
 from ubc.members.models import ApiKey, ExternalRef, Member, MemberKey
@@ -14,6 +14,7 @@ __all__ = [
     "ApiKey",
     "Epoch",
     "EpochAllocation",
+    "EpochExpiry",
     "Asset",
     "ExternalRef",
     "JournalEntry",

@@ -51,11 +51,11 @@ def open_source(location: str, *, token: str | None = None) -> Journal:
 
 def from_export(path: Path) -> Journal:
     try:
-        handle = path.open("r", encoding="utf-8")
+        with path.open("r", encoding="utf-8") as handle:
+            header = _header(handle.readline(), path)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc}") from None
-    header = _header(handle.readline(), path)
-    return Journal(header["checkpoint"], int(header["size"]), _export_entries(handle, path))
+    return Journal(header["checkpoint"], int(header["size"]), _export_entries(path))
 
 
 def from_server(url: str, *, token: str | None = None) -> Journal:
@@ -75,9 +75,11 @@ def from_server(url: str, *, token: str | None = None) -> Journal:
 
 def from_database(url: str) -> Journal:
     engine = make_engine(url, readonly=True)
-    sessions = make_session_factory(engine)
-    with sessions() as session:
-        size, checkpoint = store.latest_checkpoint(session)
+    try:
+        with make_session_factory(engine)() as session:
+            size, checkpoint = store.latest_checkpoint(session)
+    finally:
+        engine.dispose()
     return Journal(checkpoint, size, _database_entries(url))
 
 
@@ -107,8 +109,10 @@ def _header(line: str, path: Path) -> dict[str, Any]:
     return header
 
 
-def _export_entries(handle: IO[str], path: Path) -> Iterator[tuple[int, bytes]]:
-    with handle:
+def _export_entries(path: Path) -> Iterator[tuple[int, bytes]]:
+    # The file is opened only when the entries are read, and closed when they stop.
+    with path.open("r", encoding="utf-8") as handle:
+        handle.readline()
         for number, line in enumerate(handle, start=2):
             if not line.strip():
                 continue

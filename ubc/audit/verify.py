@@ -31,8 +31,9 @@ from ubc.envelopes.payloads import LedgerGenesis, parse_timestamp, validate_payl
 from ubc.journal import store as journal_store
 from ubc.journal.checkpoint import Checkpoint, parse_checkpoint
 from ubc.journal.merkle import append_leaves, leaf_hash, root_from_frontier
+from ubc.journal.models import JournalEntry
 from ubc.ledger import service as ledger
-from ubc.ledger.models import Account
+from ubc.ledger.models import Account, Posting, Transfer
 from ubc.migrations import upgrade
 from ubc.signing import (
     Envelope,
@@ -45,6 +46,9 @@ from ubc.signing import (
 from ubc.signing.keys import key_id
 
 accounts_t = Account.__table__  # type: ignore[attr-defined]
+transfers_t = Transfer.__table__  # type: ignore[attr-defined]
+postings_t = Posting.__table__  # type: ignore[attr-defined]
+entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
 
 REPLAY_BATCH = 1000
 
@@ -88,70 +92,81 @@ def verify_journal(
     old_checkpoint: str | None = None,
     into: str | None = None,
     progress: ProgressFn | None = None,
-) -> tuple[Report, str]:
-    """Verify ``journal`` under ``vkey``; returns the report and the URL of the replayed db.
+    against: Callable[[str], list[Finding]] | None = None,
+) -> Report:
+    """Verify ``journal`` under ``vkey``.
 
-    ``into`` is the database to replay into (default: a scratch SQLite file); ``ubc
-    restore`` passes its target, and the journal's exact bytes are stored there too.
+    ``into`` is the database to replay into (default: a scratch SQLite file, removed at
+    the end); ``ubc restore`` passes its target, and the journal's exact bytes are stored
+    there too. ``against`` compares the replayed database (its URL) with a live ledger.
     """
+    try:
+        verifier = NoteVerifier.from_vkey(vkey)
+    except (NoteError, ValueError) as exc:
+        raise VerifyError(f"not a valid vkey: {exc}") from None
     report = Report()
-    verifier = NoteVerifier.from_vkey(vkey)
     checkpoint = _checked_checkpoint(journal.checkpoint, verifier, report, "checkpoint")
     old = None
     if old_checkpoint is not None:
         old = _checked_checkpoint(old_checkpoint, verifier, report, "old_checkpoint")
     report.checkpoint_size = checkpoint.size if checkpoint else 0
-    if into is None:
-        scratch = Path(tempfile.mkdtemp(prefix="ubc-audit-")) / "replay.db"
-        into = f"sqlite:///{scratch}"
-        engine = make_engine(into, durable=False)
-        keep_journal = False
-    else:
-        engine = make_engine(into)
-        keep_journal = True
-    try:
-        upgrade(engine)
-        replayer = _Replayer(
-            make_session_factory(engine),
-            verifier,
-            report,
-            keep_journal=keep_journal,
-            checkpoint=journal.checkpoint,
-        )
-        replayer.run(journal.entries, checkpoint, old, progress)
-        replayer.finish()
-        _check_invariants(engine, report)
-    finally:
-        engine.dispose()
-    return report, into
+    with tempfile.TemporaryDirectory(prefix="ubc-audit-") as scratch:
+        url = into or f"sqlite:///{Path(scratch) / 'replay.db'}"
+        engine = make_engine(url, durable=into is not None)
+        try:
+            upgrade(engine)
+            replayer = _Replayer(
+                make_session_factory(engine),
+                verifier,
+                report,
+                keep_journal=into is not None,
+                checkpoint=journal.checkpoint,
+            )
+            replayer.run(journal.entries, checkpoint, old, progress)
+            replayer.finish()
+            _check_invariants(engine, report)
+        finally:
+            engine.dispose()
+        if against is not None:
+            report.findings.extend(against(url))
+    return report
+
+
+class VerifyError(ValueError):
+    """The verification cannot start (a malformed vkey)."""
+
+
+def compare_with_database(replayed_url: str, live_url: str) -> list[Finding]:
+    """Findings for every balance, transfer and posting of a live database that differs
+    from the replayed ledger (each transfer named with its journal entry)."""
+    findings = compare_balances(replayed_url, live_balances_from_database(live_url))
+    replayed, live = _ledger_rows(replayed_url), _ledger_rows(live_url)
+    seqs = _seqs_by_envelope(live_url)
+    for kind in ("transfer", "posting"):
+        want, got = replayed[kind], live[kind]
+        for key in sorted(set(want) | set(got)):
+            if want.get(key) != got.get(key):
+                envelope_id = key[0].rsplit(":", 1)[0]
+                findings.append(
+                    Finding(
+                        seqs.get(envelope_id),
+                        f"{kind}.against",
+                        f"{key}: {want.get(key)}",
+                        f"live {got.get(key)}",
+                    )
+                )
+    return findings
 
 
 def compare_balances(replayed_url: str, live: dict[tuple[str, str], int]) -> list[Finding]:
     """Findings for every (account, asset) whose live posted balance differs from replay."""
-    engine = make_engine(replayed_url, readonly=True)
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(
-                select(
-                    accounts_t.c.address,
-                    accounts_t.c.asset,
-                    accounts_t.c.credits_posted - accounts_t.c.debits_posted,
-                )
-            ).all()
-    finally:
-        engine.dispose()
-    replayed = {(r[0], r[1]): int(r[2]) for r in rows}
+    replayed = live_balances_from_database(replayed_url)
     findings = []
     for key in sorted(set(replayed) | set(live)):
         want, got = replayed.get(key), live.get(key)
         if want != got:
             findings.append(
-                Finding(
-                    None,
-                    "balance.against",
-                    f"{key[0]} {key[1]} posted {want}",
-                    f"live {got}",
-                )
+                Finding(None, "balance.against", f"{key[0]} {key[1]} posted {want}", f"live {got}")
             )
     return findings
 
@@ -389,7 +404,16 @@ class _Replayer:
             rows = []
             for (seq, body, entry), outcome in zip(group.items, outcomes, strict=True):
                 kind = _type_of(body)
-                if isinstance(outcome, envelopes.Accepted):
+                if isinstance(outcome, envelopes.Accepted) and outcome.replayed:
+                    self.report.findings.append(
+                        Finding(
+                            seq,
+                            "journal.duplicate",
+                            "each envelope journaled once",
+                            f"envelope {outcome.receipt.id} again",
+                        )
+                    )
+                elif isinstance(outcome, envelopes.Accepted):
                     receipt = outcome.receipt
                     rows.append(
                         journal_store.RawEntry(
@@ -397,6 +421,15 @@ class _Replayer:
                         )
                     )
                     derived = receipt.effects
+                    if _canonical(receipt.summary) != _canonical(body.get("summary")):
+                        self.report.findings.append(
+                            Finding(
+                                seq,
+                                f"summary.{kind}",
+                                json.dumps(receipt.summary, sort_keys=True),
+                                json.dumps(body.get("summary"), sort_keys=True),
+                            )
+                        )
                     if _canonical(derived) != _canonical(body["effects"]):
                         self.report.findings.append(
                             Finding(
@@ -460,6 +493,67 @@ def _check_invariants(engine: Engine, report: Report) -> None:
         report.findings.append(
             Finding(None, "non_negative", f"{address} {asset} ≥ 0", "below zero")
         )
+
+
+def _ledger_rows(url: str) -> dict[str, dict[tuple[Any, ...], tuple[Any, ...]]]:
+    """Transfers and postings by key, in comparable form (addresses, not row ids).
+
+    Postings are compared by what they moved (sums per transfer, account and side), not by
+    their balance-after, which depends on the order batches were applied in.
+    """
+    engine = make_engine(url, readonly=True)
+    debit = accounts_t.alias("debit")
+    credit = accounts_t.alias("credit")
+    account = accounts_t.alias("account")
+    try:
+        with engine.connect() as connection:
+            transfers: dict[tuple[Any, ...], tuple[Any, ...]] = {
+                (r[0],): tuple(r[1:])
+                for r in connection.execute(
+                    select(
+                        transfers_t.c.id,
+                        debit.c.address,
+                        credit.c.address,
+                        transfers_t.c.asset,
+                        transfers_t.c.amount,
+                        transfers_t.c.kind,
+                        transfers_t.c.phase,
+                        transfers_t.c.pending_id,
+                        transfers_t.c.state,
+                    )
+                    .join(debit, debit.c.id == transfers_t.c.debit_account_id)
+                    .join(credit, credit.c.id == transfers_t.c.credit_account_id)
+                )
+            }
+            postings: dict[tuple[Any, ...], tuple[Any, ...]] = {
+                (r[0], r[1], r[2]): (int(r[3]), int(r[4]))
+                for r in connection.execute(
+                    select(
+                        postings_t.c.transfer_id,
+                        account.c.address,
+                        postings_t.c.side,
+                        func.sum(postings_t.c.posted),
+                        func.sum(postings_t.c.pending),
+                    )
+                    .join(account, account.c.id == postings_t.c.account_id)
+                    .group_by(postings_t.c.transfer_id, account.c.address, postings_t.c.side)
+                )
+            }
+    finally:
+        engine.dispose()
+    return {"transfer": transfers, "posting": postings}
+
+
+def _seqs_by_envelope(url: str) -> dict[str, int]:
+    engine = make_engine(url, readonly=True)
+    try:
+        with engine.connect() as connection:
+            return {
+                str(r[0]): int(r[1])
+                for r in connection.execute(select(entries_t.c.envelope_id, entries_t.c.seq))
+            }
+    finally:
+        engine.dispose()
 
 
 def _type_of(body: dict[str, Any]) -> str:

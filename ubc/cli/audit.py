@@ -26,8 +26,9 @@ from ubc.audit.source import Journal, SourceError, open_source, write_export
 from ubc.audit.verify import (
     Finding,
     Report,
+    VerifyError,
     compare_balances,
-    live_balances_from_database,
+    compare_with_database,
     verify_journal,
 )
 from ubc.db import make_engine
@@ -63,7 +64,10 @@ def export(
     origin = journal.checkpoint.split("\n", 1)[0]
     with _progress(journal.size) as (progress, task), out.open("w", encoding="utf-8") as f:
         counted = _counting(journal, lambda n: progress.advance(task, n))
-        written = write_export(counted, f, origin=origin)
+        try:
+            written = write_export(counted, f, origin=origin)
+        except SourceError as exc:
+            _fail(str(exc))
     console.print(f"Exported {written} entries and the checkpoint of size {journal.size} to {out}")
 
 
@@ -84,12 +88,17 @@ def verify(
     """Verify signatures, Merkle root, consistency and every rule; exit 1 on any finding."""
     journal = _open(source, token)
     old = checkpoint.read_text(encoding="utf-8") if checkpoint else None
+    compare = None if against is None else _comparison(against, token)
     with _progress(journal.size, quiet=as_json) as (progress, task):
-        report, replayed = verify_journal(
-            journal, vkey, old_checkpoint=old, progress=lambda n: progress.advance(task, n)
+        report = _run(
+            lambda: verify_journal(
+                journal,
+                vkey,
+                old_checkpoint=old,
+                against=compare,
+                progress=lambda n: progress.advance(task, n),
+            )
         )
-    if against is not None:
-        report.findings.extend(compare_balances(replayed, _live_balances(against, token)))
     _print_report(report, as_json)
     raise typer.Exit(code=0 if report.ok else 1)
 
@@ -112,8 +121,10 @@ def restore(
         console.print(f"[red]{into} already holds a journal; restore needs an empty database[/red]")
         raise typer.Exit(code=1)
     with _progress(journal.size) as (progress, task):
-        report, _ = verify_journal(
-            journal, vkey, into=into, progress=lambda n: progress.advance(task, n)
+        report = _run(
+            lambda: verify_journal(
+                journal, vkey, into=into, progress=lambda n: progress.advance(task, n)
+            )
         )
     _print_report(report, False)
     if not report.ok:
@@ -184,9 +195,22 @@ def _open(source: str, token: str | None) -> Journal:
         _fail(str(exc))
 
 
-def _live_balances(against: str, token: str | None) -> dict[tuple[str, str], int]:
+def _run(work: Callable[[], Report]) -> Report:
+    try:
+        return work()
+    except (SourceError, VerifyError) as exc:
+        _fail(str(exc))
+
+
+def _comparison(against: str, token: str | None) -> Callable[[str], list[Finding]]:
+    """Compare the replay with a live database (balances, transfers, postings) or server
+    (balances)."""
     if not against.startswith(("http://", "https://")):
-        return live_balances_from_database(against)
+        return lambda replayed: compare_with_database(replayed, against)
+    return lambda replayed: compare_balances(replayed, _server_balances(against, token))
+
+
+def _server_balances(against: str, token: str | None) -> dict[tuple[str, str], int]:
     balances: dict[tuple[str, str], int] = {}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=against, headers=headers, timeout=30) as client:

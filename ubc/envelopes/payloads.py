@@ -191,7 +191,7 @@ class EpochOpen(Payload):
     epoch: Annotated[int, Field(ge=1, le=MAX_AMOUNT)]
     asset: AssetCode
     allocations: Annotated[dict[Tier, Amount], Field(min_length=1, max_length=64)]
-    carryover_cap: Annotated[int, Field(ge=0, le=MAX_AMOUNT)] | None
+    carryover_cap: Annotated[int, Field(ge=0, le=MAX_AMOUNT)] | None = None
     starts_at: Timestamp
     ends_at: Timestamp
 

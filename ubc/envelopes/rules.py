@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
@@ -21,6 +21,8 @@ from ubc.envelopes.payloads import (
     ApiKeyGrant,
     ApiKeyRevoke,
     Deposit,
+    EpochClose,
+    EpochOpen,
     KeyRotate,
     MemberAdmit,
     MemberRegister,
@@ -30,6 +32,7 @@ from ubc.envelopes.payloads import (
     Withdrawal,
     parse_timestamp,
 )
+from ubc.epochs import service as epochs
 from ubc.errors import (
     BadRequest,
     Conflict,
@@ -65,12 +68,15 @@ SUBMITTABLE = frozenset(
         "member.update",
         "deposit",
         "withdrawal",
+        "epoch.open",
+        "epoch.close",
     }
 )
 #: Types only the ledger itself writes.
 LEDGER_ONLY = frozenset({"ledger.genesis", "ledger.config"})
 
-AfterApply = Callable[[], None]
+# A state change, run once the envelope is accepted; an epoch returns its journal summary.
+AfterApply = Callable[[], dict[str, Any] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,8 @@ class State:
     session: Session
     ctx: LedgerContext
     now: datetime
+    # The auditor's replay applies a large epoch at once instead of in the background.
+    replay: bool = False
     keys: dict[str, KeyInfo | None] = field(default_factory=dict)
     members: dict[str, MemberInfo | None] = field(default_factory=dict)
     refs: set[str] = field(default_factory=set)
@@ -456,6 +464,27 @@ def _update_member(state: State, payload: Payload, signers: Signers) -> Plan:
     return Plan(accounts=frozenset({f"member:{payload.handle}"}), after=after)
 
 
+def _epoch_open(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, EpochOpen)
+    _operator(payload, signers)
+    epochs.check_open(state.session, payload)
+
+    def after() -> dict[str, Any]:
+        summary = epochs.open_epoch(state.session, payload, payload.id, now=state.now)
+        if state.replay or summary["members"] <= epochs.CHUNK:
+            epochs.apply_all_allocations(state.session, payload.epoch, now=state.now)
+        return summary
+
+    return Plan(after=after)
+
+
+def _epoch_close(state: State, payload: Payload, signers: Signers) -> Plan:
+    assert isinstance(payload, EpochClose)
+    _operator(payload, signers)
+    epochs.check_close(state.session, payload)
+    return Plan(after=lambda: epochs.close_epoch(state.session, payload, payload.id, now=state.now))
+
+
 _RULES: dict[str, Callable[[State, Payload, Signers], Plan]] = {
     "transfer": _transfer,
     "deposit": _deposit,
@@ -466,6 +495,8 @@ _RULES: dict[str, Callable[[State, Payload, Signers], Plan]] = {
     "apikey.revoke": _revoke,
     "member.admit": _admit,
     "member.update": _update_member,
+    "epoch.open": _epoch_open,
+    "epoch.close": _epoch_close,
 }
 
 

@@ -112,9 +112,14 @@ class Receipt:
     actor: str = ""
     # Accounts the entry concerns: their owners may read it.
     accounts: frozenset[str] = frozenset()
+    # Instead of effects, for an epoch over many members (count and total per tier).
+    summary: dict[str, Any] | None = None
 
     def body(self) -> dict[str, Any]:
-        return {"seq": self.seq, "id": self.id, "type": self.type, "effects": self.effects}
+        body = {"seq": self.seq, "id": self.id, "type": self.type, "effects": self.effects}
+        if self.summary is not None:
+            body["summary"] = self.summary
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +329,7 @@ class _Writer:
                 decoded.append(error)
         good = [d for d in decoded if isinstance(d, _Decoded)]
         self._preload(good)
-        self.state = rules.State(self.session, self.ctx, self.now)
+        self.state = rules.State(self.session, self.ctx, self.now, replay=self.replay)
         self.state.preload(
             keyids={s.keyid for d in good for s in d.envelope.signatures},
             handles={rules.actor_handle(d.payload.actor) for d in good} - {None},
@@ -343,7 +348,13 @@ class _Writer:
             size,
             [
                 journal.NewEntry(
-                    d.payload.id, d.type, d.payload.actor, d.envelope.to_json(), r.effects, acc
+                    d.payload.id,
+                    d.type,
+                    d.payload.actor,
+                    d.envelope.to_json(),
+                    r.effects,
+                    acc,
+                    r.summary,
                 )
                 for d, r, acc in self.accepted
             ],
@@ -421,9 +432,10 @@ class _Writer:
             return
         # A change of state: apply the run before it, then this one on its own.
         self._flush()
+        summary = None
         try:
             if plan.after is not None:
-                plan.after()
+                summary = plan.after()
         except UbcError as error:
             self._fail(item.index, error, remember=item)
             return
@@ -434,7 +446,7 @@ class _Writer:
             ledger.Applied(payload.id, ()),
             now=self.now,
         )
-        self._accept(item, [], plan.accounts)
+        self._accept(item, [], plan.accounts, summary)
 
     def _flush(self) -> None:
         pending, self.run_ = self.run_, []
@@ -458,7 +470,11 @@ class _Writer:
             self._accept(item.decoded, effects, item.accounts)
 
     def _accept(
-        self, item: _Decoded, effects: list[dict[str, Any]], accounts: frozenset[str]
+        self,
+        item: _Decoded,
+        effects: list[dict[str, Any]],
+        accounts: frozenset[str],
+        summary: dict[str, Any] | None = None,
     ) -> None:
         touched = set(accounts)
         for effect in effects:
@@ -470,6 +486,7 @@ class _Writer:
             effects,
             actor=item.payload.actor,
             accounts=frozenset(touched),
+            summary=summary,
         )
         self.accepted.append((item, receipt, receipt.accounts))
         self.outcomes[item.index] = Accepted(receipt, replayed=False)

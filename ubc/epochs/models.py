@@ -46,3 +46,14 @@ class EpochAllocation(SQLModel, table=True):
     account_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     tier: str = Field(sa_column=Column(String(32), nullable=False))
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class EpochExpiry(SQLModel, table=True):
+    """What an epoch's close expired per member account, legs ordered by address."""
+
+    __tablename__ = "epoch_expiries"
+
+    epoch: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    leg: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    account_id: int = Field(sa_column=Column(BigInteger, nullable=False))
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))

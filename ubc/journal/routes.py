@@ -94,7 +94,12 @@ def get_entries(
             "seq": seq,
             "leaf_hash": base64.b64encode(leaf_hash(entry)).decode(),
         }
-        if sees_all or (reader is not None and reader.account in accounts.split()):
+        if sees_all or (
+            reader is not None
+            and reader.account is not None
+            and reader.may_read(reader.account)
+            and reader.account in accounts.split()
+        ):
             item["entry"] = base64.b64encode(entry).decode()
         items.append(item)
     size, _ = store.latest_checkpoint(session)

@@ -47,6 +47,7 @@ class NewEntry:
     envelope: dict[str, Any]
     effects: list[dict[str, Any]]
     accounts: frozenset[str]
+    summary: dict[str, Any] | None = None
 
 
 def lock_head(session: Session) -> int | None:
@@ -74,14 +75,16 @@ def append(
     committed_at = format_timestamp(now)
     rows = []
     for offset, item in enumerate(new):
-        entry = encode_entry(
-            {
-                "seq": size + offset,
-                "committed_at": committed_at,
-                "envelope": item.envelope,
-                "effects": item.effects,
-            }
-        )
+        body: dict[str, Any] = {
+            "seq": size + offset,
+            "committed_at": committed_at,
+            "envelope": item.envelope,
+            "effects": item.effects,
+        }
+        if item.summary is not None:
+            # An epoch's effects are derived by the auditor; the entry keeps their summary.
+            body["summary"] = item.summary
+        entry = encode_entry(body)
         rows.append(RawEntry(item.envelope_id, item.type, item.actor, item.accounts, entry))
     return append_raw(session, size, rows, now=now, signer=signer)
 

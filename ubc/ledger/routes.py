@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import aliased
 
 from ubc.deps import Reader, ReadSession, require_read
+from ubc.epochs import service as epochs
 from ubc.errors import BadRequest, Forbidden, TransferNotFound
 from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Transfer
@@ -19,8 +20,9 @@ transfers_t = Transfer.__table__  # type: ignore[attr-defined]
 
 
 @router.get("/api/ledger", summary="Public facts of this ledger")
-def get_ledger(request: Request) -> dict[str, Any]:
-    info: dict[str, Any] = request.app.state.ledger_info
+def get_ledger(request: Request, session: ReadSession) -> dict[str, Any]:
+    info: dict[str, Any] = dict(request.app.state.ledger_info)
+    info["current_epoch"] = epochs.current_epoch(session)
     return info
 
 
