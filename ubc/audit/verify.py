@@ -16,6 +16,7 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -122,8 +123,11 @@ def verify_journal(
                 keep_journal=into is not None,
                 checkpoint=journal.checkpoint,
             )
-            replayer.run(journal.entries, checkpoint, old, progress)
-            replayer.finish()
+            try:
+                replayer.run(journal.entries, checkpoint, old, progress)
+                replayer.finish()
+            finally:
+                replayer.checker.shutdown(cancel_futures=True)
             _check_invariants(engine, report)
         finally:
             engine.dispose()
@@ -233,6 +237,10 @@ class _Replayer:
         self.checkpoint = checkpoint
         self.ctx: envelopes.LedgerContext | None = None
         self.group = _Group()
+        self.checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ubc-audit")
+        self.waiting: (
+            tuple[_Group, envelopes.LedgerContext, Future[list[envelopes.Prechecked]]] | None
+        ) = None
         self.size = 0
 
     def run(
@@ -394,13 +402,33 @@ class _Replayer:
                 )
 
     def _flush(self) -> None:
+        """Queue the current group: its signatures are checked in a worker thread (libsodium
+        releases the GIL) while the group before it is applied here."""
         group, self.group = self.group, _Group()
         if not group.items or self.ctx is None:
             return
-        now = parse_timestamp(group.committed_at)
+        ctx = self.ctx
         raws = [body["envelope"] for _, body, _ in group.items]
+        checked = self.checker.submit(self._precheck, ctx, raws)
+        self._apply_waiting()
+        self.waiting = (group, ctx, checked)
+
+    def _precheck(
+        self, ctx: envelopes.LedgerContext, raws: list[object]
+    ) -> list[envelopes.Prechecked]:
+        # Keys registered by the group still being applied are not visible yet: the write
+        # path verifies those signatures itself.
+        with self.sessions() as session:
+            return envelopes.precheck(session, ctx, raws)
+
+    def _apply_waiting(self) -> None:
+        if self.waiting is None:
+            return
+        group, ctx, checked = self.waiting
+        self.waiting = None
+        now = parse_timestamp(group.committed_at)
         with self.sessions() as session, session.begin():
-            outcomes = envelopes.submit(session, self.ctx, raws, now=now, replay=True)
+            outcomes = envelopes.submit(session, ctx, checked.result(), now=now, replay=True)
             rows = []
             for (seq, body, entry), outcome in zip(group.items, outcomes, strict=True):
                 kind = _type_of(body)
@@ -456,6 +484,8 @@ class _Replayer:
         self.size = journal_store.append_raw(session, self.size, rows, now=now)[-1] + 1
 
     def finish(self) -> None:
+        self._apply_waiting()
+        self.checker.shutdown()
         if self.keep_journal:
             with self.sessions() as session, session.begin():
                 journal_store.set_checkpoint(session, self.checkpoint)
