@@ -143,6 +143,13 @@ class Prechecked:
     verified: frozenset[str]
 
 
+# keyid → public key of member keys seen. A key's bytes never change (only whether it is
+# current, which the write path checks under the lock), so this is only a cache of
+# lookups; the keyid is derived from the key itself.
+_PUBLIC_KEYS: dict[str, bytes] = {}
+_PUBLIC_KEYS_MAX = 1_000_000
+
+
 def precheck(session: Session, ctx: LedgerContext, raws: Sequence[object]) -> list[Prechecked]:
     """Decode envelopes and verify their signatures outside the write lock.
 
@@ -162,13 +169,22 @@ def precheck(session: Session, ctx: LedgerContext, raws: Sequence[object]) -> li
     )
     known: dict[str, bytes] = dict(ctx.operator_keys)
     known[ctx.ledger_keyid] = ctx.ledger_public_key
-    for chunk in _chunks(keyids, 1000):
+    missing = []
+    for keyid in keyids:
+        public = _PUBLIC_KEYS.get(keyid)
+        if public is None:
+            missing.append(keyid)
+        else:
+            known[keyid] = public
+    for chunk in _chunks(missing, 1000):
         for keyid, public in session.execute(
             select(member_keys_t.c.keyid, member_keys_t.c.public_key).where(
                 member_keys_t.c.keyid.in_(chunk)
             )
         ):
-            known[keyid] = decode_public_key(public)
+            known[keyid] = _PUBLIC_KEYS[keyid] = decode_public_key(public)
+    if len(_PUBLIC_KEYS) > _PUBLIC_KEYS_MAX:
+        _PUBLIC_KEYS.clear()
     for item in decoded:
         if isinstance(item, UbcError):
             items.append(Prechecked(item, frozenset()))
