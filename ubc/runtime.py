@@ -96,6 +96,7 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         "assets": genesis["assets"],
         "enrollment": ctx.enrollment,
         "market_fee_bps": genesis["market_fee_bps"],
+        "cu_price_usd": genesis["cu_price_usd"],
         "current_epoch": None,
     }
     return Runtime(ctx, tokens, info)

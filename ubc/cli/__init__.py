@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ubc.cli import audit, member, server
+from ubc.cli import audit, epoch, member, server
 
 app = typer.Typer(
     name="ubc",
@@ -15,6 +15,7 @@ app = typer.Typer(
 server.register(app)
 member.register(app)
 audit.register(app)
+epoch.register(app)
 
 
 def main() -> None:

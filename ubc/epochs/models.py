@@ -32,6 +32,11 @@ class Epoch(SQLModel, table=True):
     issued: int = Field(sa_column=Column(BigInteger, nullable=False))
     expired_members: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     expired: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    # The epoch's window in posting order: postings with first_posting < id ≤ last_posting.
+    # Marked in the transactions that journal open and close, so a transfer belongs to the
+    # epoch exactly when the journal puts it between them.
+    first_posting: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    last_posting: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class EpochAllocation(SQLModel, table=True):

@@ -1,13 +1,18 @@
-"""HTTP: epochs (public, with progress while one is being applied)."""
+"""HTTP: epochs (public, with progress while one is being applied), and the utilization
+report (operator and auditors)."""
 
 from __future__ import annotations
 
-from typing import Any
+from decimal import Decimal
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Path, Query, Request
 
-from ubc.deps import ReadSession
+from ubc.deps import Reader, ReadSession
+from ubc.envelopes.payloads import MAX_AMOUNT
+from ubc.epochs import report
 from ubc.epochs import service as epochs
+from ubc.errors import Forbidden
 
 router = APIRouter(tags=["epochs"])
 
@@ -21,5 +26,32 @@ def list_epochs(session: ReadSession) -> dict[str, Any]:
     "/api/epochs/{number}",
     summary="One epoch; `applied` of `members` shows progress while it is `opening`",
 )
-def get_epoch(number: int, session: ReadSession) -> dict[str, Any]:
+def get_epoch(
+    number: Annotated[int, Path(ge=1, le=MAX_AMOUNT)], session: ReadSession
+) -> dict[str, Any]:
     return epochs.get_epoch(session, number).to_json()
+
+
+@router.get(
+    "/api/reports/utilization",
+    summary="Per member of an epoch: allocated, used, sent, received, donated, sold, "
+    "bought, expired, utilization % and USD value (operator and auditors)",
+)
+def utilization_report(
+    request: Request,
+    session: ReadSession,
+    reader: Reader,
+    epoch: Annotated[int, Query(ge=1, le=MAX_AMOUNT, description="the epoch number")],
+    below: Annotated[
+        str | None,
+        Query(
+            pattern=report.PERCENT_PATTERN,
+            description="also list the members whose utilization % is under this, e.g. 12.5",
+        ),
+    ] = None,
+) -> dict[str, Any]:
+    if not reader.sees_everything:
+        raise Forbidden("only the operator and auditors read the utilization report")
+    price: str = request.app.state.ledger_info["cu_price_usd"]
+    threshold = None if below is None else Decimal(below)
+    return report.utilization(session, epoch, cu_price_usd=price, below=threshold).to_json()

@@ -54,6 +54,8 @@ class EpochInfo:
     issued: int
     expired_members: int
     expired: int
+    first_posting: int = 0
+    last_posting: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -144,9 +146,10 @@ def open_epoch(
         text(
             "INSERT INTO epochs (number, asset, allocations, carryover_cap, starts_at, ends_at, "
             "status, open_envelope_id, close_envelope_id, opened_at, closed_at, members, "
-            "applied, issued, expired_members, expired) VALUES (:epoch, :asset, :allocations, "
-            ":cap, :starts_at, :ends_at, :status, :envelope, NULL, :now, NULL, :members, 0, "
-            ":total, 0, 0)"
+            "applied, issued, expired_members, expired, first_posting, last_posting) "
+            "VALUES (:epoch, :asset, :allocations, :cap, :starts_at, :ends_at, :status, "
+            ":envelope, NULL, :now, NULL, :members, 0, :total, 0, 0, "
+            "(SELECT coalesce(max(id), 0) FROM postings), NULL)"
         ).bindparams(*_timestamps("starts_at", "ends_at", "now")),
         {
             "epoch": payload.epoch,
@@ -309,7 +312,8 @@ def close_epoch(
     session.execute(
         text(
             "UPDATE epochs SET status = 'closed', close_envelope_id = :envelope, "
-            "closed_at = :now, expired_members = :count, expired = :total WHERE number = :n"
+            "closed_at = :now, expired_members = :count, expired = :total, "
+            "last_posting = (SELECT coalesce(max(id), 0) FROM postings) WHERE number = :n"
         ).bindparams(*_timestamps("now")),
         {"envelope": envelope_id, "now": now, "count": count, "total": total, "n": payload.epoch},
     )
@@ -342,7 +346,8 @@ def current_epoch(session: Session) -> int | None:
 
 _COLUMNS = (
     "number, asset, allocations, carryover_cap, starts_at, ends_at, status, opened_at, "
-    "closed_at, members, applied, issued, expired_members, expired"
+    "closed_at, members, applied, issued, expired_members, expired, first_posting, "
+    "last_posting"
 )
 
 
@@ -366,6 +371,8 @@ def _info(row: Any) -> EpochInfo:
         issued=int(row[11]),
         expired_members=int(row[12]),
         expired=int(row[13]),
+        first_posting=int(row[14]),
+        last_posting=None if row[15] is None else int(row[15]),
     )
 
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-27 21:24:20.171098
+Create Date: 2026-11-27 21:48:36.359012
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def upgrade() -> None:
         sa.Column("issued", sa.BigInteger(), nullable=False),
         sa.Column("expired_members", sa.BigInteger(), nullable=False),
         sa.Column("expired", sa.BigInteger(), nullable=False),
+        sa.Column("first_posting", sa.BigInteger(), nullable=False),
+        sa.Column("last_posting", sa.BigInteger(), nullable=True),
         sa.PrimaryKeyConstraint("number"),
     )
     # ### end Alembic commands ###

@@ -1,0 +1,368 @@
+"""Epochs and the utilization report, from the command line.
+
+The operator opens and closes epochs, signing with the operator key (found like for
+``ubc member admit``); anyone may list and show them:
+
+    ubc epoch open --epoch 3 --allocation basic=100 --allocation pro=250 --carryover-cap 50
+    ubc epoch close 3          ubc epoch list          ubc epoch show 3
+
+``epoch open`` waits until every allocation is applied (a large epoch is applied in
+batches by the server), with a progress bar. The operator and auditors read the report:
+
+    ubc report utilization --epoch 3 --below 50 --csv epoch-3.csv
+
+Errors print the ledger's message in red and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from ubc.cli.member import (
+    Asset,
+    CliConfig,
+    CliError,
+    OperatorKey,
+    Server,
+    _client,
+    _entry,
+    _operator_key,
+    _read_token,
+    _reported,
+    _say,
+    _when,
+)
+from ubc.client import UbcClient
+from ubc.envelopes.payloads import format_timestamp
+from ubc.epochs.report import PERCENT_PATTERN, write_csv
+
+DEFAULT_LENGTH = timedelta(days=30)
+POLL_SECONDS = 0.25
+
+
+def register(app: typer.Typer) -> None:
+    epoch = typer.Typer(
+        help="Allocation epochs: open, close (operator), list, show.", no_args_is_help=True
+    )
+    epoch.command("open")(epoch_open)
+    epoch.command("close")(epoch_close)
+    epoch.command("list")(epoch_list)
+    epoch.command("show")(epoch_show)
+    app.add_typer(epoch, name="epoch")
+    report = typer.Typer(help="Reports (operator and auditors).", no_args_is_help=True)
+    report.command("utilization")(report_utilization)
+    app.add_typer(report, name="report")
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def epoch_open(
+    epoch: Annotated[int, typer.Option("--epoch", min=1, help="the new epoch's number")],
+    allocation: Annotated[
+        list[str],
+        typer.Option(
+            "--allocation",
+            help="TIER=AMOUNT: what each active member of TIER gets (repeat per tier)",
+        ),
+    ],
+    carryover_cap: Annotated[
+        int | None,
+        typer.Option(
+            "--carryover-cap",
+            min=0,
+            help="at close, balances above this expire (default: nothing expires)",
+            show_default=False,
+        ),
+    ] = None,
+    asset: Asset = "CU",
+    starts_at: Annotated[
+        str | None,
+        typer.Option(
+            "--starts-at",
+            help="RFC 3339 time (default: now; no zone means UTC)",
+            show_default=False,
+        ),
+    ] = None,
+    ends_at: Annotated[
+        str | None,
+        typer.Option(
+            "--ends-at", help="RFC 3339 time (default: 30 days after the start)", show_default=False
+        ),
+    ] = None,
+    operator_key: OperatorKey = None,
+    server: Server = None,
+) -> None:
+    """Open an epoch: allocate to every active member of the listed tiers (operator)."""
+    with _reported():
+        allocations = _allocations(allocation)
+        start = _moment(starts_at, "--starts-at") if starts_at else datetime.now(UTC)
+        end = _moment(ends_at, "--ends-at") if ends_at else start + DEFAULT_LENGTH
+        config = CliConfig.load()
+        with _client(config, server, key=_operator_key(config, operator_key)) as client:
+            receipt = client.submit(
+                client.envelope(
+                    "epoch.open",
+                    actor="operator",
+                    epoch=epoch,
+                    asset=asset,
+                    allocations=allocations,
+                    carryover_cap=carryover_cap,
+                    starts_at=format_timestamp(start),
+                    ends_at=format_timestamp(end),
+                )
+            )
+            info = _wait_until_applied(client, epoch)
+        summary: dict[str, Any] = cast(dict[str, Any], receipt).get("summary") or {}
+        _say(f"Opened epoch {epoch} ({_entry(receipt)}).")
+        table = Table(title=f"Epoch {epoch}: {escape(asset)} issued")
+        table.add_column("tier")
+        table.add_column("each", justify="right")
+        table.add_column("members", justify="right")
+        table.add_column("issued", justify="right")
+        for tier, row in sorted(summary.get("tiers", {}).items()):
+            table.add_row(escape(tier), str(row["amount"]), str(row["members"]), str(row["total"]))
+        table.add_section()
+        table.add_row("total", "", str(info["members"]), f"{info['issued']} {escape(asset)}")
+        _print(table)
+
+
+def epoch_close(
+    epoch: Annotated[int, typer.Argument(min=1, help="the epoch to close")],
+    operator_key: OperatorKey = None,
+    server: Server = None,
+) -> None:
+    """Close an epoch: balances above its carryover cap expire (operator)."""
+    with _reported():
+        config = CliConfig.load()
+        with _client(config, server, key=_operator_key(config, operator_key)) as client:
+            receipt = client.submit(client.envelope("epoch.close", actor="operator", epoch=epoch))
+            info: dict[str, Any] = client._get(f"/api/epochs/{epoch}")
+        _say(f"Closed epoch {epoch} ({_entry(receipt)}).")
+        cap = info["carryover_cap"]
+        _say(f"Carryover cap: {'none' if cap is None else str(cap) + ' ' + info['asset']}")
+        _say(f"Members expired: {info['expired_members']}")
+        _say(f"Total expired: {info['expired']} {info['asset']}")
+
+
+def epoch_list(server: Server = None) -> None:
+    """List every epoch, oldest first."""
+    with _reported():
+        config = CliConfig.load()
+        with _client(config, server) as client:
+            found: list[dict[str, Any]] = client._get("/api/epochs")["epochs"]
+        if not found:
+            _say("No epochs yet.")
+            return
+        table = Table(title="Epochs")
+        for name in ("epoch", "asset", "status", "starts", "ends", "members", "issued", "expired"):
+            right = name in ("epoch", "members", "issued", "expired")
+            table.add_column(name, justify="right" if right else "left", no_wrap=True)
+        for e in found:
+            table.add_row(
+                str(e["epoch"]),
+                escape(e["asset"]),
+                _status(e),
+                _when(e["starts_at"]),
+                _when(e["ends_at"]),
+                str(e["members"]),
+                str(e["issued"]),
+                str(e["expired"]),
+            )
+        _print(table)
+
+
+def epoch_show(
+    epoch: Annotated[int, typer.Argument(min=1, help="the epoch number")],
+    server: Server = None,
+) -> None:
+    """Show one epoch: its allocations, status and totals."""
+    with _reported():
+        config = CliConfig.load()
+        with _client(config, server) as client:
+            e: dict[str, Any] = client._get(f"/api/epochs/{epoch}")
+        asset = escape(e["asset"])
+        table = Table(title=f"Epoch {e['epoch']}", show_header=False)
+        table.add_column("field", style="bold")
+        table.add_column("value")
+        cap = e["carryover_cap"]
+        rows = [
+            ("status", _status(e)),
+            ("asset", asset),
+            ("starts", _when(e["starts_at"])),
+            ("ends", _when(e["ends_at"])),
+            ("opened", _when(e["opened_at"])),
+            ("closed", "-" if e["closed_at"] is None else _when(e["closed_at"])),
+            ("carryover cap", "none" if cap is None else f"{cap} {asset}"),
+        ]
+        rows += [
+            (f"allocation {escape(tier)}", f"{amount} {asset}")
+            for tier, amount in sorted(e["allocations"].items())
+        ]
+        rows += [
+            ("members", str(e["members"])),
+            ("issued", f"{e['issued']} {asset}"),
+            ("members expired", str(e["expired_members"])),
+            ("expired", f"{e['expired']} {asset}"),
+        ]
+        for field, value in rows:
+            table.add_row(field, value)
+        _print(table)
+
+
+def report_utilization(
+    epoch: Annotated[int, typer.Option("--epoch", min=1, help="the epoch number")],
+    csv_file: Annotated[
+        Path | None,
+        typer.Option("--csv", help="also write the members' rows to this CSV file"),
+    ] = None,
+    below: Annotated[
+        str | None,
+        typer.Option(
+            "--below", help="list the members whose utilization is under PERCENT", metavar="PERCENT"
+        ),
+    ] = None,
+    server: Server = None,
+) -> None:
+    """Per member of an epoch: allocated, used, sent, received, donated, traded, expired,
+    utilization and its value in USD (operator and auditors)."""
+    with _reported():
+        params: dict[str, str | int] = {"epoch": epoch}
+        if below is not None:
+            params["below"] = _percent(below)
+        config = CliConfig.load()
+        with _client(config, server, token=_read_token(config)) as client:
+            report: dict[str, Any] = client._get("/api/reports/utilization", params=params)
+        members: list[dict[str, Any]] = report["members"]
+        asset = escape(report["asset"])
+        table = Table(
+            title=f"Utilization of epoch {report['epoch']} ({report['status']})",
+            caption=f"{_when(report['from'])} to {_when(report['to'])}; "
+            f"1 {asset} = {report['cu_price_usd']} USD",
+        )
+        table.add_column("member", no_wrap=True)
+        for name in ("allocated", "used", "sent", "received", "donated", "sold", "bought"):
+            table.add_column(name, justify="right", no_wrap=True)
+        table.add_column("expired", justify="right", no_wrap=True)
+        table.add_column("used %", justify="right", no_wrap=True)
+        table.add_column("allocated USD", justify="right", no_wrap=True)
+        table.add_column("used USD", justify="right", no_wrap=True)
+        for row in members:
+            table.add_row(*_cells(row))
+        table.add_section()
+        table.add_row(*_cells(report["totals"]), style="bold")
+        _print(table)
+        if not members:
+            _say(f"No member activity in epoch {report['epoch']}.")
+        if report["below"] is not None:
+            under: list[str] = report["below_members"]
+            by_address = {m["address"]: m for m in members}
+            if under:
+                _say(f"{len(under)} member(s) under {report['below']}%:")
+                for address in under:
+                    _say(f"  {address}  {by_address[address]['utilization']}%")
+            else:
+                _say(f"No member under {report['below']}%.")
+        if csv_file is not None:
+            try:
+                with csv_file.open("w", encoding="utf-8", newline="") as out:
+                    count = write_csv(members, out)
+            except OSError as exc:
+                raise CliError(f"cannot write {csv_file}: {exc}") from None
+            _say(f"Wrote {count} rows to {csv_file}.")
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _wait_until_applied(client: UbcClient, number: int) -> dict[str, Any]:
+    """Poll the epoch until its allocations are all applied, with a progress bar."""
+    info: dict[str, Any] = client._get(f"/api/epochs/{number}")
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    with progress:
+        task = progress.add_task(
+            "allocating", total=info["members"] or 1, completed=info["applied"]
+        )
+        while info["status"] == "opening":
+            time.sleep(POLL_SECONDS)
+            info = client._get(f"/api/epochs/{number}")
+            progress.update(task, completed=info["applied"])
+        progress.update(task, completed=info["members"] or 1)
+    return info
+
+
+def _allocations(items: list[str]) -> dict[str, int]:
+    allocations: dict[str, int] = {}
+    for item in items:
+        tier, sep, amount = item.partition("=")
+        tier = tier.strip()
+        if not sep or not tier:
+            raise CliError(f"--allocation {item!r} must be TIER=AMOUNT")
+        try:
+            value = int(amount.strip())
+        except ValueError:
+            raise CliError(f"--allocation {item!r}: {amount!r} is not an integer") from None
+        if value < 1:
+            raise CliError(f"--allocation {item!r}: the amount must be at least 1")
+        if tier in allocations:
+            raise CliError(f"--allocation: tier {tier!r} is given twice")
+        allocations[tier] = value
+    if not allocations:
+        raise CliError("give at least one --allocation TIER=AMOUNT")
+    return allocations
+
+
+def _moment(value: str, option: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise CliError(f"{option} {value!r} is not a time like 2026-12-01T00:00:00Z") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _percent(value: str) -> str:
+    number = value.strip().removesuffix("%")
+    if not re.fullmatch(PERCENT_PATTERN, number):
+        raise CliError(f"--below {value!r} is not a percent like 50 or 12.5")
+    return number
+
+
+def _status(e: dict[str, Any]) -> str:
+    if e["status"] == "opening":
+        return f"opening ({e['applied']}/{e['members']})"
+    return str(e["status"])
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    utilization = row["utilization"]
+    return [
+        escape(row["address"]),
+        *(
+            str(row[c])
+            for c in ("allocated", "used", "sent", "received", "donated", "sold", "bought")
+        ),
+        str(row["expired"]),
+        "-" if utilization is None else f"{utilization}%",
+        str(row["allocated_usd"]),
+        str(row["used_usd"]),
+    ]
+
+
+def _print(table: Table) -> None:
+    Console(highlight=False).print(table)
