@@ -59,18 +59,22 @@ def from_export(path: Path) -> Journal:
 
 
 def from_server(url: str, *, token: str | None = None) -> Journal:
-    client = httpx.Client(
+    try:
+        with _server_client(url, token) as client:
+            checkpoint = client.get("/journal/checkpoint")
+            checkpoint.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise SourceError(f"cannot read the checkpoint of {url}: {exc}") from None
+    size = int(checkpoint.text.split("\n")[1])
+    return Journal(checkpoint.text, size, _server_entries(url, token, size))
+
+
+def _server_client(url: str, token: str | None) -> httpx.Client:
+    return httpx.Client(
         base_url=url.rstrip("/"),
         headers={"Authorization": f"Bearer {token}"} if token else {},
         timeout=60,
     )
-    try:
-        checkpoint = client.get("/journal/checkpoint")
-        checkpoint.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise SourceError(f"cannot read the checkpoint of {url}: {exc}") from None
-    size = int(checkpoint.text.split("\n")[1])
-    return Journal(checkpoint.text, size, _server_entries(client, size))
 
 
 def from_database(url: str) -> Journal:
@@ -123,7 +127,9 @@ def _export_entries(path: Path) -> Iterator[tuple[int, bytes]]:
                 raise SourceError(f"{path}:{number}: not an entry line") from None
 
 
-def _server_entries(client: httpx.Client, size: int) -> Iterator[tuple[int, bytes]]:
+def _server_entries(url: str, token: str | None, size: int) -> Iterator[tuple[int, bytes]]:
+    # The client is opened only when the entries are read, and closed when they stop.
+    client = _server_client(url, token)
     try:
         start = 0
         # Read past the checkpoint too: entries beyond it are a finding, not a secret.

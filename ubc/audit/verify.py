@@ -52,6 +52,9 @@ postings_t = Posting.__table__  # type: ignore[attr-defined]
 entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
 
 REPLAY_BATCH = 1000
+# Holds are reservations, not movements (DESIGN 5): placing and releasing one is not
+# journaled, so a live database's pending holds and their releases are not compared.
+UNJOURNALED_PHASES = ("pending", "void")
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,8 +430,15 @@ class _Replayer:
         group, ctx, checked = self.waiting
         self.waiting = None
         now = parse_timestamp(group.committed_at)
+        hints = {
+            _payload_id(body): body["summary"]
+            for _, body, _ in group.items
+            if isinstance(body.get("summary"), dict)
+        }
         with self.sessions() as session, session.begin():
-            outcomes = envelopes.submit(session, ctx, checked.result(), now=now, replay=True)
+            outcomes = envelopes.submit(
+                session, ctx, checked.result(), now=now, replay=True, hints=hints
+            )
             rows = []
             for (seq, body, entry), outcome in zip(group.items, outcomes, strict=True):
                 kind = _type_of(body)
@@ -481,7 +491,7 @@ class _Replayer:
 
     def _store(self, session: Session, rows: list[journal_store.RawEntry], now: datetime) -> None:
         """Keep the journal's exact bytes (restore); the exported checkpoint comes last."""
-        self.size = journal_store.append_raw(session, self.size, rows, now=now)[-1] + 1
+        self.size += len(journal_store.append_raw(session, self.size, rows, now=now))
 
     def finish(self) -> None:
         self._apply_waiting()
@@ -553,6 +563,7 @@ def _ledger_rows(url: str) -> dict[str, dict[tuple[Any, ...], tuple[Any, ...]]]:
                     )
                     .join(debit, debit.c.id == transfers_t.c.debit_account_id)
                     .join(credit, credit.c.id == transfers_t.c.credit_account_id)
+                    .where(transfers_t.c.phase.not_in(UNJOURNALED_PHASES))
                 )
             }
             postings: dict[tuple[Any, ...], tuple[Any, ...]] = {
@@ -566,6 +577,8 @@ def _ledger_rows(url: str) -> dict[str, dict[tuple[Any, ...], tuple[Any, ...]]]:
                         func.sum(postings_t.c.pending),
                     )
                     .join(account, account.c.id == postings_t.c.account_id)
+                    .join(transfers_t, transfers_t.c.id == postings_t.c.transfer_id)
+                    .where(transfers_t.c.phase.not_in(UNJOURNALED_PHASES))
                     .group_by(postings_t.c.transfer_id, account.c.address, postings_t.c.side)
                 )
             }
@@ -584,6 +597,14 @@ def _seqs_by_envelope(url: str) -> dict[str, int]:
             }
     finally:
         engine.dispose()
+
+
+def _payload_id(body: dict[str, Any]) -> str:
+    try:
+        payload = json.loads(base64.b64decode(body["envelope"]["payload"]))
+        return str(payload["id"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _type_of(body: dict[str, Any]) -> str:

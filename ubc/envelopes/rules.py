@@ -131,6 +131,7 @@ class State:
     now: datetime
     # The auditor's replay applies a large epoch at once instead of in the background.
     replay: bool = False
+    hints: dict[str, dict[str, Any]] = field(default_factory=dict)
     keys: dict[str, KeyInfo | None] = field(default_factory=dict)
     members: dict[str, MemberInfo | None] = field(default_factory=dict)
     refs: set[str] = field(default_factory=set)
@@ -482,7 +483,16 @@ def _epoch_close(state: State, payload: Payload, signers: Signers) -> Plan:
     assert isinstance(payload, EpochClose)
     _operator(payload, signers)
     epochs.check_close(state.session, payload)
-    return Plan(after=lambda: epochs.close_epoch(state.session, payload, payload.id, now=state.now))
+    held = None
+    if state.replay:
+        # Holds are not journaled; the close's entry records those that limited an expiry.
+        held = (state.hints.get(payload.id) or {}).get("held", {})
+
+    return Plan(
+        after=lambda: epochs.close_epoch(
+            state.session, payload, payload.id, now=state.now, replayed_holds=held
+        )
+    )
 
 
 _RULES: dict[str, Callable[[State, Payload, Signers], Plan]] = {

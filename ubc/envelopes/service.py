@@ -202,6 +202,7 @@ def submit(
     atomic: bool = False,
     now: datetime | None = None,
     replay: bool = False,
+    hints: dict[str, dict[str, Any]] | None = None,
 ) -> list[Outcome]:
     """Check, apply and journal a batch of envelopes; one outcome per envelope, in order.
 
@@ -210,7 +211,7 @@ def submit(
     ``restore`` re-applying a journal at its recorded time) the ``created_at`` window is
     not checked and nothing is journaled: the caller compares or stores the entries.
     """
-    writer = _Writer(session, ctx, now or utcnow(), atomic, replay)
+    writer = _Writer(session, ctx, now or utcnow(), atomic, replay, hints=hints or {})
     return writer.run(raws)
 
 
@@ -318,6 +319,9 @@ class _Writer:
     now: datetime
     atomic: bool
     replay: bool
+    # Replay only: each entry's journaled summary by envelope id (what an epoch's close
+    # recorded of the holds pending at that moment, which the journal does not carry).
+    hints: dict[str, dict[str, Any]] = field(default_factory=dict)
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     accepted: list[tuple[_Decoded, Receipt, frozenset[str]]] = field(default_factory=list)
     run_: list[_Pending] = field(default_factory=list)
@@ -345,7 +349,9 @@ class _Writer:
                 decoded.append(error)
         good = [d for d in decoded if isinstance(d, _Decoded)]
         self._preload(good)
-        self.state = rules.State(self.session, self.ctx, self.now, replay=self.replay)
+        self.state = rules.State(
+            self.session, self.ctx, self.now, replay=self.replay, hints=self.hints
+        )
         self.state.preload(
             keyids={s.keyid for d in good for s in d.envelope.signatures},
             handles={rules.actor_handle(d.payload.actor) for d in good} - {None},
@@ -544,7 +550,9 @@ class _Writer:
             )
             return
         seq, entry = found
-        receipt = Receipt(item.payload.id, item.type, list(entry["effects"]), seq)
+        receipt = Receipt(
+            item.payload.id, item.type, list(entry["effects"]), seq, summary=entry.get("summary")
+        )
         self.outcomes[item.index] = Accepted(receipt, replayed=True)
 
     def _check_window(self, payload: Payload) -> None:

@@ -122,7 +122,8 @@ def open_epoch(
     session.execute(
         text(
             "INSERT INTO epoch_allocations (epoch, leg, account_id, tier, amount) "
-            "SELECT :epoch, ROW_NUMBER() OVER (ORDER BY m.handle) - 1, a.id, m.tier, "
+            f"SELECT :epoch, ROW_NUMBER() OVER (ORDER BY m.handle{_binary(session)}) - 1, a.id, "
+            "m.tier, "
             f"CASE m.tier {' '.join(cases)} END "
             "FROM members m JOIN accounts a "
             "ON a.address = 'member:' || m.handle AND a.asset = :asset "
@@ -181,7 +182,9 @@ def open_epoch(
     }
 
 
-def apply_allocations(session: Session, number: int, *, now: datetime, limit: int = CHUNK) -> int:
+def apply_allocations(
+    session: Session, number: int, *, now: datetime, limit: int | None = None
+) -> int:
     """Apply the next batch of an opening epoch's allocations; how many were applied."""
     epoch = session.execute(
         text(
@@ -197,7 +200,7 @@ def apply_allocations(session: Session, number: int, *, now: datetime, limit: in
         int(epoch[2]),
         int(epoch[3]),
     )
-    lo, hi = applied, min(applied + limit, members)
+    lo, hi = applied, min(applied + (limit or CHUNK), members)
     issuance = _account_id(session, "system:issuance", asset)
     window = {"n": number, "lo": lo, "hi": hi}
     if session.get_bind().dialect.name == "postgresql":
@@ -239,6 +242,19 @@ def apply_all_allocations(session: Session, number: int, *, now: datetime) -> No
         pass
 
 
+def leg_ids(session: Session, envelope_id: str, *, limit: int = 1000) -> list[str]:
+    """The first ``limit`` transfer ids of an epoch envelope's derived legs (else none)."""
+    row = session.execute(
+        text(
+            "SELECT CASE WHEN open_envelope_id = :id THEN applied ELSE expired_members END "
+            "FROM epochs WHERE open_envelope_id = :id OR close_envelope_id = :id"
+        ),
+        {"id": envelope_id},
+    ).first()
+    count = 0 if row is None else min(int(row[0]), limit)
+    return [f"{envelope_id}:{leg}" for leg in range(count)]
+
+
 def pending_epochs(session: Session) -> list[int]:
     return [
         int(r[0])
@@ -265,14 +281,29 @@ def check_close(session: Session, payload: EpochClose) -> str:
 
 
 def close_epoch(
-    session: Session, payload: EpochClose, envelope_id: str, *, now: datetime
+    session: Session,
+    payload: EpochClose,
+    envelope_id: str,
+    *,
+    now: datetime,
+    replayed_holds: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Expire what members can spend above the cap, whole, in this transaction."""
+    """Expire what members can spend above the cap, whole, in this transaction.
+
+    Holds pending at this moment are not journaled, so the summary records those that
+    limited an expiry (``held``: address → amount held); the auditor's replay passes
+    them back as ``replayed_holds`` and derives the same expiries.
+    """
     asset = check_close(session, payload)
     cap = session.execute(
         text("SELECT carryover_cap FROM epochs WHERE number = :n"), {"n": payload.epoch}
     ).scalar_one()
     count = total = 0
+    held: dict[str, int] = {}
+    if cap is not None and replayed_holds:
+        held = dict(replayed_holds)
+        _check_recorded_holds(session, asset, held, int(cap))
+        _shift_pending(session, asset, held, +1)
     if cap is not None:
         expired_account = _account_id(session, "system:expired", asset)
         available = "credits_posted - debits_posted - debits_pending"
@@ -289,7 +320,7 @@ def close_epoch(
         session.execute(
             text(
                 "INSERT INTO epoch_expiries (epoch, leg, account_id, amount) "
-                "SELECT :n, ROW_NUMBER() OVER (ORDER BY address) - 1, id, "
+                f"SELECT :n, ROW_NUMBER() OVER (ORDER BY address{_binary(session)}) - 1, id, "
                 f"{available} - :cap FROM accounts WHERE {candidates}"
             ),
             params,
@@ -309,6 +340,21 @@ def close_epoch(
             source_is_debit=False,
             now=now,
         )
+        if replayed_holds:
+            _shift_pending(session, asset, held, -1)
+        else:
+            # Every hold that made a member's expiry smaller (or none at all).
+            held = {
+                str(r[0]): int(r[1])
+                for r in session.execute(
+                    text(
+                        "SELECT address, debits_pending FROM accounts WHERE asset = :asset "
+                        "AND address LIKE 'member:%' AND debits_pending > 0 "
+                        "AND credits_posted - debits_posted > :cap"
+                    ),
+                    params,
+                )
+            }
     session.execute(
         text(
             "UPDATE epochs SET status = 'closed', close_envelope_id = :envelope, "
@@ -317,7 +363,53 @@ def close_epoch(
         ).bindparams(*_timestamps("now")),
         {"envelope": envelope_id, "now": now, "count": count, "total": total, "n": payload.epoch},
     )
-    return {"epoch": payload.epoch, "asset": asset, "members": count, "total": total}
+    summary: dict[str, Any] = {
+        "epoch": payload.epoch,
+        "asset": asset,
+        "members": count,
+        "total": total,
+    }
+    if held:
+        summary["held"] = dict(sorted(held.items()))
+    return summary
+
+
+def _check_recorded_holds(session: Session, asset: str, held: dict[str, int], cap: int) -> None:
+    """A journal's recorded holds must be possible: on member accounts with more than the
+    cap posted, each positive and at most what the account held available."""
+    for address, amount in held.items():
+        row = session.execute(
+            text(
+                "SELECT credits_posted - debits_posted - debits_pending FROM accounts "
+                "WHERE address = :address AND asset = :asset AND address LIKE 'member:%'"
+            ),
+            {"address": address, "asset": asset},
+        ).first()
+        if (
+            not isinstance(amount, int)
+            or row is None
+            or not 0 < amount <= int(row[0])
+            or int(row[0]) <= cap
+        ):
+            raise StateConflict(
+                f"the close records an impossible hold of {amount!r} on {address}",
+                detail={"address": address, "held": amount},
+            )
+
+
+def _shift_pending(session: Session, asset: str, held: dict[str, int], sign: int) -> None:
+    """Re-create (+1) or remove (−1) the recorded holds' effect on availability, in the
+    auditor's replay only, for the duration of the close."""
+    session.execute(
+        text(
+            "UPDATE accounts SET debits_pending = debits_pending + :amount "
+            "WHERE address = :address AND asset = :asset"
+        ),
+        [
+            {"amount": sign * amount, "address": address, "asset": asset}
+            for address, amount in held.items()
+        ],
+    )
 
 
 def list_epochs(session: Session) -> list[EpochInfo]:
@@ -387,6 +479,12 @@ def _utc(value: Any) -> datetime | None:
 
 def _timestamps(*names: str) -> list[Any]:
     return [bindparam(name, type_=UTCDateTime()) for name in names]
+
+
+def _binary(session: Session) -> str:
+    """Order strings by code point on both engines, whatever PostgreSQL's collation: the
+    auditor derives the same leg numbers from its replay."""
+    return ' COLLATE "C"' if session.get_bind().dialect.name == "postgresql" else ""
 
 
 def _account_id(session: Session, address: str, asset: str) -> int:

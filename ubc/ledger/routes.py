@@ -135,7 +135,8 @@ def get_transfer(transfer_id: str, session: ReadSession, reader: Reader) -> dict
     if ":" in transfer_id:
         stmt = stmt.where(transfers_t.c.id == transfer_id)
     else:
-        stmt = stmt.where(transfers_t.c.id.in_(ledger.leg_ids(session, transfer_id)))
+        legs = ledger.leg_ids(session, transfer_id) or epochs.leg_ids(session, transfer_id)
+        stmt = stmt.where(transfers_t.c.id.in_(legs))
     rows = sorted(session.execute(stmt).all(), key=lambda r: int(r[0].rsplit(":", 1)[1]))
     visible = [r for r in rows if reader.may_read(r[3]) or reader.may_read(r[4])]
     if not visible:
