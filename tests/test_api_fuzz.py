@@ -224,6 +224,16 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "amount": 1,
         "external_ref": "fuzz-w",
     },
+    "epoch.open": {
+        "actor": "operator",
+        "epoch": 1,
+        "asset": "CU",
+        "allocations": {"basic": 100},
+        "carryover_cap": 10,
+        "starts_at": "2026-01-01T00:00:00Z",
+        "ends_at": "2026-02-01T00:00:00Z",
+    },
+    "epoch.close": {"actor": "operator", "epoch": 1},
     "ledger.config": {
         "actor": "ledger",
         "ledger_public_key": _public(STRANGER),
@@ -318,6 +328,8 @@ RIGHT_SIGNERS = {
     "withdrawal": ["alice", "operator"],
     "ledger.config": ["ledger", "operator"],
     "ledger.genesis": ["ledger"],
+    "epoch.open": ["operator"],
+    "epoch.close": ["operator"],
 }
 SIGNER_NAMES = ["alice", "bob", "operator", "ledger", "stranger", "new"]
 ALL_FIELDS = sorted({"ledger", "id", *FIELD_POOLS})
