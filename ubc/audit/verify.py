@@ -117,10 +117,14 @@ def verify_journal(
     with tempfile.TemporaryDirectory(prefix="ubc-audit-") as scratch:
         url = into or f"sqlite:///{Path(scratch) / 'replay.db'}"
         engine = make_engine(url, durable=into is not None)
+        # The signature pre-check reads keys in deferred transactions: it never waits
+        # behind the replay's write lock.
+        reader = make_engine(url, readonly=True)
         try:
             upgrade(engine)
             replayer = _Replayer(
                 make_session_factory(engine),
+                make_session_factory(reader),
                 verifier,
                 report,
                 keep_journal=into is not None,
@@ -134,6 +138,7 @@ def verify_journal(
             _check_invariants(engine, report)
         finally:
             engine.dispose()
+            reader.dispose()
         if against is not None:
             report.findings.extend(against(url))
     return report
@@ -227,6 +232,7 @@ class _Replayer:
     def __init__(
         self,
         sessions: sessionmaker[Session],
+        read_sessions: sessionmaker[Session],
         verifier: NoteVerifier,
         report: Report,
         *,
@@ -234,6 +240,7 @@ class _Replayer:
         checkpoint: str,
     ) -> None:
         self.sessions = sessions
+        self.read_sessions = read_sessions
         self.verifier = verifier
         self.report = report
         self.keep_journal = keep_journal
@@ -421,7 +428,7 @@ class _Replayer:
     ) -> list[envelopes.Prechecked]:
         # Keys registered by the group still being applied are not visible yet: the write
         # path verifies those signatures itself.
-        with self.sessions() as session:
+        with self.read_sessions() as session:
             return envelopes.precheck(session, ctx, raws)
 
     def _apply_waiting(self) -> None:
@@ -459,7 +466,7 @@ class _Replayer:
                         )
                     )
                     derived = receipt.effects
-                    if _canonical(receipt.summary) != _canonical(body.get("summary")):
+                    if receipt.summary != body.get("summary"):
                         self.report.findings.append(
                             Finding(
                                 seq,
@@ -468,7 +475,7 @@ class _Replayer:
                                 json.dumps(body.get("summary"), sort_keys=True),
                             )
                         )
-                    if _canonical(derived) != _canonical(body["effects"]):
+                    if derived != body["effects"]:
                         self.report.findings.append(
                             Finding(
                                 seq,
@@ -610,7 +617,3 @@ def _payload_id(body: dict[str, Any]) -> str:
 def _type_of(body: dict[str, Any]) -> str:
     payload_type = str(body.get("envelope", {}).get("payloadType", ""))
     return payload_type.removeprefix("application/vnd.ubc.").removesuffix("+json") or "unknown"
-
-
-def _canonical(effects: Any) -> str:
-    return json.dumps(effects, sort_keys=True)

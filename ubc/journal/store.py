@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from ubc.envelopes.payloads import format_timestamp
@@ -206,9 +206,19 @@ class HashTable:
     def get_hashes(self, ids: Sequence[NodeID]) -> list[bytes]:
         if not ids:
             return []
+        by_level: dict[int, list[int]] = {}
+        for level, index in ids:
+            by_level.setdefault(level, []).append(index)
+        # One term per level, so that both engines use the primary key (SQLite scans the
+        # whole table for a row-value IN).
         rows = self.session.execute(
             select(nodes_t.c.level, nodes_t.c.index, nodes_t.c.hash).where(
-                tuple_(nodes_t.c.level, nodes_t.c.index).in_(list(ids))
+                or_(
+                    *(
+                        and_(nodes_t.c.level == level, nodes_t.c.index.in_(indexes))
+                        for level, indexes in sorted(by_level.items())
+                    )
+                )
             )
         ).all()
         found = {(int(r[0]), int(r[1])): bytes(r[2]) for r in rows}
