@@ -63,6 +63,9 @@ def make_engine(
         pool_pre_ping=False,
         pool_recycle=1800,
         isolation_level="READ COMMITTED",
+        # psycopg prepares a statement after 5 runs, and PostgreSQL may then keep a
+        # generic plan chosen while tables were small (a sequential scan) as they grow.
+        connect_args={"prepare_threshold": None},
     )
 
 

@@ -103,8 +103,12 @@ class Driver:
             account_sql += " FOR UPDATE"
             request_sql = "SELECT id, payload_hash, status, result FROM requests WHERE id = ANY(%s)"
             with self.raw.pipeline():
-                accounts_cursor = self.raw.execute(account_sql, params)
-                requests_cursor = self.raw.execute(request_sql, [list(request_ids)])
+                # Never prepared: a generic plan chosen while the tables were small (a
+                # sequential scan) would stay as they grow.
+                accounts_cursor = self.raw.execute(account_sql, params, prepare=False)
+                requests_cursor = self.raw.execute(
+                    request_sql, [list(request_ids)], prepare=False
+                )
             accounts = accounts_cursor.fetchall()
             requests = requests_cursor.fetchall()
         else:
@@ -202,7 +206,11 @@ class Driver:
         return f"INSERT INTO {table} ({columns}) VALUES ({self._marks(count)})"
 
     def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
-        cursor = self.raw.execute(sql, params)
+        cursor = (
+            self.raw.execute(sql, params, prepare=False)
+            if self.postgres
+            else self.raw.execute(sql, params)
+        )
         try:
             return list(cursor.fetchall())
         finally:
