@@ -106,9 +106,7 @@ class Driver:
                 # Never prepared: a generic plan chosen while the tables were small (a
                 # sequential scan) would stay as they grow.
                 accounts_cursor = self.raw.execute(account_sql, params, prepare=False)
-                requests_cursor = self.raw.execute(
-                    request_sql, [list(request_ids)], prepare=False
-                )
+                requests_cursor = self.raw.execute(request_sql, [list(request_ids)], prepare=False)
             accounts = accounts_cursor.fetchall()
             requests = requests_cursor.fetchall()
         else:
@@ -137,19 +135,17 @@ class Driver:
             f"debits_pending = {self.mark}, credits_pending = {self.mark} WHERE id = {self.mark}"
         )
         update_holds = f"UPDATE transfers SET state = {self.mark} WHERE id = {self.mark}"
+        statements = [
+            (self._insert("transfers", _TRANSFER_COLUMNS, 12), transfers),
+            (self._insert("postings", _POSTING_COLUMNS, 8), postings),
+            (update_accounts, accounts),
+            (update_holds, holds),
+            (self._insert("requests", _REQUEST_COLUMNS, 5), requests),
+        ]
         if not self.postgres:
             cursor = self.raw.cursor()
             try:
-                if transfers:
-                    cursor.executemany(self._insert("transfers", _TRANSFER_COLUMNS, 12), transfers)
-                if postings:
-                    cursor.executemany(self._insert("postings", _POSTING_COLUMNS, 8), postings)
-                if accounts:
-                    cursor.executemany(update_accounts, accounts)
-                if holds:
-                    cursor.executemany(update_holds, holds)
-                if requests:
-                    cursor.executemany(self._insert("requests", _REQUEST_COLUMNS, 5), requests)
+                _execute_all(cursor, statements)
             finally:
                 cursor.close()
             return
@@ -171,16 +167,7 @@ class Driver:
                     cursor.executemany(update_holds, holds)
                 return
             with self.raw.pipeline():
-                if transfers:
-                    cursor.executemany(self._insert("transfers", _TRANSFER_COLUMNS, 12), transfers)
-                if postings:
-                    cursor.executemany(self._insert("postings", _POSTING_COLUMNS, 8), postings)
-                if accounts:
-                    cursor.executemany(update_accounts, accounts)
-                if holds:
-                    cursor.executemany(update_holds, holds)
-                if requests:
-                    cursor.executemany(self._insert("requests", _REQUEST_COLUMNS, 5), requests)
+                _execute_all(cursor, statements)
 
     def insert(self, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """Insert ``rows`` into ``table``: ``COPY`` for large batches on PostgreSQL."""
@@ -231,3 +218,9 @@ class Driver:
             return datetime.fromisoformat(value).replace(tzinfo=UTC)
         assert isinstance(value, datetime)
         return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _execute_all(cursor: Any, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    for sql, rows in statements:
+        if rows:
+            cursor.executemany(sql, rows)
