@@ -49,17 +49,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         writer = GroupCommitWriter(sessions, runtime.ctx, read_sessions=app.state.read_sessions)
         app.state.writer = writer
         writer.start()
+        stop = asyncio.Event()
         background = [
-            asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds)),
-            asyncio.create_task(_advance_epochs(app)),
+            asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds, stop)),
+            asyncio.create_task(_advance_epochs(app, stop)),
         ]
         try:
             yield
         finally:
-            for task in background:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # Let each loop finish the round it is in (its thread holds a connection),
+            # so that nothing is left using the engines when they are disposed.
+            stop.set()
+            await asyncio.gather(*background)
             await writer.stop()
             engine.dispose()
             read_engine.dispose()
@@ -151,25 +152,31 @@ def _document(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _sweep_holds(app: FastAPI, interval: float) -> None:
+async def _sweep_holds(app: FastAPI, interval: float, stop: asyncio.Event) -> None:
     """Release expired holds now and every ``interval`` seconds, also after a restart."""
-    while True:
+    while not stop.is_set():
         try:
             await asyncio.to_thread(_sweep_once, app)
         except Exception:  # keep sweeping; the next round retries
             log.exception("hold sweep failed")
-        await asyncio.sleep(interval)
+        await _pause(stop, interval)
 
 
-async def _advance_epochs(app: FastAPI) -> None:
+async def _advance_epochs(app: FastAPI, stop: asyncio.Event) -> None:
     """Apply opening epochs batch by batch (also one left half-applied by a crash)."""
-    while True:
+    while not stop.is_set():
         try:
             progressed = await asyncio.to_thread(_advance_once, app)
         except Exception:  # keep going; the next round retries the batch
             log.exception("epoch allocation batch failed")
             progressed = False
-        await asyncio.sleep(0 if progressed else 0.5)
+        await _pause(stop, 0 if progressed else 0.5)
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep ``seconds``, or less if the server is stopping."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 def _advance_once(app: FastAPI) -> bool:

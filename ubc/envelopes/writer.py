@@ -41,6 +41,7 @@ class GroupCommitWriter:
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Future[list[Outcome]] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -50,6 +51,11 @@ class GroupCommitWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        # A batch already in its thread finishes and commits (its callers are gone, but
+        # what was accepted is not half-done), before the engines are disposed.
+        if self._inflight is not None:
+            with contextlib.suppress(Exception):
+                await self._inflight
 
     async def submit(self, raws: Sequence[object], *, atomic: bool = False) -> list[Outcome]:
         """Apply ``raws``; atomic submissions run alone and raise BatchFailed whole."""
@@ -83,7 +89,10 @@ class GroupCommitWriter:
     async def _run(self, jobs: list[_Job]) -> None:
         raws = [raw for job in jobs for raw in job.raws]
         try:
-            outcomes = await asyncio.to_thread(self._apply, raws, jobs[0].atomic)
+            self._inflight = asyncio.ensure_future(
+                asyncio.to_thread(self._apply, raws, jobs[0].atomic)
+            )
+            outcomes = await asyncio.shield(self._inflight)
         except Exception as exc:  # answer every caller, keep the writer alive
             for job in jobs:
                 if not job.future.done():
