@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from alembic import context
 from sqlalchemy import Connection
 
-from alembic import context
 from ubc.config import get_settings
 from ubc.db import make_engine
 from ubc.models import metadata
