@@ -8,7 +8,6 @@ never consumed any.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -191,10 +190,6 @@ def entries(session: Session, start: int, end: int) -> list[tuple[int, bytes, st
         .order_by(entries_t.c.seq)
     ).all()
     return [(int(r[0]), bytes(r[1]), str(r[2])) for r in rows]
-
-
-def entry_json(entry: bytes) -> str:
-    return base64.b64encode(entry).decode()
 
 
 class HashTable:
