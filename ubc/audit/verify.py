@@ -437,10 +437,12 @@ class _Replayer:
         group, ctx, checked = self.waiting
         self.waiting = None
         now = parse_timestamp(group.committed_at)
+        # What the journal says beyond the envelope, for the rules that cannot derive it:
+        # holds (never journaled) that limited an epoch's expiry or that expired unbilled.
         hints = {
-            _payload_id(body): body["summary"]
+            _payload_id(body): {"summary": body.get("summary"), "effects": body["effects"]}
             for _, body, _ in group.items
-            if isinstance(body.get("summary"), dict)
+            if isinstance(body.get("summary"), dict) or _type_of(body) == "hold.expire"
         }
         with self.sessions() as session, session.begin():
             outcomes = envelopes.submit(

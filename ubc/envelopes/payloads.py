@@ -202,6 +202,68 @@ class EpochClose(Payload):
     epoch: Annotated[int, Field(ge=1, le=MAX_AMOUNT)]
 
 
+ModelId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")]
+Count = Annotated[int, Field(ge=0, le=MAX_AMOUNT)]
+# A gateway hold is the only leg of the ledger request ``hold:<call id>``.
+_UUID_RE = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+HoldId = Annotated[str, StringConstraints(pattern=rf"^hold:{_UUID_RE}:0$")]
+
+
+class Usage(Payload):
+    """One metered model call (ledger key): posts the call's hold for ``cost``."""
+
+    account: Address
+    key_hash: KeyHash
+    request_id: Uuid
+    model: ModelId
+    input_tokens: Count
+    output_tokens: Count
+    held: Amount
+    cost: Count
+
+
+class HoldExpire(Payload):
+    """A gateway hold that timed out unbilled (ledger key): released, nothing posted."""
+
+    hold_id: HoldId
+
+
+class OfferCreate(Payload):
+    """Offer ``sell_amount`` for ``price_amount`` in all; the CU moves to escrow at once."""
+
+    sell_asset: AssetCode
+    sell_amount: Amount
+    price_asset: AssetCode
+    price_amount: Amount
+    expires_at: Timestamp | None = None
+
+
+class OfferFill(Payload):
+    offer_id: Uuid
+    amount: Amount
+
+
+class OfferCancel(Payload):
+    offer_id: Uuid
+
+
+class OfferExpire(Payload):
+    """An offer past its ``expires_at`` (ledger key): what is left returns to the seller."""
+
+    offer_id: Uuid
+
+
+class CauseRegister(Payload):
+    slug: Slug
+    name: Annotated[str, StringConstraints(min_length=1, max_length=80)]
+    description: Text
+    stewards: Annotated[list[Handle], Field(min_length=1, max_length=16)]
+
+
+class CauseUpdate(CauseRegister):
+    pass
+
+
 PAYLOAD_MODELS: dict[str, type[Payload]] = {
     "ledger.genesis": LedgerGenesis,
     "ledger.config": LedgerConfig,
@@ -216,6 +278,14 @@ PAYLOAD_MODELS: dict[str, type[Payload]] = {
     "withdrawal": Withdrawal,
     "epoch.open": EpochOpen,
     "epoch.close": EpochClose,
+    "usage": Usage,
+    "hold.expire": HoldExpire,
+    "offer.create": OfferCreate,
+    "offer.fill": OfferFill,
+    "offer.cancel": OfferCancel,
+    "offer.expire": OfferExpire,
+    "cause.register": CauseRegister,
+    "cause.update": CauseUpdate,
 }
 
 

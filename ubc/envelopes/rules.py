@@ -11,26 +11,31 @@ import json
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.orm import Session
 
+from ubc.envelopes.models import LedgerConfigRow
 from ubc.envelopes.payloads import (
     ApiKeyGrant,
     ApiKeyRevoke,
     Deposit,
     EpochClose,
     EpochOpen,
+    HoldExpire,
     KeyRotate,
+    LedgerConfig,
     MemberAdmit,
     MemberRegister,
     MemberUpdate,
     Payload,
     TransferPayload,
+    Usage,
     Withdrawal,
     parse_timestamp,
+    payload_json,
 )
 from ubc.epochs import service as epochs
 from ubc.errors import (
@@ -43,8 +48,9 @@ from ubc.errors import (
     StateConflict,
     Unauthenticated,
 )
+from ubc.gateway.models import ApiKeySpend, GatewayHold, UsageRecord
 from ubc.ledger import service as ledger
-from ubc.ledger.service import Leg, Operation
+from ubc.ledger.service import LedgerRequest, Leg, Operation, Post, Void
 from ubc.members.models import ApiKey, ExternalRef, Member, MemberKey
 from ubc.signing import Envelope, decode_public_key, key_id, verified_keyids
 
@@ -55,6 +61,15 @@ members_t = Member.__table__  # type: ignore[attr-defined]
 keys_t = MemberKey.__table__  # type: ignore[attr-defined]
 apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
 refs_t = ExternalRef.__table__  # type: ignore[attr-defined]
+config_t = LedgerConfigRow.__table__  # type: ignore[attr-defined]
+usage_t = UsageRecord.__table__  # type: ignore[attr-defined]
+spend_t = ApiKeySpend.__table__  # type: ignore[attr-defined]
+gateway_holds_t = GatewayHold.__table__  # type: ignore[attr-defined]
+
+#: The asset models are priced in and paid with.
+COMPUTE_ASSET = "CU"
+# How long a hold re-placed by an auditor's replay would live (it is settled at once).
+_REPLAY_HOLD = timedelta(hours=1)
 
 #: Types a client may submit.
 SUBMITTABLE = frozenset(
@@ -70,10 +85,16 @@ SUBMITTABLE = frozenset(
         "withdrawal",
         "epoch.open",
         "epoch.close",
+        "offer.create",
+        "offer.fill",
+        "offer.cancel",
+        "cause.register",
+        "cause.update",
     }
 )
-#: Types only the ledger itself writes.
-LEDGER_ONLY = frozenset({"ledger.genesis", "ledger.config"})
+#: Types only the ledger itself writes (signed with the ledger key, never submitted by
+#: clients): the server's own submissions and an auditor's replay pass ``internal``.
+LEDGER_ONLY = frozenset({"ledger.genesis", "ledger.config", "usage", "hold.expire", "offer.expire"})
 
 # A state change, run once the envelope is accepted; an epoch returns its journal summary.
 AfterApply = Callable[[], dict[str, Any] | None]
@@ -81,11 +102,16 @@ AfterApply = Callable[[], dict[str, Any] | None]
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What an accepted payload does: ledger operations and/or a change of state."""
+    """What an accepted payload does: ledger operations and/or a change of state.
+
+    ``before`` runs once every earlier envelope of the batch has applied, just before the
+    operations (an auditor's replay re-places a hold that was never journaled).
+    """
 
     operations: tuple[Operation, ...] = ()
     accounts: frozenset[str] = frozenset()
     after: AfterApply | None = None
+    before: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +158,21 @@ class State:
     # The auditor's replay applies a large epoch at once instead of in the background.
     replay: bool = False
     hints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The server's own envelopes (usage, expiries) and replays may carry ledger-only types.
+    internal: bool = False
     keys: dict[str, KeyInfo | None] = field(default_factory=dict)
     members: dict[str, MemberInfo | None] = field(default_factory=dict)
     refs: set[str] = field(default_factory=set)
+    _config: dict[str, Any] | None = None
+
+    def config(self) -> dict[str, Any]:
+        """The configuration in force (latest genesis or config payload), cached per batch."""
+        if self._config is None:
+            self._config = current_config(self.session)
+        return self._config
+
+    def set_config(self, body: dict[str, Any]) -> None:
+        self._config = body
 
     def preload(self, *, keyids: set[str], handles: set[str | None]) -> None:
         wanted = sorted(k for k in keyids if k not in self.keys)
@@ -218,7 +256,7 @@ class State:
 
 def plan(state: State, type_: str, payload: Payload, signers: Signers) -> Plan:
     """Authorize the signers for ``payload`` and derive what it does."""
-    if type_ in LEDGER_ONLY:
+    if type_ in LEDGER_ONLY and (type_ == "ledger.genesis" or not state.internal):
         raise Forbidden(f"{type_} envelopes are written only by the ledger itself")
     rule = _RULES[type_]
     return rule(state, payload, signers)
@@ -231,17 +269,14 @@ def _transfer(state: State, payload: Payload, signers: Signers) -> Plan:
     assert isinstance(payload, TransferPayload)
     handle = _active_member(state, payload.actor, signers)
     own = f"member:{handle}"
-    if payload.from_ != own:
-        if payload.from_.startswith("cause:"):
-            raise Forbidden(
-                f"only a steward of {payload.from_} may spend its compute",
-                detail={"account": payload.from_},
-            )
+    if payload.from_.startswith("cause:"):
+        cause_rules.require_steward(state, payload.from_, handle)
+    elif payload.from_ != own:
         raise Forbidden(
             f"{payload.actor} may not move funds of {payload.from_}",
             detail={"account": payload.from_},
         )
-    if payload.to == own:
+    if payload.to == payload.from_:
         raise BadRequest("a transfer needs two different accounts")
     kind = "donation" if payload.to.startswith("cause:") else "transfer"
     leg = Leg(payload.from_, payload.to, payload.asset, payload.amount, kind, payload.memo)
@@ -375,7 +410,7 @@ def _rotate(state: State, payload: Payload, signers: Signers) -> Plan:
 def _grant(state: State, payload: Payload, signers: Signers) -> Plan:
     assert isinstance(payload, ApiKeyGrant)
     handle = _active_member(state, payload.actor, signers)
-    _own_account(payload.account, handle)
+    _own_account(state, payload.account, handle)
     exists = state.session.execute(
         select(apikeys_t.c.key_hash).where(apikeys_t.c.key_hash == payload.key_hash)
     ).first()
@@ -409,7 +444,7 @@ def _grant(state: State, payload: Payload, signers: Signers) -> Plan:
 def _revoke(state: State, payload: Payload, signers: Signers) -> Plan:
     assert isinstance(payload, ApiKeyRevoke)
     handle = _active_member(state, payload.actor, signers)
-    _own_account(payload.account, handle)
+    _own_account(state, payload.account, handle)
     row = state.session.execute(
         select(apikeys_t.c.revoked).where(
             apikeys_t.c.key_hash == payload.key_hash, apikeys_t.c.account == payload.account
@@ -486,7 +521,8 @@ def _epoch_close(state: State, payload: Payload, signers: Signers) -> Plan:
     held = None
     if state.replay:
         # Holds are not journaled; the close's entry records those that limited an expiry.
-        held = (state.hints.get(payload.id) or {}).get("held", {})
+        summary = (state.hints.get(payload.id) or {}).get("summary") or {}
+        held = summary.get("held", {})
 
     return Plan(
         after=lambda: epochs.close_epoch(
@@ -494,6 +530,206 @@ def _epoch_close(state: State, payload: Payload, signers: Signers) -> Plan:
         )
     )
 
+
+def _ledger_config(state: State, payload: Payload, signers: Signers) -> Plan:
+    """A change of prices, market fee or CU price (ledger key and an operator key)."""
+    assert isinstance(payload, LedgerConfig)
+    if not signers.ledger or not signers.operator:
+        raise MissingSignature("ledger.config needs the signatures of the ledger and the operator")
+    if payload.actor != "ledger":
+        raise Forbidden("actor must be ledger")
+    body = payload_json(payload)
+    current = state.config()
+    for name in ("ledger_public_key", "operator_public_keys", "enrollment", "assets"):
+        if body[name] != current.get(name):
+            raise StateConflict(
+                f"ledger.config cannot change {name} (only models, market_fee_bps and "
+                "cu_price_usd)",
+                detail={"field": name},
+            )
+
+    def after() -> None:
+        store_config(state.session, payload.id, body)
+        state.set_config(body)
+
+    return Plan(after=after)
+
+
+def usage_cost(input_tokens: int, output_tokens: int, price: dict[str, int]) -> int:
+    """``ceil((input × in_price + output × out_price) / 1000)`` CU (DESIGN section 4)."""
+    return -(-(input_tokens * price["input"] + output_tokens * price["output"]) // 1000)
+
+
+def hold_request_id(request_id: str) -> str:
+    """The ledger request of a model call's hold; its one leg is ``<this>:0``."""
+    return f"hold:{request_id}"
+
+
+def spend_epoch(session: Session) -> int:
+    """The epoch a call's spend counts toward: the latest opened (0 before the first)."""
+    value = session.execute(text("SELECT max(number) FROM epochs")).scalar_one_or_none()
+    return int(value or 0)
+
+
+def _usage(state: State, payload: Payload, signers: Signers) -> Plan:
+    """A metered call: checked against its grant and the prices in force, then its hold is
+    posted for ``cost`` (the rest released)."""
+    assert isinstance(payload, Usage)
+    _ledger_signed(payload, signers)
+    grant = state.session.execute(
+        select(
+            apikeys_t.c.account,
+            apikeys_t.c.scopes,
+            apikeys_t.c.models,
+            apikeys_t.c.spend_cap_per_epoch,
+        ).where(apikeys_t.c.key_hash == payload.key_hash)
+    ).first()
+    if grant is None:
+        raise NotFound("no API key grant with this hash", detail={"key_hash": payload.key_hash})
+    account, scopes, models, cap = grant
+    if account != payload.account:
+        raise Forbidden(
+            f"the key is granted on {account}, not {payload.account}",
+            detail={"account": payload.account, "granted": account},
+        )
+    if "models" not in scopes.split(","):
+        raise Forbidden("the key has no `models` scope")
+    if models is not None and payload.model not in json.loads(models):
+        raise Forbidden(f"the key may not use model {payload.model}")
+    price = state.config().get("models", {}).get(payload.model)
+    if price is None:
+        raise BadRequest(f"model {payload.model} has no published price")
+    expected = min(usage_cost(payload.input_tokens, payload.output_tokens, price), payload.held)
+    if payload.cost != expected:
+        raise BadRequest(
+            f"cost {payload.cost} does not match the prices in force: {expected}",
+            detail={"cost": payload.cost, "expected": expected, "price": price},
+        )
+    epoch = spend_epoch(state.session)
+    spent = 0
+    if cap is not None:
+        spent = (
+            state.session.execute(
+                select(spend_t.c.spent).where(
+                    spend_t.c.key_hash == payload.key_hash, spend_t.c.epoch == epoch
+                )
+            ).scalar_one_or_none()
+            or 0
+        )
+        if spent + payload.cost > cap:
+            raise Forbidden(
+                f"the key's spend cap of {cap} per epoch would be exceeded",
+                detail={"cap": cap, "spent": spent, "cost": payload.cost},
+            )
+    hold_id = f"{hold_request_id(payload.request_id)}:0"
+    operation: Operation = Post(hold_id, payload.cost) if payload.cost else Void(hold_id)
+    before = None
+    if state.replay:
+        hold = Leg(
+            payload.account,
+            "system:consumption",
+            COMPUTE_ASSET,
+            payload.held,
+            "usage",
+            timeout=_REPLAY_HOLD,
+        )
+
+        def before() -> None:
+            ledger.apply(
+                state.session,
+                LedgerRequest(hold_request_id(payload.request_id), (hold,)),
+                now=state.now,
+            )
+
+    def after() -> None:
+        session = state.session
+        session.execute(
+            insert(usage_t).values(
+                request_id=payload.request_id,
+                envelope_id=payload.id,
+                account=payload.account,
+                key_hash=payload.key_hash,
+                model=payload.model,
+                epoch=epoch,
+                input_tokens=payload.input_tokens,
+                output_tokens=payload.output_tokens,
+                held=payload.held,
+                cost=payload.cost,
+                created_at=state.now,
+            )
+        )
+        session.execute(
+            delete(gateway_holds_t).where(gateway_holds_t.c.request_id == payload.request_id)
+        )
+        if cap is not None and payload.cost:
+            if spent:
+                session.execute(
+                    update(spend_t)
+                    .where(spend_t.c.key_hash == payload.key_hash, spend_t.c.epoch == epoch)
+                    .values(spent=spend_t.c.spent + payload.cost)
+                )
+            else:
+                session.execute(
+                    insert(spend_t).values(
+                        key_hash=payload.key_hash, epoch=epoch, spent=payload.cost
+                    )
+                )
+        return None
+
+    return Plan(
+        operations=(operation,),
+        accounts=frozenset({payload.account}),
+        after=after,
+        before=before,
+    )
+
+
+def _hold_expire(state: State, payload: Payload, signers: Signers) -> Plan:
+    """A model call's hold that timed out: released unbilled (the operator bears it)."""
+    assert isinstance(payload, HoldExpire)
+    _ledger_signed(payload, signers)
+    request_id = payload.hold_id.removeprefix("hold:").removesuffix(":0")
+    before = None
+    if state.replay:
+        # The hold itself was never journaled: the entry's own effect says what it was.
+        effects = (state.hints.get(payload.id) or {}).get("effects") or []
+        if len(effects) != 1 or effects[0].get("pending_id") != payload.hold_id:
+            raise BadRequest("the entry does not record the hold it releases")
+        effect = effects[0]
+        hold = Leg(
+            effect["debit"],
+            effect["credit"],
+            effect["asset"],
+            effect["amount"],
+            "usage",
+            timeout=timedelta(seconds=1),
+        )
+
+        def before() -> None:
+            # Placed as of a moment before this entry, so that it has expired by now.
+            ledger.apply(
+                state.session,
+                LedgerRequest(hold_request_id(request_id), (hold,)),
+                now=state.now - timedelta(seconds=2),
+            )
+
+    def after() -> None:
+        state.session.execute(
+            delete(gateway_holds_t).where(gateway_holds_t.c.request_id == request_id)
+        )
+        return None
+
+    return Plan(
+        operations=(Void(payload.hold_id, expired=True),),
+        after=after,
+        before=before,
+    )
+
+
+# Rules of causes and of the market live with their packages; they import this module's
+# State and Plan, so they are bound here, once those exist.
+from ubc.causes import rules as cause_rules  # noqa: E402
+from ubc.market import rules as market_rules  # noqa: E402
 
 _RULES: dict[str, Callable[[State, Payload, Signers], Plan]] = {
     "transfer": _transfer,
@@ -507,6 +743,15 @@ _RULES: dict[str, Callable[[State, Payload, Signers], Plan]] = {
     "member.update": _update_member,
     "epoch.open": _epoch_open,
     "epoch.close": _epoch_close,
+    "ledger.config": _ledger_config,
+    "usage": _usage,
+    "hold.expire": _hold_expire,
+    "offer.create": market_rules.offer_create,
+    "offer.fill": market_rules.offer_fill,
+    "offer.cancel": market_rules.offer_cancel,
+    "offer.expire": market_rules.offer_expire,
+    "cause.register": cause_rules.cause_register,
+    "cause.update": cause_rules.cause_update,
 }
 
 
@@ -543,6 +788,28 @@ def _require_status(state: State, handle: str, *, allow_pending: bool = False) -
         raise Forbidden(f"member {handle} is not admitted yet", detail={"handle": handle})
 
 
+def _ledger_signed(payload: Payload, signers: Signers) -> None:
+    if not signers.ledger or payload.actor != "ledger":
+        raise Forbidden("only the ledger itself signs this payload type (actor ledger)")
+
+
+def current_config(session: Session) -> dict[str, Any]:
+    """The payload of the latest genesis or config entry: prices, fee, CU price."""
+    body = session.execute(
+        select(config_t.c.body).order_by(config_t.c.id.desc()).limit(1)
+    ).scalar_one_or_none()
+    if body is None:
+        raise BadRequest("the ledger has no genesis entry yet")
+    config: dict[str, Any] = json.loads(body)
+    return config
+
+
+def store_config(session: Session, envelope_id: str, body: dict[str, Any]) -> None:
+    session.execute(
+        insert(config_t).values(envelope_id=envelope_id, body=json.dumps(body, sort_keys=True))
+    )
+
+
 def _operator(payload: Payload, signers: Signers) -> None:
     if not signers.operator:
         raise Forbidden("only the operator may sign this payload type")
@@ -550,11 +817,13 @@ def _operator(payload: Payload, signers: Signers) -> None:
         raise Forbidden("actor must be operator")
 
 
-def _own_account(account: str, handle: str) -> None:
+def _own_account(state: State, account: str, handle: str) -> None:
+    """The member acts for its own account, or for a cause it is a steward of."""
     if account == f"member:{handle}":
         return
     if account.startswith("cause:"):
-        raise Forbidden(f"only a steward of {account} may act for it", detail={"account": account})
+        cause_rules.require_steward(state, account, handle)
+        return
     raise Forbidden(f"member:{handle} may not act for {account}", detail={"account": account})
 
 

@@ -203,6 +203,7 @@ def submit(
     now: datetime | None = None,
     replay: bool = False,
     hints: dict[str, dict[str, Any]] | None = None,
+    internal: bool = False,
 ) -> list[Outcome]:
     """Check, apply and journal a batch of envelopes; one outcome per envelope, in order.
 
@@ -210,13 +211,28 @@ def submit(
     the caller must roll back: nothing applies. With ``replay`` (the auditor and
     ``restore`` re-applying a journal at its recorded time) the ``created_at`` window is
     not checked and nothing is journaled: the caller compares or stores the entries.
+    ``internal`` (the server's own ledger-signed envelopes: usage, expiries) admits the
+    types that clients may not submit; a replay always does.
     """
-    writer = _Writer(session, ctx, now or utcnow(), atomic, replay, hints=hints or {})
+    writer = _Writer(
+        session, ctx, now or utcnow(), atomic, replay, hints=hints or {}, internal=internal
+    )
     return writer.run(raws)
 
 
-def write_genesis(session: Session, ctx: LedgerContext, *, now: datetime | None = None) -> bool:
-    """Record the ledger's configuration as journal entry 0, once; True if written now."""
+def write_genesis(
+    session: Session,
+    ctx: LedgerContext,
+    *,
+    now: datetime | None = None,
+    models: dict[str, dict[str, int]] | None = None,
+    market_fee_bps: int = 0,
+    cu_price_usd: str = "0.001",
+) -> bool:
+    """Record the ledger's configuration as journal entry 0, once; True if written now.
+
+    ``models`` are the prices (CU per 1K input and output tokens) of the models file.
+    """
     now = now or utcnow()
     size = journal.lock_head(session)
     if size is None:
@@ -234,9 +250,9 @@ def write_genesis(session: Session, ctx: LedgerContext, *, now: datetime | None 
             "operator_public_keys": [encode_public_key(k) for k in ctx.operator_keys.values()],
             "enrollment": ctx.enrollment,
             "assets": {code: {"scale": DEFAULT_ASSETS.get(code, 0)} for code in ctx.assets},
-            "market_fee_bps": 0,
-            "models": {},
-            "cu_price_usd": "0.001",
+            "market_fee_bps": market_fee_bps,
+            "models": models or {},
+            "cu_price_usd": cu_price_usd,
         }
     )
     assert ctx.ledger_key is not None
@@ -264,7 +280,8 @@ def write_genesis(session: Session, ctx: LedgerContext, *, now: datetime | None 
 
 
 def apply_genesis(session: Session, payload: LedgerGenesis) -> None:
-    """What entry 0 does: the assets and the system accounts of each."""
+    """What entry 0 does: the configuration in force, the assets and their system accounts."""
+    rules.store_config(session, payload.id, payload_json(payload))
     ledger.ensure_assets(session, {code: spec.scale for code, spec in payload.assets.items()})
     ledger.open_system_accounts(session, sorted(payload.assets))
 
@@ -322,6 +339,7 @@ class _Writer:
     # Replay only: each entry's journaled summary by envelope id (what an epoch's close
     # recorded of the holds pending at that moment, which the journal does not carry).
     hints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    internal: bool = False
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     accepted: list[tuple[_Decoded, Receipt, frozenset[str]]] = field(default_factory=list)
     run_: list[_Pending] = field(default_factory=list)
@@ -350,7 +368,12 @@ class _Writer:
         good = [d for d in decoded if isinstance(d, _Decoded)]
         self._preload(good)
         self.state = rules.State(
-            self.session, self.ctx, self.now, replay=self.replay, hints=self.hints
+            self.session,
+            self.ctx,
+            self.now,
+            replay=self.replay,
+            hints=self.hints,
+            internal=self.internal or self.replay,
         )
         self.state.preload(
             keyids={s.keyid for d in good for s in d.envelope.signatures},
@@ -442,6 +465,13 @@ class _Writer:
         except UbcError as error:
             self._fail(item.index, error, remember=item)
             return
+        if plan.before is not None:
+            self._flush()
+            try:
+                plan.before()
+            except UbcError as error:
+                self._fail(item.index, error, remember=item)
+                return
         if plan.operations:
             self.run_.append(
                 _Pending(

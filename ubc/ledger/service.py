@@ -93,7 +93,12 @@ class HoldState(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Leg:
-    """A new transfer. With ``timeout`` it is a hold (pending) that expires by itself."""
+    """A new transfer. With ``timeout`` it is a hold (pending) that expires by itself.
+
+    A hold with ``min_amount`` reserves as much of ``amount`` as the debit account can
+    afford, and fails only when that is less than ``min_amount`` (the model endpoint
+    clamps a call's ``max_tokens`` to it); its effect records the amount held.
+    """
 
     debit: str
     credit: str
@@ -102,6 +107,7 @@ class Leg:
     kind: str
     memo: str | None = None
     timeout: timedelta | None = None
+    min_amount: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -645,13 +651,31 @@ class _Batch:
         self._save(scratch, debit)
         self._save(scratch, credit)
         pending = op.timeout is not None
+        amount = op.amount
+        if op.min_amount is not None:
+            if not pending:
+                raise BadRequest("only a hold may reserve a flexible amount")
+            _check_amount(op.min_amount)
+            if debit.non_negative:
+                amount = max(min(amount, debit.available), 0)
+            if amount < op.min_amount:
+                raise InsufficientFunds(
+                    f"{debit.address} has {amount} {debit.asset} available, {op.min_amount} needed",
+                    detail={
+                        "account": debit.address,
+                        "asset": debit.asset,
+                        "available": amount,
+                        "amount": op.min_amount,
+                        "shortfall": op.min_amount - amount,
+                    },
+                )
         if pending:
-            debit.debits_pending += op.amount
-            credit.credits_pending += op.amount
+            debit.debits_pending += amount
+            credit.credits_pending += amount
         else:
-            debit.debits_posted += op.amount
-            credit.credits_posted += op.amount
-        self._check(debit, op.amount)
+            debit.debits_posted += amount
+            credit.credits_posted += amount
+        self._check(debit, amount)
         self._check_overflow(credit)
         timeout_at = self.now + op.timeout if op.timeout is not None else None
         phase = Phase.pending if pending else Phase.posted
@@ -661,7 +685,7 @@ class _Batch:
                 debit.id,
                 credit.id,
                 op.asset,
-                op.amount,
+                amount,
                 op.kind,
                 phase,
                 None,
@@ -671,11 +695,11 @@ class _Batch:
                 self.stamp,
             )
         )
-        posted, held = (0, op.amount) if pending else (op.amount, 0)
+        posted, held = (0, amount) if pending else (amount, 0)
         self._posting(scratch, debit, transfer_id, "D", posted, held)
         self._posting(scratch, credit, transfer_id, "C", posted, held)
         scratch.effects.append(
-            Effect(transfer_id, op.kind, op.debit, op.credit, op.asset, op.amount, phase)
+            Effect(transfer_id, op.kind, op.debit, op.credit, op.asset, amount, phase)
         )
         if pending:
             assert timeout_at is not None
@@ -684,7 +708,7 @@ class _Batch:
                 debit,
                 credit,
                 op.asset,
-                op.amount,
+                amount,
                 op.kind,
                 HoldState.pending,
                 timeout_at,
