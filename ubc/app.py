@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc import __version__
+from ubc.causes import routes as cause_routes
 from ubc.config import Settings, get_settings
 from ubc.db import make_engine, make_session_factory, run_unit_of_work, unit_of_work
 from ubc.dbtypes import utcnow
@@ -27,6 +28,8 @@ from ubc.errors import UbcError
 from ubc.journal import routes as journal_routes
 from ubc.ledger import routes as ledger_routes
 from ubc.ledger import service as ledger
+from ubc.market import routes as market_routes
+from ubc.market import service as market
 from ubc.members import routes as member_routes
 from ubc.migrations import current_revision, head_revision
 from ubc.runtime import Runtime, load_runtime
@@ -81,6 +84,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         member_routes.router,
         journal_routes.router,
         epoch_routes.router,
+        cause_routes.router,
+        market_routes.router,
     ):
         app.include_router(router)
     _document(app)
@@ -190,9 +195,14 @@ def _advance_once(app: FastAPI) -> bool:
 
 
 def _sweep_once(app: FastAPI) -> None:
+    ctx = app.state.ctx
     while True:
         released = run_unit_of_work(app.state.sessions, ledger.expire_holds)
-        if released == 0:
+        expired = run_unit_of_work(
+            app.state.sessions,
+            lambda session: market.expire_due_offers(session, ctx, now=utcnow()),
+        )
+        if released == 0 and expired == 0:
             return
 
 

@@ -1,0 +1,7 @@
+"""HTTP reads of the market (stub)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["market"])
