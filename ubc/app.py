@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,6 +26,10 @@ from ubc.envelopes.writer import GroupCommitWriter
 from ubc.epochs import routes as epoch_routes
 from ubc.epochs import service as epochs
 from ubc.errors import UbcError
+from ubc.gateway import metering
+from ubc.gateway import routes as gateway_routes
+from ubc.gateway.metering import HoldWriter
+from ubc.gateway.service import Gateway, GatewayError
 from ubc.journal import routes as journal_routes
 from ubc.ledger import routes as ledger_routes
 from ubc.ledger import service as ledger
@@ -52,6 +57,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         writer = GroupCommitWriter(sessions, runtime.ctx, read_sessions=app.state.read_sessions)
         app.state.writer = writer
         writer.start()
+        holds = HoldWriter(
+            sessions, timeout=timedelta(seconds=settings.gateway_hold_timeout_seconds)
+        )
+        holds.start()
+        gateway = Gateway(
+            ctx=runtime.ctx,
+            catalog=runtime.catalog,
+            prices=runtime.prices,
+            read_sessions=app.state.read_sessions,
+            holds=holds,
+            writer=writer,
+        )
+        app.state.gateway = gateway
         stop = asyncio.Event()
         background = [
             asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds, stop)),
@@ -64,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # so that nothing is left using the engines when they are disposed.
             stop.set()
             await asyncio.gather(*background)
+            await holds.stop()
+            await gateway.aclose()  # queued usage entries are written before the writer stops
             await writer.stop()
             engine.dispose()
             read_engine.dispose()
@@ -86,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         epoch_routes.router,
         cause_routes.router,
         market_routes.router,
+        gateway_routes.router,
     ):
         app.include_router(router)
     _document(app)
@@ -93,6 +114,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(UbcError)
     async def _ubc_error(_request: Request, error: UbcError) -> JSONResponse:
         return JSONResponse(error.to_body(), status_code=error.status_code)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_request: Request, error: GatewayError) -> JSONResponse:
+        return gateway_routes.error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -197,7 +222,12 @@ def _advance_once(app: FastAPI) -> bool:
 def _sweep_once(app: FastAPI) -> None:
     ctx = app.state.ctx
     while True:
-        released = run_unit_of_work(app.state.sessions, ledger.expire_holds)
+        # Model calls' holds first: each journaled as a ledger-signed hold.expire.
+        calls = run_unit_of_work(
+            app.state.sessions,
+            lambda session: metering.expire_due_holds(session, ctx, now=utcnow()),
+        )
+        released = calls + run_unit_of_work(app.state.sessions, ledger.expire_holds)
         expired = run_unit_of_work(
             app.state.sessions,
             lambda session: market.expire_due_offers(session, ctx, now=utcnow()),

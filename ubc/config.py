@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     )
     created_at_skew_seconds: int = Field(default=300, ge=1)
     hold_sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    gateway_hold_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="a model call's hold expires (unbilled) this long after it was placed",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -7,18 +7,25 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session
 
 from ubc.config import Settings
-from ubc.envelopes.payloads import LedgerGenesis
+from ubc.dbtypes import utcnow
+from ubc.envelopes import rules
+from ubc.envelopes.payloads import LedgerConfig, LedgerGenesis, format_timestamp
 from ubc.envelopes.service import (
     LedgerContext,
     context_from_genesis,
     operator_keys_from,
+    sign_payload,
+    submit,
     write_genesis,
 )
+from ubc.errors import UbcError
+from ubc.gateway.catalog import ModelsFileError, ModelSpec, load_catalog, prices
 from ubc.journal import store as journal
 from ubc.migrations import current_revision, head_revision
 from ubc.signing import encode_public_key, load_signing_key, vkey
@@ -35,6 +42,9 @@ class Runtime:
     ctx: LedgerContext
     tokens: dict[str, str]
     info: dict[str, Any]
+    catalog: dict[str, ModelSpec]
+    # The prices in force, from the journal (what every usage entry is checked against).
+    prices: dict[str, dict[str, int]]
 
 
 def load_runtime(settings: Settings, session: Session) -> Runtime:
@@ -67,7 +77,11 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         skew=timedelta(seconds=settings.created_at_skew_seconds),
         assets=("CU", "USD"),
     )
-    write_genesis(session, ctx)
+    try:
+        catalog = load_catalog(settings.models_file)
+    except ModelsFileError as exc:
+        raise SetupError(str(exc)) from None
+    write_genesis(session, ctx, models=prices(catalog))
     genesis = genesis_payload(session)
     if genesis["ledger"] != settings.origin:
         raise SetupError(
@@ -83,6 +97,7 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         log.warning(
             "UBC_ENROLLMENT=%s ignored: the journal says %s", settings.enrollment, ctx.enrollment
         )
+    config = _publish_prices(session, ctx, catalog, data_dir)
     tokens = {}
     for role in ("operator", "auditor"):
         path = data_dir / f"{role}.token"
@@ -95,11 +110,52 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         "operator_public_keys": genesis["operator_public_keys"],
         "assets": genesis["assets"],
         "enrollment": ctx.enrollment,
-        "market_fee_bps": genesis["market_fee_bps"],
-        "cu_price_usd": genesis["cu_price_usd"],
+        "market_fee_bps": config["market_fee_bps"],
+        "cu_price_usd": config["cu_price_usd"],
+        "models": config["models"],
         "current_epoch": None,
     }
-    return Runtime(ctx, tokens, info)
+    return Runtime(ctx, tokens, info, catalog, dict(config["models"]))
+
+
+def _publish_prices(
+    session: Session, ctx: LedgerContext, catalog: dict[str, ModelSpec], data_dir: Path
+) -> dict[str, Any]:
+    """Journal a ``ledger.config`` when the models file's prices differ from those in force.
+
+    A config change needs the operator's signature too: without the operator key in the
+    data dir the journaled prices stay, and models without one are not served.
+    """
+    config = rules.current_config(session)
+    wanted = prices(catalog)
+    if config.get("models") == wanted:
+        return config
+    operator_path = data_dir / "operator.key"
+    if not operator_path.exists():
+        log.warning(
+            "the models file's prices differ from the journal's; without %s they are not "
+            "published (sign a ledger.config with the operator key)",
+            operator_path,
+        )
+        return config
+    operator_key = load_signing_key(operator_path)
+    body = dict(config)
+    body.update(
+        {
+            "id": rules.new_id(),
+            "created_at": format_timestamp(utcnow()),
+            "actor": "ledger",
+            "models": wanted,
+        }
+    )
+    payload = LedgerConfig.model_validate(body)
+    assert ctx.ledger_key is not None
+    envelope = sign_payload(payload, "ledger.config", [ctx.ledger_key, operator_key])
+    outcome = submit(session, ctx, [envelope.to_json()], internal=True)[0]
+    if isinstance(outcome, UbcError):
+        raise SetupError(f"publishing the models file's prices failed: {outcome.message}")
+    log.info("published the models file's prices as journal entry %d", outcome.receipt.seq)
+    return rules.current_config(session)
 
 
 def genesis_payload(session: Session) -> dict[str, Any]:

@@ -726,35 +726,6 @@ def _hold_expire(state: State, payload: Payload, signers: Signers) -> Plan:
     )
 
 
-# Rules of causes and of the market live with their packages; they import this module's
-# State and Plan, so they are bound here, once those exist.
-from ubc.causes import rules as cause_rules  # noqa: E402
-from ubc.market import rules as market_rules  # noqa: E402
-
-_RULES: dict[str, Callable[[State, Payload, Signers], Plan]] = {
-    "transfer": _transfer,
-    "deposit": _deposit,
-    "withdrawal": _withdrawal,
-    "member.register": _register,
-    "key.rotate": _rotate,
-    "apikey.grant": _grant,
-    "apikey.revoke": _revoke,
-    "member.admit": _admit,
-    "member.update": _update_member,
-    "epoch.open": _epoch_open,
-    "epoch.close": _epoch_close,
-    "ledger.config": _ledger_config,
-    "usage": _usage,
-    "hold.expire": _hold_expire,
-    "offer.create": market_rules.offer_create,
-    "offer.fill": market_rules.offer_fill,
-    "offer.cancel": market_rules.offer_cancel,
-    "offer.expire": market_rules.offer_expire,
-    "cause.register": cause_rules.cause_register,
-    "cause.update": cause_rules.cause_update,
-}
-
-
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -848,3 +819,32 @@ def _set_member(state: State, handle: str, *, status: str, tier: str | None) -> 
         update(members_t).where(members_t.c.handle == handle).values(status=status, tier=tier)
     )
     state.members[handle] = MemberInfo(handle, status, tier)
+
+
+# Rules of causes and of the market live with their packages; they import this module's
+# State, Plan and helpers, so they are bound last, once those exist.
+from ubc.causes import rules as cause_rules  # noqa: E402
+from ubc.market import rules as market_rules  # noqa: E402
+
+_RULES: dict[str, Callable[[State, Payload, Signers], Plan]] = {
+    "transfer": _transfer,
+    "deposit": _deposit,
+    "withdrawal": _withdrawal,
+    "member.register": _register,
+    "key.rotate": _rotate,
+    "apikey.grant": _grant,
+    "apikey.revoke": _revoke,
+    "member.admit": _admit,
+    "member.update": _update_member,
+    "epoch.open": _epoch_open,
+    "epoch.close": _epoch_close,
+    "ledger.config": _ledger_config,
+    "usage": _usage,
+    "hold.expire": _hold_expire,
+    "offer.create": market_rules.offer_create,
+    "offer.fill": market_rules.offer_fill,
+    "offer.cancel": market_rules.offer_cancel,
+    "offer.expire": market_rules.offer_expire,
+    "cause.register": cause_rules.cause_register,
+    "cause.update": cause_rules.cause_update,
+}

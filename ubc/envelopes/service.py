@@ -137,10 +137,26 @@ Outcome = Accepted | UbcError
 
 @dataclass(frozen=True, slots=True)
 class Prechecked:
-    """An envelope decoded and its signatures verified before the write transaction."""
+    """An envelope decoded and its signatures verified before the write transaction.
+
+    ``internal`` marks the server's own ledger-signed envelopes (usage, expiries).
+    """
 
     decoded: _Decoded | UbcError
     verified: frozenset[str]
+    internal: bool = False
+
+
+def sign_internal(ctx: LedgerContext, payload: Payload, type_: str) -> Prechecked:
+    """The server's own envelope: ``payload`` signed with the ledger key, ready to submit
+    (its signature is not checked again: it was made just now)."""
+    assert ctx.ledger_key is not None
+    envelope = sign_payload(payload, type_, [ctx.ledger_key])
+    return Prechecked(
+        _Decoded(-1, envelope, type_, payload, _payload_hash(envelope.payload)),
+        frozenset({ctx.ledger_keyid}),
+        internal=True,
+    )
 
 
 # keyid → public key of member keys seen. A key's bytes never change (only whether it is
@@ -346,6 +362,7 @@ class _Writer:
     seen: dict[str, tuple[bytes, int]] = field(default_factory=dict)
     known: dict[str, tuple[bytes, str, str]] = field(default_factory=dict)
     preverified: dict[int, frozenset[str]] = field(default_factory=dict)
+    internal_items: set[int] = field(default_factory=set)
     state: rules.State | None = None
 
     def run(self, raws: Sequence[object]) -> list[Outcome]:
@@ -359,6 +376,8 @@ class _Writer:
                 if isinstance(item, _Decoded):
                     item.index = index
                     self.preverified[index] = raw.verified
+                    if raw.internal:
+                        self.internal_items.add(index)
                 decoded.append(item)
                 continue
             try:
@@ -455,6 +474,7 @@ class _Writer:
             )
             return
         self.seen[payload.id] = (item.payload_hash, item.index)
+        self.state.internal = self.internal or self.replay or item.index in self.internal_items
         try:
             plan = rules.plan(self.state, item.type, payload, signers)
         except MissingSignature as error:

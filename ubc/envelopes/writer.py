@@ -66,6 +66,12 @@ class GroupCommitWriter:
         await self._queue.put(_Job(prechecked, atomic, future))
         return await future
 
+    async def submit_internal(self, items: Sequence[Prechecked]) -> list[Outcome]:
+        """Apply the server's own signed envelopes (see ``sign_internal``)."""
+        future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Job(items, False, future))
+        return await future
+
     def _precheck(self, raws: Sequence[object]) -> list[Prechecked]:
         with self.read_sessions() as session:
             return precheck(session, self.ctx, raws)

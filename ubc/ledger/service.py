@@ -417,7 +417,12 @@ def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 
     stmt = (
         select(transfers_t.c.id)
         # A literal predicate, so that PostgreSQL uses the partial index of open holds.
-        .where(text("state = 'pending'"), transfers_t.c.timeout_at <= now)
+        .where(
+            text("state = 'pending'"),
+            transfers_t.c.timeout_at <= now,
+            # Model calls' holds expire through journaled hold.expire entries instead.
+            ~transfers_t.c.id.startswith("hold:"),
+        )
         # By timeout, the partial index's order: ordering by id would scan every transfer.
         .order_by(transfers_t.c.timeout_at)
         .limit(limit)
