@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import math
+import os
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,15 +27,23 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from tests.conftest import LiveServer, make_data_dir, run_server
+from tests.conftest import LiveServer, _free_port, make_data_dir, run_server
+from tests.test_audit import Export, payload_of
 from tests.upstream import FakeUpstream, run_upstream
-from ubc.audit.source import from_database
+from ubc.audit.source import from_database, from_export, write_export
 from ubc.audit.verify import verify_journal
 from ubc.client import UbcClient, api_key_hash
 from ubc.db import make_engine
 from ubc.gateway.service import estimate_tokens, prompt_bound
 from ubc.ledger.models import Account
-from ubc.signing import generate_signing_key, vkey
+from ubc.signing import (
+    NoteSigner,
+    canonical_json,
+    generate_signing_key,
+    load_signing_key,
+    sign_envelope,
+    vkey,
+)
 
 accounts_t = Account.__table__  # type: ignore[attr-defined]
 
@@ -145,8 +158,8 @@ class Env:
             time.sleep(0.05)
 
 
-def balance(client: UbcClient, asset: str = "CU") -> dict[str, int]:
-    [row] = [b for b in client.balance()["balances"] if b["asset"] == asset]
+def balance(client: UbcClient, address: str | None = None) -> dict[str, int]:
+    [row] = [b for b in client.balance(address)["balances"] if b["asset"] == "CU"]
     return row
 
 
@@ -470,3 +483,147 @@ def test_every_usage_entry_passes_the_audit(env: Env) -> None:
     assert report.ok, report.findings
     key = api_key_hash(secret)
     assert key
+
+
+def test_the_auditor_catches_a_usage_billed_above_its_prices(env: Env, tmp_path: Path) -> None:
+    """A dishonest operator re-signs a usage entry with a higher cost (and the effects and
+    checkpoint to match): the replay recomputes the cost from the journaled prices."""
+    _, secret = env.member("alice", 1000)
+    env.sdk(secret).chat.completions.create(
+        model="chat-small", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    env.settled()
+    path = tmp_path / "journal.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        write_export(from_database(env.server.db_url), out, origin=env.server.settings.origin)
+    export = Export.read(path)
+    [seq] = [
+        s
+        for s, e in export.entries
+        if json.loads(e)["envelope"]["payloadType"].endswith(".usage+json")
+    ]
+    body = export.body(seq)
+    payload = payload_of(body)
+    payload["cost"] += 5
+    ledger_key = env.server.ledger_key
+    envelope = sign_envelope(
+        body["envelope"]["payloadType"], canonical_json(payload), [ledger_key]
+    ).to_json()
+    effects = [dict(body["effects"][0], amount=payload["cost"])]
+    export.replace(seq, {**body, "envelope": envelope, "effects": effects})
+    export.resign(NoteSigner(env.server.settings.origin, ledger_key))
+    report = verify_journal(
+        from_export(export.write(tmp_path / "forged.jsonl")),
+        vkey(env.server.settings.origin, bytes(ledger_key.verify_key)),
+    )
+    assert [(f.seq, f.rule) for f in report.findings] == [(seq, "envelope.usage")]
+    assert "does not match the prices in force" in report.findings[0].found
+
+
+def test_a_server_killed_mid_stream_leaves_a_hold_that_expires_unbilled(
+    db_url: str, tmp_path: Path
+) -> None:
+    with run_upstream(api_key="sk-upstream") as upstream:
+        models = tmp_path / "models.toml"
+        models.write_text(MODELS_TOML.format(api_base=upstream.api_base))
+        data = make_data_dir(tmp_path / "data")
+        environment = {
+            **os.environ,
+            "UBC_DATABASE_URL": db_url,
+            "UBC_DATA_DIR": str(data),
+            "UBC_MODELS_FILE": str(models),
+            "UBC_ORIGIN": "test.ubc/ledger",
+            "UBC_GATEWAY_HOLD_TIMEOUT_SECONDS": "3",
+            "UBC_HOLD_SWEEP_INTERVAL_SECONDS": "0.2",
+            "UBC_TEST_UPSTREAM_KEY": "sk-upstream",
+        }
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+
+        def serve() -> subprocess.Popen[bytes]:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from ubc.cli import main; main()", "serve"]
+                + ["--port", str(port)],
+                env=environment,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        return process
+                time.sleep(0.1)
+            process.kill()
+            raise AssertionError("the server did not start")
+
+        first = serve()
+        try:
+            operator = UbcClient(
+                url,
+                key=load_signing_key(data / "operator.key"),
+                token=(data / "operator.token").read_text().strip(),
+            )
+            member = UbcClient(url, key=generate_signing_key())
+            member.register("alice")
+            operator.admit("alice", "basic")
+            operator.deposit("alice", 1000, external_ref="seed")
+            secret, _ = member.grant_api_key("sdk")
+            member.token = secret
+            with (
+                httpx.Client(timeout=30) as http,
+                http.stream(
+                    "POST",
+                    f"{url}/v1/chat/completions",
+                    headers={"authorization": f"Bearer {secret}"},
+                    json={
+                        "model": "chat-slow",
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 40,
+                        "stream": True,
+                    },
+                ) as response,
+            ):
+                lines = response.iter_lines()
+                while '"content":"tok1' not in next(lines):
+                    pass
+                first.kill()  # SIGKILL: no shutdown, no settlement
+                first.wait()
+        finally:
+            first.kill()
+        # The hold outlived the server.
+        engine = make_engine(db_url, readonly=True)
+        try:
+            with engine.connect() as connection:
+                posted, pending = connection.execute(
+                    select(
+                        accounts_t.c.credits_posted - accounts_t.c.debits_posted,
+                        accounts_t.c.debits_pending,
+                    ).where(accounts_t.c.address == "member:alice", accounts_t.c.asset == "CU")
+                ).one()
+        finally:
+            engine.dispose()
+        assert (posted, pending > 0) == (1000, True)
+        second = serve()
+        try:
+            reader = UbcClient(url, token=secret)
+            deadline = time.monotonic() + 20
+            while balance(reader, "member:alice")["pending_debits"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            after = balance(reader, "member:alice")
+            reader.close()
+        finally:
+            second.terminate()
+            second.wait(timeout=20)
+        operator.close()
+        member.close()
+    assert after["posted"] == 1000
+    assert after["pending_debits"] == 0
+    journal = from_database(db_url)
+    types = [json.loads(e)["envelope"]["payloadType"] for _, e in journal.entries]
+    assert types.count("application/vnd.ubc.hold.expire+json") == 1
+    report = verify_journal(
+        from_database(db_url),
+        vkey("test.ubc/ledger", bytes(load_signing_key(data / "ledger.key").verify_key)),
+    )
+    assert report.ok, report.findings
