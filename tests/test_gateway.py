@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 
 from tests.conftest import LiveServer, _free_port, make_data_dir, run_server
 from tests.test_audit import Export, payload_of
+from tests.test_cli_member import Person
 from tests.upstream import FakeUpstream, run_upstream
 from ubc.audit.source import from_database, from_export, write_export
 from ubc.audit.verify import verify_journal
@@ -627,3 +628,30 @@ def test_a_server_killed_mid_stream_leaves_a_hold_that_expires_unbilled(
         vkey("test.ubc/ledger", bytes(load_signing_key(data / "ledger.key").verify_key)),
     )
     assert report.ok, report.findings
+
+
+def test_cli_lists_models_and_a_members_usage_by_day(env: Env, tmp_path: Path) -> None:
+    _, secret = env.member("alice", 1000)
+    sdk = env.sdk(secret)
+    for _ in range(2):
+        sdk.chat.completions.create(
+            model="chat-small", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    sdk.embeddings.create(model="all-minilm-l6-v2", input="hello")
+    env.settled()
+    person = Person(tmp_path / "alice", UBC_SERVER=env.server.url, UBC_TOKEN=secret)
+    listed = person.ok("models")
+    assert "chat-small" in listed
+    assert "all-minilm-l6-v2" in listed
+    spend = person.ok("usage", "alice")
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    rows = [line for line in spend.splitlines() if line.startswith(f"│ {today}")]
+    assert len(rows) == 2
+    chat = next(r for r in rows if "chat-small" in r).split("│")
+    assert [c.strip() for c in chat[3:7]] == ["2", "4", "4", "12"]
+    assert "Total: 13 CU." in spend
+    bad = person.fails("usage", "alice", "--since", "yesterday")
+    assert "is not a date" in bad
+    # Another member's spend is not alice's to read.
+    env.member("bob", 0)
+    assert "may not read member:bob" in person.fails("usage", "bob")

@@ -28,6 +28,7 @@ from ubc.epochs import service as epochs
 from ubc.errors import UbcError
 from ubc.gateway import metering
 from ubc.gateway import routes as gateway_routes
+from ubc.gateway import usage as gateway_usage
 from ubc.gateway.metering import HoldWriter
 from ubc.gateway.service import Gateway, GatewayError
 from ubc.journal import routes as journal_routes
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         cause_routes.router,
         market_routes.router,
         gateway_routes.router,
+        gateway_usage.router,
     ):
         app.include_router(router)
     _document(app)

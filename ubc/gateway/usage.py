@@ -1,0 +1,80 @@
+"""A member's model spend by day and model (``ubc usage``), from the usage records that
+journaled ``usage`` entries left (an auditor's replay rebuilds the same table)."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from sqlalchemy import ColumnElement, func, literal_column, select
+from sqlalchemy.orm import Session
+
+from ubc.deps import Reader, ReadSession, require_read
+from ubc.errors import BadRequest
+from ubc.gateway.models import UsageRecord
+
+router = APIRouter(tags=["openai"])
+usage_t = UsageRecord.__table__  # type: ignore[attr-defined]
+
+
+def spend_by_day(session: Session, account: str, since: date, until: date) -> list[dict[str, Any]]:
+    """Calls, tokens and CU spent per UTC day and model, ``since`` ≤ day ≤ ``until``."""
+    day: ColumnElement[Any]
+    if session.get_bind().dialect.name == "postgresql":
+        day = literal_column("to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
+    else:
+        day = func.substr(usage_t.c.created_at, 1, 10)
+    start = datetime(since.year, since.month, since.day, tzinfo=UTC)
+    end = datetime(until.year, until.month, until.day, tzinfo=UTC) + timedelta(days=1)
+    rows = session.execute(
+        select(
+            day.label("day"),
+            usage_t.c.model,
+            func.count(),
+            func.sum(usage_t.c.input_tokens),
+            func.sum(usage_t.c.output_tokens),
+            func.sum(usage_t.c.cost),
+        )
+        .where(
+            usage_t.c.account == account,
+            usage_t.c.created_at >= start,
+            usage_t.c.created_at < end,
+        )
+        .group_by(day, usage_t.c.model)
+        .order_by(day, usage_t.c.model)
+    )
+    return [
+        {
+            "day": r[0],
+            "model": r[1],
+            "calls": int(r[2]),
+            "input_tokens": int(r[3]),
+            "output_tokens": int(r[4]),
+            "cost": int(r[5]),
+        }
+        for r in rows
+    ]
+
+
+@router.get("/api/accounts/{address}/usage", summary="Model spend of an account by day and model")
+def get_usage(
+    address: str,
+    session: ReadSession,
+    reader: Reader,
+    since: Annotated[date | None, Query(description="first UTC day (default: 30 days ago)")] = None,
+    until: Annotated[date | None, Query(description="last UTC day (default: today)")] = None,
+) -> dict[str, Any]:
+    require_read(reader, address)
+    until = until or datetime.now(UTC).date()
+    since = since or until - timedelta(days=29)
+    if since > until:
+        raise BadRequest("since is after until", detail={"since": str(since), "until": str(until)})
+    rows = spend_by_day(session, address, since, until)
+    return {
+        "address": address,
+        "since": str(since),
+        "until": str(until),
+        "items": rows,
+        "total_cost": sum(r["cost"] for r in rows),
+    }
