@@ -164,6 +164,46 @@ class State:
     members: dict[str, MemberInfo | None] = field(default_factory=dict)
     refs: set[str] = field(default_factory=set)
     _config: dict[str, Any] | None = None
+    _spend_epoch: int | None = None
+    grants: dict[str, tuple[Any, ...] | None] = field(default_factory=dict)
+    spent: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Rows the rules write in bulk once the batch is applied (flush_deferred).
+    usage_rows: list[dict[str, Any]] = field(default_factory=list)
+    settled_calls: list[str] = field(default_factory=list)
+
+    def spend_epoch(self) -> int:
+        if self._spend_epoch is None:
+            self._spend_epoch = spend_epoch(self.session)
+        return self._spend_epoch
+
+    def grant(self, key_hash: str) -> tuple[Any, ...] | None:
+        """An API-key grant's account, scopes, models and spend cap (cached per batch:
+        grants never change those, only revocation, which usage does not look at)."""
+        if key_hash not in self.grants:
+            row = self.session.execute(
+                select(
+                    apikeys_t.c.account,
+                    apikeys_t.c.scopes,
+                    apikeys_t.c.models,
+                    apikeys_t.c.spend_cap_per_epoch,
+                ).where(apikeys_t.c.key_hash == key_hash)
+            ).first()
+            self.grants[key_hash] = None if row is None else tuple(row)
+        return self.grants[key_hash]
+
+    def flush_deferred(self) -> None:
+        """Write what the batch's usage and expiry entries left for the end."""
+        if self.usage_rows:
+            self.session.execute(insert(usage_t), self.usage_rows)
+            self.usage_rows = []
+        if self.settled_calls:
+            for start in range(0, len(self.settled_calls), 1000):
+                self.session.execute(
+                    delete(gateway_holds_t).where(
+                        gateway_holds_t.c.request_id.in_(self.settled_calls[start : start + 1000])
+                    )
+                )
+            self.settled_calls = []
 
     def config(self) -> dict[str, Any]:
         """The configuration in force (latest genesis or config payload), cached per batch."""
@@ -506,6 +546,7 @@ def _epoch_open(state: State, payload: Payload, signers: Signers) -> Plan:
     epochs.check_open(state.session, payload)
 
     def after() -> dict[str, Any]:
+        state._spend_epoch = None
         summary = epochs.open_epoch(state.session, payload, payload.id, now=state.now)
         if state.replay or summary["members"] <= epochs.CHUNK:
             epochs.apply_all_allocations(state.session, payload.epoch, now=state.now)
@@ -576,14 +617,7 @@ def _usage(state: State, payload: Payload, signers: Signers) -> Plan:
     posted for ``cost`` (the rest released)."""
     assert isinstance(payload, Usage)
     _ledger_signed(payload, signers)
-    grant = state.session.execute(
-        select(
-            apikeys_t.c.account,
-            apikeys_t.c.scopes,
-            apikeys_t.c.models,
-            apikeys_t.c.spend_cap_per_epoch,
-        ).where(apikeys_t.c.key_hash == payload.key_hash)
-    ).first()
+    grant = state.grant(payload.key_hash)
     if grant is None:
         raise NotFound("no API key grant with this hash", detail={"key_hash": payload.key_hash})
     account, scopes, models, cap = grant
@@ -605,22 +639,26 @@ def _usage(state: State, payload: Payload, signers: Signers) -> Plan:
             f"cost {payload.cost} does not match the prices in force: {expected}",
             detail={"cost": payload.cost, "expected": expected, "price": price},
         )
-    epoch = spend_epoch(state.session)
-    spent = 0
+    epoch = state.spend_epoch()
     if cap is not None:
-        spent = (
-            state.session.execute(
-                select(spend_t.c.spent).where(
-                    spend_t.c.key_hash == payload.key_hash, spend_t.c.epoch == epoch
-                )
-            ).scalar_one_or_none()
-            or 0
-        )
+        key = (payload.key_hash, epoch)
+        spent = state.spent.get(key)
+        if spent is None:
+            spent = (
+                state.session.execute(
+                    select(spend_t.c.spent).where(
+                        spend_t.c.key_hash == payload.key_hash, spend_t.c.epoch == epoch
+                    )
+                ).scalar_one_or_none()
+                or 0
+            )
         if spent + payload.cost > cap:
             raise Forbidden(
                 f"the key's spend cap of {cap} per epoch would be exceeded",
                 detail={"cap": cap, "spent": spent, "cost": payload.cost},
             )
+        # Counted now, so that the next usage of this key in the batch sees it.
+        state.spent[key] = spent + payload.cost
     hold_id = f"{hold_request_id(payload.request_id)}:0"
     operation: Operation = Post(hold_id, payload.cost) if payload.cost else Void(hold_id)
     before = None
@@ -643,32 +681,29 @@ def _usage(state: State, payload: Payload, signers: Signers) -> Plan:
 
     def after() -> None:
         session = state.session
-        session.execute(
-            insert(usage_t).values(
-                request_id=payload.request_id,
-                envelope_id=payload.id,
-                account=payload.account,
-                key_hash=payload.key_hash,
-                model=payload.model,
-                epoch=epoch,
-                input_tokens=payload.input_tokens,
-                output_tokens=payload.output_tokens,
-                held=payload.held,
-                cost=payload.cost,
-                created_at=state.now,
-            )
+        state.usage_rows.append(
+            {
+                "request_id": payload.request_id,
+                "envelope_id": payload.id,
+                "account": payload.account,
+                "key_hash": payload.key_hash,
+                "model": payload.model,
+                "epoch": epoch,
+                "input_tokens": payload.input_tokens,
+                "output_tokens": payload.output_tokens,
+                "held": payload.held,
+                "cost": payload.cost,
+                "created_at": state.now,
+            }
         )
-        session.execute(
-            delete(gateway_holds_t).where(gateway_holds_t.c.request_id == payload.request_id)
-        )
+        state.settled_calls.append(payload.request_id)
         if cap is not None and payload.cost:
-            if spent:
-                session.execute(
-                    update(spend_t)
-                    .where(spend_t.c.key_hash == payload.key_hash, spend_t.c.epoch == epoch)
-                    .values(spent=spend_t.c.spent + payload.cost)
-                )
-            else:
+            updated = session.execute(
+                update(spend_t)
+                .where(spend_t.c.key_hash == payload.key_hash, spend_t.c.epoch == epoch)
+                .values(spent=spend_t.c.spent + payload.cost)
+            )
+            if not getattr(updated, "rowcount", 0):
                 session.execute(
                     insert(spend_t).values(
                         key_hash=payload.key_hash, epoch=epoch, spent=payload.cost
@@ -714,9 +749,7 @@ def _hold_expire(state: State, payload: Payload, signers: Signers) -> Plan:
             )
 
     def after() -> None:
-        state.session.execute(
-            delete(gateway_holds_t).where(gateway_holds_t.c.request_id == request_id)
-        )
+        state.settled_calls.append(request_id)
         return None
 
     return Plan(

@@ -404,6 +404,7 @@ class _Writer:
                 continue
             self._one(item)
         self._flush()
+        self.state.flush_deferred()
         if self.replay:
             return [self.outcomes[i] for i in range(len(raws))]
         receipts = [r for _, r, _ in self.accepted]
