@@ -2,11 +2,13 @@
 
 from sqlmodel import SQLModel
 
+from ubc.causes.models import Cause, CauseSteward
 from ubc.envelopes.models import LedgerConfigRow
 from ubc.epochs.models import Epoch, EpochAllocation, EpochExpiry
 from ubc.gateway.models import ApiKeySpend, GatewayHold, UsageRecord
 from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
+from ubc.market.models import Fill, Offer, WithdrawalRequest
 from ubc.members.models import ApiKey, ExternalRef, Member, MemberKey
 
 metadata = SQLModel.metadata
@@ -19,7 +21,10 @@ __all__ = [
     "EpochAllocation",
     "EpochExpiry",
     "Asset",
+    "Cause",
+    "CauseSteward",
     "ExternalRef",
+    "Fill",
     "GatewayHold",
     "JournalEntry",
     "JournalHead",
@@ -27,9 +32,11 @@ __all__ = [
     "Member",
     "MemberKey",
     "MerkleNode",
+    "Offer",
     "Posting",
     "Request",
     "Transfer",
     "UsageRecord",
+    "WithdrawalRequest",
     "metadata",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ubc.cli import audit, epoch, member, server
+from ubc.cli import audit, epoch, gateway, market, member, server
 
 app = typer.Typer(
     name="ubc",
@@ -16,6 +16,8 @@ server.register(app)
 member.register(app)
 audit.register(app)
 epoch.register(app)
+market.register(app)
+gateway.register(app)
 
 
 def main() -> None:

@@ -42,17 +42,22 @@ __all__ = [
     "Account",
     "Balance",
     "BatchResult",
+    "Cause",
+    "DonationReceipt",
     "Effect",
     "HistoryItem",
     "HistoryPage",
     "LedgerInfo",
     "Member",
     "MemberKey",
+    "Offer",
     "Receipt",
     "Transfer",
     "TransferLeg",
+    "Trade",
     "UbcApiError",
     "UbcClient",
+    "WithdrawalRequest",
     "api_key_hash",
     "new_api_key_secret",
     "to_address",
@@ -179,6 +184,85 @@ class TransferLeg(TypedDict):
 class Transfer(TypedDict):
     id: str
     transfers: list[TransferLeg]
+
+
+class Cause(TypedDict):
+    """A cause: stewards, balances, and per asset what it received and spent."""
+
+    slug: str
+    address: str
+    name: str
+    description: str
+    stewards: list[str]
+    created_at: str
+    updated_at: str
+    balances: dict[str, int]
+    donated: dict[str, int]
+    donors: int
+    spent: dict[str, int]
+    used_on_models: dict[str, int]
+    sent: dict[str, int]
+
+
+class DonationReceipt(TypedDict):
+    id: str
+    transfer_id: str
+    seq: int | None
+    cause: str
+    asset: str
+    amount: int
+    memo: str | None
+    created_at: str
+
+
+class Offer(TypedDict):
+    """An offer; ``remaining_price`` is what its ``remaining_amount`` units cost together."""
+
+    id: str
+    seller: str
+    sell_asset: str
+    sell_amount: int
+    price_asset: str
+    price_amount: int
+    remaining_amount: int
+    remaining_price: int
+    sold: int
+    status: str
+    expires_at: str | None
+    created_at: str
+    closed_at: str | None
+    closed_by: str | None
+
+
+class Trade(TypedDict, total=False):
+    """One fill; ``side`` (buy or sell) when read for one account."""
+
+    id: str
+    seq: int
+    offer_id: str
+    seller: str
+    buyer: str
+    sell_asset: str
+    amount: int
+    price_asset: str
+    payment: int
+    fee: int
+    created_at: str
+    side: str
+
+
+class WithdrawalRequest(TypedDict, total=False):
+    """A withdrawal its owner signed; ``status`` pending, done or failed."""
+
+    id: str
+    account: str
+    asset: str
+    amount: int
+    external_ref: str
+    envelope: dict[str, Any]
+    created_at: str
+    status: str
+    error: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,6 +549,168 @@ class UbcClient:
             amount=amount,
             external_ref=external_ref,
         )
+
+    def request_withdrawal(self, envelope: Mapping[str, Any] | Envelope) -> WithdrawalRequest:
+        """Leave a withdrawal signed by its owner with the ledger, for the operator to
+        countersign (:meth:`approve_withdrawal`); nothing moves yet."""
+        body = envelope.to_json() if isinstance(envelope, Envelope) else dict(envelope)
+        return cast(WithdrawalRequest, self._post("/api/withdrawals", body))
+
+    def withdraw(self, amount: int, *, external_ref: str, asset: str = "USD") -> WithdrawalRequest:
+        """Ask for a withdrawal from this member's account (signed by the member only)."""
+        return self.request_withdrawal(
+            self.withdrawal_envelope(amount, external_ref=external_ref, asset=asset)
+        )
+
+    # --- the market ---
+
+    def sell(
+        self,
+        amount: int,
+        price: int,
+        *,
+        asset: str = "CU",
+        price_asset: str = "USD",
+        expires_at: datetime | str | None = None,
+    ) -> Receipt:
+        """Offer ``amount`` of ``asset`` for ``price`` of ``price_asset`` in all; the units
+        move to escrow at once. The offer's id is the receipt's ``id``."""
+        if isinstance(expires_at, datetime):
+            expires_at = format_timestamp(expires_at)
+        return self.submit(
+            self.envelope(
+                "offer.create",
+                sell_asset=asset,
+                sell_amount=amount,
+                price_asset=price_asset,
+                price_amount=price,
+                expires_at=expires_at,
+            )
+        )
+
+    def buy(self, offer_id: str, amount: int | None = None) -> Receipt:
+        """Fill ``amount`` units of an offer (default: all that is left)."""
+        if amount is None:
+            amount = self.offer(offer_id)["remaining_amount"]
+        return self.submit(self.envelope("offer.fill", offer_id=offer_id, amount=amount))
+
+    def cancel_offer(self, offer_id: str) -> Receipt:
+        """Cancel this member's offer; what is left comes back from escrow."""
+        return self.submit(self.envelope("offer.cancel", offer_id=offer_id))
+
+    def offers(
+        self,
+        *,
+        sell_asset: str | None = None,
+        price_asset: str | None = None,
+        seller: str | None = None,
+        limit: int = 100,
+    ) -> list[Offer]:
+        """Open offers, best unit price first."""
+        params: dict[str, str | int] = {"limit": limit}
+        for name, value in (
+            ("sell_asset", sell_asset),
+            ("price_asset", price_asset),
+            ("seller", to_address(seller) if seller else None),
+        ):
+            if value is not None:
+                params[name] = value
+        return cast(list[Offer], self._get("/api/market/offers", params=params)["offers"])
+
+    def offer(self, offer_id: str) -> Offer:
+        return cast(Offer, self._get(f"/api/market/offers/{_path(offer_id)}"))
+
+    def trades(
+        self, account: str | None = None, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[Trade], str | None]:
+        """Fills ``account`` (default: this member; the operator may pass ``"*"`` for all)
+        bought or sold, newest first, and the cursor of the next page."""
+        params: dict[str, str | int] = {"limit": limit}
+        if account != "*":
+            params["account"] = self._address_or_own(account)
+        if cursor is not None:
+            params["cursor"] = cursor
+        answer = self._get("/api/market/trades", params=params)
+        return cast(list[Trade], answer["trades"]), answer["next_cursor"]
+
+    # --- causes ---
+
+    def causes(self) -> list[Cause]:
+        return cast(list[Cause], self._get("/api/causes")["causes"])
+
+    def cause(self, slug: str) -> Cause:
+        return cast(Cause, self._get(f"/api/causes/{_path(slug.removeprefix('cause:'))}"))
+
+    def donations(
+        self, address: str | None = None, *, cursor: str | None = None, limit: int = 50
+    ) -> tuple[list[DonationReceipt], str | None]:
+        """Donation receipts of an account (default: this member), newest first."""
+        params: dict[str, str | int] = {"limit": limit}
+        if cursor is not None:
+            params["cursor"] = cursor
+        path = f"/api/accounts/{_path(self._address_or_own(address))}/donations"
+        answer = self._get(path, params=params)
+        return cast(list[DonationReceipt], answer["donations"]), answer["next_cursor"]
+
+    def register_cause(
+        self, slug: str, name: str, description: str, stewards: Sequence[str]
+    ) -> Receipt:
+        """Register a cause with its steward members (operator)."""
+        return self.submit(
+            self.envelope(
+                "cause.register",
+                actor="operator",
+                slug=slug,
+                name=name,
+                description=description,
+                stewards=list(stewards),
+            )
+        )
+
+    def update_cause(
+        self, slug: str, name: str, description: str, stewards: Sequence[str]
+    ) -> Receipt:
+        """Replace a cause's name, description and stewards (operator)."""
+        return self.submit(
+            self.envelope(
+                "cause.update",
+                actor="operator",
+                slug=slug,
+                name=name,
+                description=description,
+                stewards=list(stewards),
+            )
+        )
+
+    # --- the operator ---
+
+    def withdrawals(
+        self, status: str | None = "pending", account: str | None = None, limit: int = 100
+    ) -> list[WithdrawalRequest]:
+        """Withdrawals members asked for (operator token; a member: ``account`` = its own)."""
+        params: dict[str, str | int] = {"limit": limit}
+        if status is not None:
+            params["status"] = status
+        if account is not None:
+            params["account"] = to_address(account)
+        answer = self._get("/api/withdrawals", params=params)
+        return cast(list[WithdrawalRequest], answer["withdrawals"])
+
+    def withdrawal(self, withdrawal_id: str) -> WithdrawalRequest:
+        return cast(WithdrawalRequest, self._get(f"/api/withdrawals/{_path(withdrawal_id)}"))
+
+    def approve_withdrawal(self, withdrawal_id: str) -> Receipt:
+        """Countersign a pending withdrawal with this client's (the operator's) key and
+        submit it; the value leaves the member's account now."""
+        item = self.withdrawal(withdrawal_id)
+        if item["status"] != "pending":
+            raise UbcApiError(
+                409,
+                "state_conflict",
+                f"withdrawal {withdrawal_id} is {item['status']}",
+                {"id": withdrawal_id, "status": item["status"]},
+            )
+        return self.submit(self.cosign(item["envelope"]))
 
     # --- the operator ---
 

@@ -1,7 +1,106 @@
-"""HTTP reads of the market (stub)."""
+"""HTTP of the market: the order book and offers (public), trades (bearer, as for
+history), and withdrawals waiting for the operator's countersignature."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from ubc.db import run_unit_of_work
+from ubc.dbtypes import utcnow
+from ubc.deps import Reader, ReadSession, require_read
+from ubc.envelopes.routes import _json_body
+from ubc.errors import Forbidden
+from ubc.market import service
 
 router = APIRouter(tags=["market"])
+
+
+@router.get("/api/market/offers", summary="Open offers, best unit price first")
+def list_offers(
+    session: ReadSession,
+    sell_asset: str | None = None,
+    price_asset: str | None = None,
+    seller: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_LIST)] = 100,
+) -> dict[str, Any]:
+    now = utcnow()
+    offers = service.open_offers(
+        session,
+        now=now,
+        sell_asset=sell_asset,
+        price_asset=price_asset,
+        seller=seller,
+        limit=limit,
+    )
+    return {"offers": [o.to_json(now) for o in offers]}
+
+
+@router.get("/api/market/offers/{offer_id}", summary="One offer, open or closed")
+def get_offer(offer_id: str, session: ReadSession) -> dict[str, Any]:
+    return service.get_offer(session, offer_id).to_json(utcnow())
+
+
+@router.get("/api/market/trades", summary="Fills an account bought or sold, newest first")
+def list_trades(
+    session: ReadSession,
+    reader: Reader,
+    account: str | None = None,
+    cursor: Annotated[str | None, Query(description="from the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_LIST)] = 100,
+) -> dict[str, Any]:
+    if account is None:
+        if not reader.sees_everything:
+            raise Forbidden("name the account whose trades to read (?account=member:...)")
+    else:
+        require_read(reader, account)
+    items, next_cursor = service.trades(session, account=account, limit=limit, before=cursor)
+    return {"account": account, "trades": items, "next_cursor": next_cursor}
+
+
+@router.post(
+    "/api/withdrawals",
+    summary="Leave a withdrawal signed by its owner for the operator to countersign",
+    status_code=201,
+    responses={200: {"description": "the same envelope again"}},
+)
+async def post_withdrawal(request: Request) -> JSONResponse:
+    raw = await _json_body(request)
+    ctx = request.app.state.ctx
+
+    def work(session: Session) -> tuple[dict[str, Any], bool]:
+        return service.store_withdrawal(session, ctx, raw, now=utcnow())
+
+    item, new = await asyncio.to_thread(run_unit_of_work, request.app.state.sessions, work)
+    return JSONResponse(item, status_code=201 if new else 200)
+
+
+@router.get("/api/withdrawals", summary="Withdrawals asked for (operator; a member: its own)")
+def list_withdrawals(
+    session: ReadSession,
+    reader: Reader,
+    status: str | None = None,
+    account: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=service.MAX_LIST)] = 100,
+) -> dict[str, Any]:
+    if account is None:
+        if not reader.sees_everything:
+            raise Forbidden("name your account (?account=member:...)")
+    else:
+        require_read(reader, account)
+    return {
+        "withdrawals": service.list_withdrawals(
+            session, status=status, account=account, limit=limit
+        )
+    }
+
+
+@router.get("/api/withdrawals/{withdrawal_id}", summary="One withdrawal asked for")
+def get_withdrawal(withdrawal_id: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
+    item = service.get_withdrawal(session, withdrawal_id)
+    require_read(reader, item["account"])
+    return item
