@@ -35,11 +35,35 @@ DataDir = Annotated[
 
 
 def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
     app.command("init")(init)
     app.command("serve")(serve)
     db = typer.Typer(help="Database schema.", no_args_is_help=True)
     db.command("upgrade")(db_upgrade)
     app.add_typer(db, name="db")
+
+
+def demo(
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="keep the demo's ledger, keys and journal export here (a fresh directory) "
+            "[default: a temporary directory, removed at the end]",
+        ),
+    ] = None,
+) -> None:
+    """Tell the whole story on a fresh SQLite ledger: allocate, spend through the OpenAI
+    SDK, send, donate, sell and buy, close the epoch, report, and audit the journal."""
+    from ubc.demo import DemoFailed, run_demo
+
+    try:
+        findings = run_demo(directory, console)
+    except DemoFailed as exc:
+        console.print(f"[red]The demo failed: {exc}[/red]")
+        raise typer.Exit(code=1) from None
+    if findings:
+        raise typer.Exit(code=1)
 
 
 def init(

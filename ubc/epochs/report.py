@@ -37,7 +37,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, TextIO
 
-from sqlalchemy import BigInteger, and_, case, cast, func, select
+from sqlalchemy import BigInteger, and_, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from ubc.dbtypes import utcnow
@@ -162,10 +162,15 @@ def utilization(
     )
     # Sorted here, not by the database: PostgreSQL's collation may not be code-point order.
     rows = sorted(session.execute(stmt).all(), key=lambda r: str(r[0]))
+    returned = _returned_from_escrow(session, info.asset, info.first_posting, info.last_posting)
+    sold, bought = list(FLOWS).index("sold"), list(FLOWS).index("bought")
     members = []
     sums_of_all = [0] * len(FLOWS)
     for r in rows:
         amounts = [int(v) for v in r[1:]]
+        back, back_of_this_epoch = returned.get(str(r[0]), (0, 0))
+        amounts[bought] -= back
+        amounts[sold] -= back_of_this_epoch
         members.append(_row(str(r[0]), amounts, price))
         sums_of_all = [x + y for x, y in zip(sums_of_all, amounts, strict=True)]
     totals = _row("total", sums_of_all, price)
@@ -186,6 +191,37 @@ def utilization(
         below=below,
         below_members=under,
     )
+
+
+def _returned_from_escrow(
+    session: Session, asset: str, first: int, last: int | None
+) -> dict[str, tuple[int, int]]:
+    """What cancelled and expired offers gave back to their sellers in the window: in all,
+    and of offers also put on the market in the window.
+
+    Offering moves units to escrow as a trade and the return is a trade too, but sold and
+    bought count only what changed hands: a return is never a purchase, and it takes back
+    the sale of an offer made in the same epoch (an offer made in an earlier epoch was
+    counted as sold there). The return is leg 0 of the envelope that closed the offer
+    (``offers.closed_by``); the offer's own leg 0 moved the units to escrow.
+    """
+    upper = "" if last is None else "AND p.id <= :last "
+    rows = session.execute(
+        text(
+            "SELECT o.seller, sum(p.posted), "
+            "sum(CASE WHEN c.id > :first THEN p.posted ELSE 0 END) FROM offers o "
+            "JOIN transfers t ON t.id = o.closed_by || :leg0 "
+            "JOIN postings p ON p.transfer_id = t.id AND p.side = 'C' "
+            "JOIN accounts a ON a.id = p.account_id "
+            "LEFT JOIN postings c ON c.transfer_id = o.id || :leg0 AND c.side = 'D' "
+            "WHERE o.status IN ('cancelled', 'expired') AND t.kind = 'trade' "
+            "AND o.sell_asset = :asset AND a.address = o.seller AND a.asset = :asset "
+            f"AND p.id > :first {upper}"
+            "GROUP BY o.seller"
+        ),
+        {"asset": asset, "first": first, "last": last, "leg0": ":0"},
+    )
+    return {str(seller): (int(total), int(same)) for seller, total, same in rows}
 
 
 def percent(used: int, allocated: int) -> str | None:
