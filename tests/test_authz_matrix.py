@@ -244,6 +244,15 @@ def build_world(server: LiveServer, db_url: str) -> World:
     w.deposit("alice", 1_000, w.deposit_ref)
     for handle in ("bob", "carol", "dave"):
         w.deposit(handle, 100, f"world-{handle}")
+    # a cause whose steward is bob: alice acting for it is a non-steward (403)
+    cause = {
+        "actor": "operator",
+        "slug": "malaria-research",
+        "name": "Malaria research",
+        "description": "bed nets and vaccines",
+        "stewards": ["bob"],
+    }
+    w.accept(seal("cause.register", cause, (w.operator,)))
     w.alice_api = w.grant("alice", w.alice)
     w.alice_revoked_api = w.grant("alice", w.alice)
     w.revoke("alice", w.alice, w.alice_revoked_api)

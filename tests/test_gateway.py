@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,7 @@ class Env:
     upstream: FakeUpstream
     operator: UbcClient
     clients: list[UbcClient]
+    sdks: list[openai.OpenAI] = field(default_factory=list)
 
     def member(self, handle: str, cu: int, **grant: Any) -> tuple[UbcClient, str]:
         """An admitted member holding ``cu`` CU and a fresh API key (its secret)."""
@@ -133,9 +134,12 @@ class Env:
         return client, secret
 
     def sdk(self, secret: str, **kwargs: Any) -> openai.OpenAI:
-        return openai.OpenAI(
+        """An SDK client of the endpoint (closed at the end of the test)."""
+        client = openai.OpenAI(
             base_url=f"{self.server.url}/v1", api_key=secret, max_retries=0, **kwargs
         )
+        self.sdks.append(client)
+        return client
 
     def settled(self) -> None:
         """Wait until every usage entry is written and no model-call hold is open."""
@@ -181,6 +185,8 @@ def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
             finally:
                 for client in made.clients:
                     client.close()
+                for sdk in made.sdks:
+                    sdk.close()
 
 
 def test_models_are_listed_with_their_journaled_prices(env: Env) -> None:

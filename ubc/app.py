@@ -47,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = make_engine(settings.database_url)
     read_engine = make_engine(settings.database_url, readonly=True)
+    # Holds of model calls commit without waiting for the disk (see make_engine).
+    hold_engine = make_engine(settings.database_url, lazy_commit=True, pool_size=2)
     sessions = make_session_factory(engine)
 
     @contextlib.asynccontextmanager
@@ -59,7 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.writer = writer
         writer.start()
         holds = HoldWriter(
-            sessions, timeout=timedelta(seconds=settings.gateway_hold_timeout_seconds)
+            make_session_factory(hold_engine),
+            timeout=timedelta(seconds=settings.gateway_hold_timeout_seconds),
         )
         holds.start()
         gateway = Gateway(
@@ -88,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await writer.stop()
             engine.dispose()
             read_engine.dispose()
+            hold_engine.dispose()
 
     app = FastAPI(
         title="ubc",
@@ -112,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(router)
     _document(app)
+    app.add_middleware(gateway_routes.FastPath)
 
     @app.exception_handler(UbcError)
     async def _ubc_error(_request: Request, error: UbcError) -> JSONResponse:

@@ -34,12 +34,20 @@ def make_engine(
     echo: bool = False,
     readonly: bool = False,
     durable: bool = True,
+    lazy_commit: bool = False,
 ) -> Engine:
     """The engine for ``url`` with the pragmas and isolation ubc relies on.
 
     A ``readonly`` SQLite engine starts deferred transactions, so that readers see a
     snapshot under WAL without queueing behind writers. ``durable=False`` is only for
     scratch databases (the auditor's replay), which nothing needs after a crash.
+
+    ``lazy_commit`` commits without waiting for the disk (PostgreSQL's
+    ``synchronous_commit = off``, SQLite's ``synchronous = NORMAL`` under WAL): atomic,
+    isolated and visible at once, but the last commits may be lost in a power failure,
+    never half-applied, and a later durable commit makes every earlier one durable. The
+    model endpoint's holds use it: a hold lost in a crash belonged to a call the crash
+    ended anyway.
     """
     if is_sqlite(url):
         engine = create_engine(
@@ -50,7 +58,7 @@ def make_engine(
         _configure_sqlite(
             engine,
             begin="BEGIN" if readonly else "BEGIN IMMEDIATE",
-            synchronous="FULL" if durable else "OFF",
+            synchronous="OFF" if not durable else "NORMAL" if lazy_commit else "FULL",
         )
         return engine
     return create_engine(
@@ -65,7 +73,10 @@ def make_engine(
         isolation_level="READ COMMITTED",
         # psycopg prepares a statement after 5 runs, and PostgreSQL may then keep a
         # generic plan chosen while tables were small (a sequential scan) as they grow.
-        connect_args={"prepare_threshold": None},
+        connect_args={
+            "prepare_threshold": None,
+            **({"options": "-c synchronous_commit=off"} if lazy_commit else {}),
+        },
     )
 
 

@@ -221,7 +221,8 @@ def _tell(story: Story, url: str, data: Path) -> int:
         "Every movement is signed, journaled and verifiable.",
     ]
     before = story.cu(members["alice"], "member:alice")
-    result = sdk.embeddings.create(model="all-minilm-l6-v2", input=sentences)
+    with sdk:
+        result = sdk.embeddings.create(model="all-minilm-l6-v2", input=sentences)
     _settled(story, members["alice"], "member:alice")
     after = story.cu(members["alice"], "member:alice")
     story.note(
@@ -264,7 +265,8 @@ def _tell(story: Story, url: str, data: Path) -> int:
     )
     research = openai.OpenAI(base_url=f"{url}/v1", api_key=cause_key, max_retries=0)
     papers = [f"Abstract {i}: a study of shared compute allocation." for i in range(8)]
-    research.embeddings.create(model="all-minilm-l6-v2", input=papers)
+    with research:
+        research.embeddings.create(model="all-minilm-l6-v2", input=papers)
     _settled(story, operator, "cause:open-research")
     story.note(f"cause:open-research now holds {story.cu(operator, 'cause:open-research')} CU")
 

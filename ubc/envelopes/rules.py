@@ -66,6 +66,13 @@ usage_t = UsageRecord.__table__  # type: ignore[attr-defined]
 spend_t = ApiKeySpend.__table__  # type: ignore[attr-defined]
 gateway_holds_t = GatewayHold.__table__  # type: ignore[attr-defined]
 
+# Process-wide caches of what never changes once written: configuration bodies by the
+# envelope that set them (the write path reads which is in force with the journal head)
+# and API-key grants by key hash. Replays never use them.
+_CONFIG_CACHE: dict[str, dict[str, Any]] = {}
+_GRANT_CACHE: dict[str, tuple[Any, ...]] = {}
+_CACHE_MAX = 100_000
+
 #: The asset models are priced in and paid with.
 COMPUTE_ASSET = "CU"
 # How long a hold re-placed by an auditor's replay would live (it is settled at once).
@@ -171,14 +178,30 @@ class State:
     usage_rows: list[dict[str, Any]] = field(default_factory=list)
     settled_calls: list[str] = field(default_factory=list)
 
+    def known_versions(self, *, config: str | None, spend_epoch: int | None) -> None:
+        """What the write path read with the journal head: the envelope that set the
+        configuration in force (its body comes from a process-wide cache) and the spend
+        epoch. A replay uses no cache: it reads what it replays."""
+        self._spend_epoch = int(spend_epoch or 0)
+        if config is not None and not self.replay:
+            cached = _CONFIG_CACHE.get(config)
+            if cached is not None:
+                self._config = cached
+
     def spend_epoch(self) -> int:
         if self._spend_epoch is None:
             self._spend_epoch = spend_epoch(self.session)
         return self._spend_epoch
 
     def grant(self, key_hash: str) -> tuple[Any, ...] | None:
-        """An API-key grant's account, scopes, models and spend cap (cached per batch:
-        grants never change those, only revocation, which usage does not look at)."""
+        """An API-key grant's account, scopes, models and spend cap.
+
+        A grant never changes those (only whether it is revoked, which usage does not look
+        at) and a key hash is granted once, so what was found is cached for the process.
+        """
+        found = None if self.replay else _GRANT_CACHE.get(key_hash)
+        if found is not None:
+            return found
         if key_hash not in self.grants:
             row = self.session.execute(
                 select(
@@ -189,6 +212,10 @@ class State:
                 ).where(apikeys_t.c.key_hash == key_hash)
             ).first()
             self.grants[key_hash] = None if row is None else tuple(row)
+            if row is not None and not self.replay:
+                if len(_GRANT_CACHE) >= _CACHE_MAX:
+                    _GRANT_CACHE.clear()
+                _GRANT_CACHE[key_hash] = tuple(row)
         return self.grants[key_hash]
 
     def flush_deferred(self) -> None:
@@ -208,7 +235,7 @@ class State:
     def config(self) -> dict[str, Any]:
         """The configuration in force (latest genesis or config payload), cached per batch."""
         if self._config is None:
-            self._config = current_config(self.session)
+            self._config = current_config(self.session, cache=not self.replay)
         return self._config
 
     def set_config(self, body: dict[str, Any]) -> None:
@@ -269,6 +296,8 @@ class State:
         for public in payload_keys:
             candidates.setdefault(key_id(public), public)
         for signature in envelope.signatures:
+            if signature.keyid in candidates:
+                continue  # the ledger's or an operator's key, not a member's
             info = self.key(signature.keyid)
             if info is not None:
                 candidates[info.keyid] = info.public_key
@@ -797,15 +826,29 @@ def _ledger_signed(payload: Payload, signers: Signers) -> None:
         raise Forbidden("only the ledger itself signs this payload type (actor ledger)")
 
 
-def current_config(session: Session) -> dict[str, Any]:
+def current_config(session: Session, *, cache: bool = False) -> dict[str, Any]:
     """The payload of the latest genesis or config entry: prices, fee, CU price."""
-    body = session.execute(
-        select(config_t.c.body).order_by(config_t.c.id.desc()).limit(1)
-    ).scalar_one_or_none()
-    if body is None:
+    row = session.execute(
+        select(config_t.c.envelope_id, config_t.c.body).order_by(config_t.c.id.desc()).limit(1)
+    ).first()
+    if row is None:
         raise BadRequest("the ledger has no genesis entry yet")
-    config: dict[str, Any] = json.loads(body)
+    config: dict[str, Any] = json.loads(row[1])
+    if cache:
+        if len(_CONFIG_CACHE) >= 64:
+            _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[str(row[0])] = config
     return config
+
+
+def config_version_query() -> Any:
+    """The envelope that set the configuration in force, as a scalar subquery."""
+    return select(config_t.c.envelope_id).order_by(config_t.c.id.desc()).limit(1).scalar_subquery()
+
+
+def spend_epoch_query() -> Any:
+    """The spend epoch, as a scalar subquery."""
+    return text("(SELECT max(number) FROM epochs)")
 
 
 def store_config(session: Session, envelope_id: str, body: dict[str, Any]) -> None:

@@ -366,9 +366,16 @@ class _Writer:
     state: rules.State | None = None
 
     def run(self, raws: Sequence[object]) -> list[Outcome]:
-        size = journal.lock_head(self.session)
-        if size is None:
+        # The head lock, the configuration in force and the spend epoch: one round trip.
+        head = journal.lock_head_with(
+            self.session,
+            rules.config_version_query(),
+            rules.spend_epoch_query(),
+            journal.head_t.c.checkpoint,
+        )
+        if head is None:
             raise BadRequest("the ledger has no genesis entry yet")
+        size = int(head[0])
         decoded: list[_Decoded | UbcError] = []
         for index, raw in enumerate(raws):
             if isinstance(raw, Prechecked):
@@ -394,8 +401,10 @@ class _Writer:
             hints=self.hints,
             internal=self.internal or self.replay,
         )
+        self.state.known_versions(config=head[1], spend_epoch=head[2])
+        ledger_keys = {self.ctx.ledger_keyid, *self.ctx.operator_keys}
         self.state.preload(
-            keyids={s.keyid for d in good for s in d.envelope.signatures},
+            keyids={s.keyid for d in good for s in d.envelope.signatures} - ledger_keys,
             handles={rules.actor_handle(d.payload.actor) for d in good} - {None},
         )
         for index, item in enumerate(decoded):
@@ -425,6 +434,7 @@ class _Writer:
             ],
             now=self.now,
             signer=self.ctx.note_signer,
+            checkpoint=head[3],
         )
         for receipt, seq in zip(receipts, seqs, strict=True):
             receipt.seq = seq

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -66,8 +66,11 @@ class GroupCommitWriter:
         await self._queue.put(_Job(prechecked, atomic, future))
         return await future
 
-    async def submit_internal(self, items: Sequence[Prechecked]) -> list[Outcome]:
-        """Apply the server's own signed envelopes (see ``sign_internal``)."""
+    async def submit_internal(
+        self, items: Sequence[Prechecked | Callable[[], Prechecked]]
+    ) -> list[Outcome]:
+        """Apply the server's own signed envelopes (see ``sign_internal``); a callable is
+        called in the writer's thread, to build and sign the envelope off the event loop."""
         future: asyncio.Future[list[Outcome]] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Job(items, False, future))
         return await future
@@ -111,6 +114,7 @@ class GroupCommitWriter:
             start += len(job.raws)
 
     def _apply(self, raws: list[object], atomic: bool) -> list[Outcome]:
+        raws = [raw() if callable(raw) else raw for raw in raws]
         # BatchFailed of an atomic batch leaves the unit of work rolled back: nothing applies.
         return run_unit_of_work(
             self.sessions, lambda session: submit(session, self.ctx, raws, atomic=atomic)

@@ -15,7 +15,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.dbtypes import utcnow
 from ubc.envelopes import rules
-from ubc.envelopes.service import LedgerContext
+from ubc.envelopes.service import LedgerContext, Prechecked
 from ubc.envelopes.writer import GroupCommitWriter
 from ubc.errors import UbcError
 from ubc.gateway.catalog import ModelSpec
@@ -266,18 +267,19 @@ class Gateway:
                 code="rate_limit_exceeded",
                 headers={"retry-after": str(exc.retry_after)},
             ) from None
-        # A caller's next call sees its previous one settled (in this process), so a call
-        # answered a moment ago never holds funds that a new one needs.
-        earlier = self._settling_by_account.get(grant.account)
-        if earlier:
-            await asyncio.wait(list(earlier))
         want = max(1, rules.usage_cost(input_bound, output_cap, price))
         need = max(1, rules.usage_cost(input_bound, 1 if output_cap else 0, price))
         request_id = new_request_id()
+        request = HoldRequest(request_id, grant.account, grant.key_hash, spec.id, want, need)
         try:
-            outcome = await self.holds.hold(
-                HoldRequest(request_id, grant.account, grant.key_hash, spec.id, want, need)
-            )
+            outcome = await self.holds.hold(request)
+            earlier = self._settling_by_account.get(grant.account)
+            if isinstance(outcome, UbcError) and outcome.status_code in (402, 409) and earlier:
+                # Calls answered a moment ago may still hold what this one needs: once
+                # their usage entries are written (in this process), try once more.
+                await asyncio.wait(list(earlier))
+                request = replace(request, request_id=new_request_id())
+                outcome = await self.holds.hold(request)
         except BaseException:
             self.limiter.refund(limits, reserved)
             raise
@@ -286,7 +288,7 @@ class Gateway:
             if outcome.status_code in (401, 403):
                 self._grants.pop(grant.key_hash, None)
             raise from_ledger_error(outcome)
-        return Call(request_id, grant, spec, price, outcome.amount, limits, reserved)
+        return Call(request.request_id, grant, spec, price, outcome.amount, limits, reserved)
 
     def finish(self, call: Call, input_tokens: int, output_tokens: int) -> int:
         """Bill the call (0 tokens: release it unbilled); returns its cost. The usage
@@ -294,18 +296,24 @@ class Gateway:
         if call.settled:
             return 0
         call.settled = True
-        item, cost = usage_envelope(
-            self.ctx,
-            request_id=call.request_id,
-            account=call.grant.account,
-            key_hash=call.grant.key_hash,
-            model=call.spec.id,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            held=call.held,
-            price=call.price,
-            now=utcnow(),
-        )
+        now = utcnow()
+        cost = min(rules.usage_cost(input_tokens, output_tokens, call.price), call.held)
+
+        def item() -> Prechecked:
+            # Built and signed in the writer's thread, off the event loop.
+            return usage_envelope(
+                self.ctx,
+                request_id=call.request_id,
+                account=call.grant.account,
+                key_hash=call.grant.key_hash,
+                model=call.spec.id,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                held=call.held,
+                price=call.price,
+                now=now,
+            )[0]
+
         self.limiter.refund(call.limits, call.reserved_tokens - input_tokens - output_tokens)
         task = asyncio.get_running_loop().create_task(self._settle(call, item))
         self._settling.add(task)
@@ -334,7 +342,7 @@ class Gateway:
 
     # -- internals --
 
-    async def _settle(self, call: Call, item: Any) -> None:
+    async def _settle(self, call: Call, item: Callable[[], Prechecked]) -> None:
         try:
             outcomes = await self.writer.submit_internal([item])
         except Exception:

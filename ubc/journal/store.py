@@ -49,13 +49,23 @@ class NewEntry:
     summary: dict[str, Any] | None = None
 
 
-def lock_head(session: Session) -> int | None:
-    """Lock the journal for this transaction; the current size, or None before genesis."""
-    stmt = select(head_t.c.size).where(head_t.c.id == 1)
+def lock_head(session: Session, *extra: Any) -> int | None:
+    """Lock the journal for this transaction; the current size, or None before genesis.
+
+    ``extra`` are scalar subqueries read in the same round trip (see
+    :func:`lock_head_with`).
+    """
+    row = lock_head_with(session, *extra)
+    return None if row is None else int(row[0])
+
+
+def lock_head_with(session: Session, *extra: Any) -> tuple[Any, ...] | None:
+    """Lock the journal head and read ``extra`` scalar subqueries with it: the size first."""
+    stmt = select(head_t.c.size, *extra).where(head_t.c.id == 1)
     if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update()
-    size = session.execute(stmt).scalar_one_or_none()
-    return None if size is None else int(size)
+        stmt = stmt.with_for_update(of=head_t)
+    row = session.execute(stmt).first()
+    return None if row is None else tuple(row)
 
 
 def create_head(session: Session) -> None:
@@ -69,8 +79,13 @@ def append(
     *,
     now: datetime,
     signer: NoteSigner,
+    checkpoint: str | None = None,
 ) -> list[int]:
-    """Append ``new`` after ``size`` entries (the caller holds the head lock); their seqs."""
+    """Append ``new`` after ``size`` entries (the caller holds the head lock); their seqs.
+
+    ``checkpoint`` is the head's checkpoint as read under the lock, if the caller has it:
+    the Merkle frontier it names may then come from the cache of the last appends.
+    """
     committed_at = format_timestamp(now)
     rows = []
     for offset, item in enumerate(new):
@@ -85,7 +100,7 @@ def append(
             body["summary"] = item.summary
         entry = encode_entry(body)
         rows.append(RawEntry(item.envelope_id, item.type, item.actor, item.accounts, entry))
-    return append_raw(session, size, rows, now=now, signer=signer)
+    return append_raw(session, size, rows, now=now, signer=signer, current=checkpoint)
 
 
 def encode_entry(entry: dict[str, Any]) -> bytes:
@@ -117,14 +132,21 @@ def append_raw(
     now: datetime,
     signer: NoteSigner | None = None,
     checkpoint: str | None = None,
+    current: str | None = None,
 ) -> list[int]:
     """Store entries' exact bytes and their Merkle nodes, then the new checkpoint.
 
     The checkpoint is signed by ``signer``, or given (``restore`` keeps the exported one).
+    ``current`` is the checkpoint the head holds now (read under the lock): a tree is
+    identified by its size and root, so the frontier cached under that checkpoint's body
+    is this tree's, and the stored nodes need not be read.
     """
     if not rows:
         return []
-    frontier = HashTable(session).get_hashes(frontier_ids(size))
+    key = _tree_key(current)
+    frontier = _FRONTIERS.get(key) if key is not None else None
+    if frontier is None or len(frontier) != len(frontier_ids(size)):
+        frontier = HashTable(session).get_hashes(frontier_ids(size))
     leaves = [leaf_hash(r.entry) for r in rows]
     nodes, new_frontier = append_leaves(size, frontier, leaves)
     new_size = size + len(rows)
@@ -154,7 +176,26 @@ def append_raw(
     connection.execute(
         update(head_t).where(head_t.c.id == 1).values(size=new_size, checkpoint=checkpoint or "")
     )
+    new_key = _tree_key(checkpoint)
+    if new_key is not None:
+        if len(_FRONTIERS) >= 64:
+            _FRONTIERS.clear()
+        # Cached before commit: a rolled-back append leaves a key no head will ever name
+        # (the next checkpoint of that size signs another root, or the same tree).
+        _FRONTIERS[new_key] = list(new_frontier)
     return list(range(size, new_size))
+
+
+# Merkle frontiers by the checkpoint body (origin, size, root) of the tree they belong to.
+_FRONTIERS: dict[str, list[bytes]] = {}
+
+
+def _tree_key(checkpoint: str | None) -> str | None:
+    """The signed part of a checkpoint (origin, size and root): it names one tree."""
+    if not checkpoint:
+        return None
+    body, separator, _ = checkpoint.partition("\n\n")
+    return body if separator else None
 
 
 def set_checkpoint(session: Session, checkpoint: str) -> None:
