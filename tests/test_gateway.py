@@ -33,7 +33,7 @@ from tests.test_cli_member import Person
 from tests.upstream import FakeUpstream, run_upstream
 from ubc.audit.source import from_database, from_export, write_export
 from ubc.audit.verify import verify_journal
-from ubc.client import UbcClient, api_key_hash
+from ubc.client import UbcApiError, UbcClient, api_key_hash
 from ubc.db import make_engine
 from ubc.gateway.service import estimate_tokens, prompt_bound
 from ubc.ledger.models import Account
@@ -661,3 +661,24 @@ def test_cli_lists_models_and_a_members_usage_by_day(env: Env, tmp_path: Path) -
     # Another member's spend is not alice's to read.
     env.member("bob", 0)
     assert "may not read member:bob" in person.fails("usage", "bob")
+
+
+def test_a_cause_spends_through_a_key_its_steward_granted(env: Env) -> None:
+    steward, _ = env.member("carol", 0)
+    outsider, _ = env.member("dan", 0)
+    donor, _ = env.member("bob", 500)
+    env.operator.register_cause("open-research", "Open research", "public science", ["carol"])
+    donor.donate("open-research", 300)
+    secret, _ = steward.grant_api_key("cluster", account="cause:open-research", scopes=("models",))
+    with pytest.raises(UbcApiError) as refused:
+        outsider.grant_api_key("mine", account="cause:open-research", scopes=("models",))
+    assert refused.value.status == 403
+    answer = env.sdk(secret).chat.completions.create(
+        model="chat-small", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert answer.usage is not None
+    env.settled()
+    cost = answer.usage.prompt_tokens + 2 * answer.usage.completion_tokens
+    assert balance(env.operator, "cause:open-research")["posted"] == 300 - cost
+    cause = env.operator.cause("open-research")
+    assert cause["used_on_models"] == {"CU": cost}

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from nacl.signing import SigningKey
@@ -44,6 +45,7 @@ from ubc.journal.checkpoint import format_checkpoint
 from ubc.journal.merkle import append_leaves, leaf_hash, root_from_frontier
 from ubc.market import service as market
 from ubc.market.rules import fill_payment
+from ubc.migrations import upgrade
 from ubc.runtime import load_runtime
 from ubc.signing import (
     NoteSigner,
@@ -52,6 +54,7 @@ from ubc.signing import (
     generate_signing_key,
     load_signing_key,
 )
+from ubc.signing.dsse import Envelope, add_signature
 
 ORIGIN = "test.ubc/ledger"
 STARTS, ENDS = "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"
@@ -1053,3 +1056,63 @@ def _open_in(server: LiveServer) -> bool:
             )
     finally:
         engine.dispose()
+
+
+def test_a_withdrawal_may_wait_for_the_operator_a_transfer_may_not(book: Book) -> None:
+    alice = book.member("alice", usd=100)
+    book.member("bob")
+    signed = utcnow() - timedelta(hours=2)
+    late = book.envelope(
+        "withdrawal",
+        "alice",
+        created_at=signed,
+        from_=alice,
+        asset="USD",
+        amount=40,
+        external_ref="payout-late",
+    )
+    # The operator countersigns two hours later: inside the approval window.
+    envelope = Envelope.from_json(late)
+    cosigned = add_signature(envelope, book.operator).to_json()
+    receipt = book.one(cosigned)
+    assert receipt.effects[0]["amount"] == 40
+    stale = book.envelope(
+        "transfer",
+        "alice",
+        created_at=signed,
+        from_=alice,
+        to="member:bob",
+        asset="USD",
+        amount=1,
+    )
+    error = book.refused(stale, 400)
+    assert "outside the accepted window" in error.message
+    # Past the window (7 days by default) a withdrawal is refused too.
+    ancient = book.envelope(
+        "withdrawal",
+        "alice",
+        created_at=utcnow() - timedelta(days=8),
+        from_=alice,
+        asset="USD",
+        amount=1,
+        external_ref="payout-ancient",
+    )
+    book.refused(add_signature(Envelope.from_json(ancient), book.operator).to_json(), 400)
+
+
+def test_the_market_fee_setting_is_journaled(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ubc.db'}"
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    data = make_data_dir(tmp_path / "data")
+    fees = []
+    for setting in (250, 100, None):
+        with run_server(url, data, market_fee_bps=setting) as server:
+            fees.append(httpx.get(f"{server.url}/api/ledger").json()["market_fee_bps"])
+    assert fees == [250, 100, 100]
+    types = [json.loads(e)["envelope"]["payloadType"] for _, e in from_database(url).entries]
+    assert types == [
+        "application/vnd.ubc.ledger.genesis+json",
+        "application/vnd.ubc.ledger.config+json",
+    ]

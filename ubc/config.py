@@ -31,6 +31,18 @@ class Settings(BaseSettings):
     )
     created_at_skew_seconds: int = Field(default=300, ge=1)
     hold_sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    withdrawal_approval_seconds: int = Field(
+        default=7 * 24 * 3600,
+        ge=1,
+        description="how long a member-signed withdrawal may wait for the operator",
+    )
+    market_fee_bps: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="the market's fee in basis points of each fill's payment, paid by the "
+        "seller; unset keeps the journal's (0 in a new ledger)",
+    )
     gateway_hold_timeout_seconds: float = Field(
         default=600.0,
         gt=0,

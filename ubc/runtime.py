@@ -81,7 +81,7 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         catalog = load_catalog(settings.models_file)
     except ModelsFileError as exc:
         raise SetupError(str(exc)) from None
-    write_genesis(session, ctx, models=prices(catalog))
+    write_genesis(session, ctx, models=prices(catalog), market_fee_bps=settings.market_fee_bps or 0)
     genesis = genesis_payload(session)
     if genesis["ledger"] != settings.origin:
         raise SetupError(
@@ -91,13 +91,16 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         raise SetupError("the ledger key in the data dir is not the key of this journal")
     # The journal is the source of truth for the configuration.
     ctx = context_from_genesis(
-        LedgerGenesis.model_validate(genesis), skew=ctx.skew, ledger_key=ledger_key
+        LedgerGenesis.model_validate(genesis),
+        skew=ctx.skew,
+        ledger_key=ledger_key,
+        withdrawal_window=timedelta(seconds=settings.withdrawal_approval_seconds),
     )
     if settings.enrollment != ctx.enrollment:
         log.warning(
             "UBC_ENROLLMENT=%s ignored: the journal says %s", settings.enrollment, ctx.enrollment
         )
-    config = _publish_prices(session, ctx, catalog, data_dir)
+    config = _publish_config(session, ctx, catalog, settings.market_fee_bps, data_dir)
     tokens = {}
     for role in ("operator", "auditor"):
         path = data_dir / f"{role}.token"
@@ -118,23 +121,30 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
     return Runtime(ctx, tokens, info, catalog, dict(config["models"]))
 
 
-def _publish_prices(
-    session: Session, ctx: LedgerContext, catalog: dict[str, ModelSpec], data_dir: Path
+def _publish_config(
+    session: Session,
+    ctx: LedgerContext,
+    catalog: dict[str, ModelSpec],
+    market_fee_bps: int | None,
+    data_dir: Path,
 ) -> dict[str, Any]:
-    """Journal a ``ledger.config`` when the models file's prices differ from those in force.
+    """Journal a ``ledger.config`` when the models file's prices or the market fee differ
+    from those in force.
 
     A config change needs the operator's signature too: without the operator key in the
-    data dir the journaled prices stay, and models without one are not served.
+    data dir the journaled configuration stays, and models without a price are not served.
     """
     config = rules.current_config(session)
     wanted = prices(catalog)
-    if config.get("models") == wanted:
+    if market_fee_bps is None:
+        market_fee_bps = int(config["market_fee_bps"])
+    if config.get("models") == wanted and config.get("market_fee_bps") == market_fee_bps:
         return config
     operator_path = data_dir / "operator.key"
     if not operator_path.exists():
         log.warning(
-            "the models file's prices differ from the journal's; without %s they are not "
-            "published (sign a ledger.config with the operator key)",
+            "the models file's prices or UBC_MARKET_FEE_BPS differ from the journal's; "
+            "without %s they are not published (sign a ledger.config with the operator key)",
             operator_path,
         )
         return config
@@ -146,6 +156,7 @@ def _publish_prices(
             "created_at": format_timestamp(utcnow()),
             "actor": "ledger",
             "models": wanted,
+            "market_fee_bps": market_fee_bps,
         }
     )
     payload = LedgerConfig.model_validate(body)
@@ -153,8 +164,8 @@ def _publish_prices(
     envelope = sign_payload(payload, "ledger.config", [ctx.ledger_key, operator_key])
     outcome = submit(session, ctx, [envelope.to_json()], internal=True)[0]
     if isinstance(outcome, UbcError):
-        raise SetupError(f"publishing the models file's prices failed: {outcome.message}")
-    log.info("published the models file's prices as journal entry %d", outcome.receipt.seq)
+        raise SetupError(f"publishing the configuration failed: {outcome.message}")
+    log.info("published prices and market fee as journal entry %d", outcome.receipt.seq)
     return rules.current_config(session)
 
 

@@ -36,6 +36,7 @@ from ubc.envelopes.payloads import (
     MAX_PAYLOAD_BYTES,
     LedgerGenesis,
     Payload,
+    Withdrawal,
     format_timestamp,
     parse_timestamp,
     payload_json,
@@ -89,6 +90,8 @@ class LedgerContext:
     assets: tuple[str, ...]
     # The server signs with it; an auditor replaying a journal has only the public key.
     ledger_key: SigningKey | None = None
+    # How long a member-signed withdrawal may wait for the operator's countersignature.
+    withdrawal_window: timedelta = timedelta(days=7)
 
     @property
     def ledger_keyid(self) -> str:
@@ -303,7 +306,11 @@ def apply_genesis(session: Session, payload: LedgerGenesis) -> None:
 
 
 def context_from_genesis(
-    payload: LedgerGenesis, *, skew: timedelta, ledger_key: SigningKey | None = None
+    payload: LedgerGenesis,
+    *,
+    skew: timedelta,
+    ledger_key: SigningKey | None = None,
+    withdrawal_window: timedelta = timedelta(days=7),
 ) -> LedgerContext:
     """The ledger context an entry-0 payload establishes."""
     return LedgerContext(
@@ -314,6 +321,7 @@ def context_from_genesis(
         skew=skew,
         assets=tuple(sorted(payload.assets)),
         ledger_key=ledger_key,
+        withdrawal_window=withdrawal_window,
     )
 
 
@@ -625,6 +633,12 @@ class _Writer:
         if self.replay:
             return
         created = parse_timestamp(payload.created_at)
+        # A member's withdrawal waits for the operator's countersignature: it may be as old
+        # as the approval window (never from the future beyond the skew). Its id and
+        # external reference keep it from applying twice.
+        earliest = self.ctx.withdrawal_window if isinstance(payload, Withdrawal) else None
+        if earliest is not None and self.now - earliest <= created <= self.now + self.ctx.skew:
+            return
         if abs(created - self.now) > self.ctx.skew:
             raise InvalidPayload(
                 f"created_at {payload.created_at} is outside the accepted window of "
