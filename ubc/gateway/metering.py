@@ -21,8 +21,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import bindparam, insert, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.db import run_unit_of_work
@@ -33,6 +34,7 @@ from ubc.envelopes.service import LedgerContext, Outcome, Prechecked, sign_inter
 from ubc.errors import Forbidden, InsufficientFunds, UbcError, Unauthenticated
 from ubc.gateway.models import ApiKeySpend, GatewayHold
 from ubc.ledger import service as ledger
+from ubc.ledger._sql import Driver
 from ubc.ledger.models import Transfer
 from ubc.ledger.service import LedgerRequest, Leg
 from ubc.members.models import ApiKey, Member
@@ -85,24 +87,32 @@ def place_holds(
     the holds still open) not exceeded.
     """
     keys = sorted({r.key_hash for r in requests})
-    query = select(
-        apikeys_t.c.key_hash,
-        apikeys_t.c.account,
-        apikeys_t.c.revoked,
-        apikeys_t.c.expires_at,
-        apikeys_t.c.spend_cap_per_epoch,
-    ).where(apikeys_t.c.key_hash.in_(keys))
-    if session.get_bind().dialect.name == "postgresql":
-        # Concurrent holds of one key wait here, so its spend cap is checked in turn.
-        query = query.order_by(apikeys_t.c.key_hash).with_for_update()
-    grants = {row[0]: row for row in session.execute(query)}
-    handles = sorted({g[1][7:] for g in grants.values() if g[1].startswith("member:")})
-    status: dict[str, str] = dict(
-        session.execute(
-            select(members_t.c.handle, members_t.c.status).where(members_t.c.handle.in_(handles))
-        ).all()
+    # One round trip: the grants (locked on PostgreSQL, so that concurrent holds of one
+    # key check its spend cap in turn), their members' status, and the spend epoch.
+    query = (
+        select(
+            apikeys_t.c.key_hash,
+            apikeys_t.c.account,
+            apikeys_t.c.revoked,
+            apikeys_t.c.expires_at,
+            apikeys_t.c.spend_cap_per_epoch,
+            members_t.c.status,
+            rules.spend_epoch_query(),
+        )
+        .select_from(
+            apikeys_t.outerjoin(
+                members_t, members_t.c.handle == func.substr(apikeys_t.c.account, 8)
+            )
+        )
+        .where(apikeys_t.c.key_hash.in_(keys))
+        .order_by(apikeys_t.c.key_hash)
     )
-    epoch = rules.spend_epoch(session)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(of=apikeys_t)
+    rows = session.execute(query).all()
+    grants = {row[0]: row for row in rows}
+    status = {row[1][7:]: row[5] for row in rows if row[1].startswith("member:")}
+    epoch = int(rows[0][6] or 0) if rows else 0
     capped = sorted(k for k, g in grants.items() if g[4] is not None)
     committed: dict[str, int] = {}
     if capped:
@@ -112,14 +122,14 @@ def place_holds(
             )
         ):
             committed[key_hash] = int(spent)
-        for key_hash, held in session.execute(
+        for key_hash, open_held in session.execute(
             text(
                 "SELECT key_hash, sum(held) FROM gateway_holds "
                 "WHERE epoch = :epoch AND key_hash IN :keys GROUP BY key_hash"
             ).bindparams(bindparam("keys", expanding=True)),
             {"epoch": epoch, "keys": capped},
         ):
-            committed[key_hash] = committed.get(key_hash, 0) + int(held)
+            committed[key_hash] = committed.get(key_hash, 0) + int(open_held)
     outcomes: list[Held | UbcError | None] = []
     pending: list[tuple[int, HoldRequest, LedgerRequest]] = []
     for index, request in enumerate(requests):
@@ -161,26 +171,30 @@ def place_holds(
             (index, request, LedgerRequest(rules.hold_request_id(request.request_id), (leg,)))
         )
     applied = ledger.apply_many(session, [p[2] for p in pending], now=now)
-    rows = []
+    new_rows: list[tuple[Any, ...]] = []
+    stamp = Driver(session).timestamp(now)
     for (index, request, _), outcome in zip(pending, applied, strict=True):
         if isinstance(outcome, UbcError):
             outcomes[index] = outcome
             continue
         amount = outcome.effects[0].amount
         outcomes[index] = Held(request.request_id, amount)
-        rows.append(
-            {
-                "request_id": request.request_id,
-                "account": request.account,
-                "key_hash": request.key_hash,
-                "model": request.model,
-                "epoch": epoch,
-                "held": amount,
-                "created_at": now,
-            }
+        new_rows.append(
+            (
+                request.request_id,
+                request.account,
+                request.key_hash,
+                request.model,
+                epoch,
+                amount,
+                stamp,
+            )
         )
-    if rows:
-        session.execute(insert(holds_t), rows)
+    Driver(session).insert(
+        "gateway_holds",
+        "request_id, account, key_hash, model, epoch, held, created_at",
+        new_rows,
+    )
     return [o for o in outcomes if o is not None]
 
 
