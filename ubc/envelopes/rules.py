@@ -167,6 +167,9 @@ class State:
     hints: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The server's own envelopes (usage, expiries) and replays may carry ledger-only types.
     internal: bool = False
+    # Applies every envelope planned so far in the batch (set by the write path), for a
+    # rule that must read what an earlier envelope of the batch did (an offer's fills).
+    flush: Callable[[], None] = field(default=lambda: None)
     keys: dict[str, KeyInfo | None] = field(default_factory=dict)
     members: dict[str, MemberInfo | None] = field(default_factory=dict)
     refs: set[str] = field(default_factory=set)

@@ -410,6 +410,7 @@ class _Writer:
             internal=self.internal or self.replay,
         )
         self.state.known_versions(config=head[1], spend_epoch=head[2])
+        self.state.flush = self._flush
         ledger_keys = {self.ctx.ledger_keyid, *self.ctx.operator_keys}
         self.state.preload(
             keyids={s.keyid for d in good for s in d.envelope.signatures} - ledger_keys,

@@ -136,10 +136,7 @@ async def _chat_once(
     try:
         status, content = await gateway.upstreams.post(spec, "/chat/completions", forwarded)
     except UPSTREAM_ERRORS as exc:
-        gateway.finish(call, 0, 0)
-        raise GatewayError(
-            502, f"The model's server failed: {exc!r}", type_="upstream_error", code="upstream"
-        ) from None
+        raise _failed(gateway, call, exc) from None
     if status != 200:
         gateway.finish(call, 0, 0)
         raise _upstream_error(status, content)
@@ -180,10 +177,7 @@ async def _chat_stream(
             gateway.upstreams.url(spec, "/chat/completions"), json=forwarded
         )
     except UPSTREAM_ERRORS as exc:
-        gateway.finish(call, 0, 0)
-        raise GatewayError(
-            502, f"The model's server failed: {exc!r}", type_="upstream_error", code="upstream"
-        ) from None
+        raise _failed(gateway, call, exc) from None
     if upstream.status != 200:
         try:
             content = await upstream.read()
@@ -301,6 +295,14 @@ class MeteredStream(Response):
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _failed(gateway: Gateway, call: Call, exc: BaseException) -> GatewayError:
+    """The upstream could not be reached or broke off: the call is released unbilled."""
+    gateway.finish(call, 0, 0)
+    return GatewayError(
+        502, f"The model's server failed: {exc!r}", type_="upstream_error", code="upstream"
+    )
+
+
 def _upstream_error(status: int, content: bytes) -> GatewayError:
     message = "The model's server refused the request"
     try:
@@ -385,10 +387,7 @@ async def _upstream_embeddings(
         status, content = await gateway.upstreams.post(spec, "/embeddings", forwarded)
         data = json.loads(content) if status == 200 else None
     except UPSTREAM_ERRORS as exc:
-        gateway.finish(call, 0, 0)
-        raise GatewayError(
-            502, f"The model's server failed: {exc!r}", type_="upstream_error", code="upstream"
-        ) from None
+        raise _failed(gateway, call, exc) from None
     except ValueError:
         data = None
     if status != 200 or not isinstance(data, dict):

@@ -30,14 +30,12 @@ kept. The posted balance after a close is read from the seller's postings up to 
 close's last posting: the same on the live ledger and in the auditor's replay.
 
 **Batches.** The writer plans every envelope of a batch before applying its ledger
-operations in one group commit. An offer touched by an earlier envelope of the same batch
-is planned from that envelope's result (kept in ``session.info`` for this batch), and its
-plan carries a ``before`` step: the writer then applies what is pending first, and the
-step checks that the offer in the database is what the plan assumed (it is not only if
-that earlier envelope failed, e.g. its buyer lacked funds; this one then fails with 409
-``state_conflict`` and may be signed again). Batches are serialised by the journal head
-lock, so concurrent buyers on any number of processes never oversell; escrow, a
-non-negative account, is the last guard.
+operations in one group commit. An envelope on an offer that an earlier envelope of the
+same batch touched first has the writer apply what is planned (``state.flush``), then
+reads the offer as that left it: a fill after a failed fill of the same offer is planned
+on the offer as it really is. Batches are serialised by the journal head lock, so
+concurrent buyers on any number of processes never oversell; escrow, a non-negative
+account, is the last guard.
 """
 
 from __future__ import annotations
@@ -288,32 +286,15 @@ Before = Callable[[], None] | None
 
 
 def _load(state: State, offer_id: str) -> tuple[OfferView, Before]:
-    """The offer, and the ``before`` step its plan needs (None if read from the database)."""
-    planned = _batch(state).get(offer_id)
-    if planned is None:
-        view = _read(state, offer_id)
-        if view is None:
-            raise NotFound(f"no offer {offer_id}", detail={"offer_id": offer_id})
-        return view, None
-    assumed = planned
-
-    def before() -> None:
-        # Everything planned before this envelope has applied (or failed) by now.
-        actual = _read(state, offer_id)
-        if actual == assumed:
-            return
-        batch = _batch(state)
-        if actual is None:
-            batch.pop(offer_id, None)
-            raise NotFound(f"no offer {offer_id}", detail={"offer_id": offer_id})
-        batch[offer_id] = actual
-        raise StateConflict(
-            f"offer {offer_id} changed while this envelope was checked (an earlier one of "
-            "the same batch failed); sign it again",
-            detail={"offer_id": offer_id},
-        )
-
-    return planned, before
+    """The offer as it is now. If an earlier envelope of this batch touched it, what is
+    planned is applied first (``state.flush``), so this one is planned on its result."""
+    if offer_id in _batch(state):
+        state.flush()
+        _batch(state).clear()
+    view = _read(state, offer_id)
+    if view is None:
+        raise NotFound(f"no offer {offer_id}", detail={"offer_id": offer_id})
+    return view, None
 
 
 def _require_open(state: State, view: OfferView, *, allow_expired: bool = False) -> None:
