@@ -244,6 +244,42 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "models": {},
         "cu_price_usd": "0.001",
     },
+    "usage": {
+        "actor": "ledger",
+        "account": "member:alice",
+        "key_hash": "ab" * 32,
+        "request_id": str(uuid.uuid4()),
+        "model": "all-minilm-l6-v2",
+        "input_tokens": 10,
+        "output_tokens": 0,
+        "held": 1,
+        "cost": 1,
+    },
+    "hold.expire": {"actor": "ledger", "hold_id": f"hold:{uuid.uuid4()}:0"},
+    "offer.create": {
+        "actor": "member:alice",
+        "sell_asset": "CU",
+        "sell_amount": 10,
+        "price_asset": "USD",
+        "price_amount": 5,
+    },
+    "offer.fill": {"actor": "member:bob", "offer_id": str(uuid.uuid4()), "amount": 1},
+    "offer.cancel": {"actor": "member:alice", "offer_id": str(uuid.uuid4())},
+    "offer.expire": {"actor": "ledger", "offer_id": str(uuid.uuid4())},
+    "cause.register": {
+        "actor": "operator",
+        "slug": "malaria-research",
+        "name": "Malaria research",
+        "description": "nets",
+        "stewards": ["alice"],
+    },
+    "cause.update": {
+        "actor": "operator",
+        "slug": "malaria-research",
+        "name": "Malaria research",
+        "description": "nets and vaccines",
+        "stewards": ["bob"],
+    },
 }
 TEMPLATES["ledger.genesis"] = TEMPLATES["ledger.config"]
 for _template in TEMPLATES.values():
@@ -330,6 +366,14 @@ RIGHT_SIGNERS = {
     "ledger.genesis": ["ledger"],
     "epoch.open": ["operator"],
     "epoch.close": ["operator"],
+    "usage": ["ledger"],
+    "hold.expire": ["ledger"],
+    "offer.create": ["alice"],
+    "offer.fill": ["bob"],
+    "offer.cancel": ["alice"],
+    "offer.expire": ["ledger"],
+    "cause.register": ["operator"],
+    "cause.update": ["operator"],
 }
 SIGNER_NAMES = ["alice", "bob", "operator", "ledger", "stranger", "new"]
 ALL_FIELDS = sorted({"ledger", "id", *FIELD_POOLS})
