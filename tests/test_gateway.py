@@ -95,6 +95,15 @@ api_key_env = "UBC_TEST_UPSTREAM_KEY"
 input_price = 1000
 output_price = 2000
 
+[models."chat-cut-stream"]
+backend = "upstream"
+kind = "chat"
+url = "{api_base}"
+upstream_model = "fake:cut-after-3"
+api_key_env = "UBC_TEST_UPSTREAM_KEY"
+input_price = 1000
+output_price = 2000
+
 [models."chat-slow"]
 backend = "upstream"
 kind = "chat"
@@ -682,3 +691,33 @@ def test_a_cause_spends_through_a_key_its_steward_granted(env: Env) -> None:
     assert balance(env.operator, "cause:open-research")["posted"] == 300 - cost
     cause = env.operator.cause("open-research")
     assert cause["used_on_models"] == {"CU": cost}
+
+
+def test_a_stream_cut_by_the_upstream_bills_what_was_received(env: Env) -> None:
+    member, secret = env.member("alice", 1000)
+    messages = [{"role": "user", "content": "tell me more"}]
+    with httpx.Client(timeout=30) as http:
+        response = http.post(
+            f"{env.server.url}/v1/chat/completions",
+            headers={"authorization": f"Bearer {secret}"},
+            json={"model": "chat-cut-stream", "messages": messages, "stream": True},
+        )
+    assert response.status_code == 200
+    assert response.text.count('"content":"tok') == 3
+    assert "[DONE]" not in response.text
+    env.settled()
+    expected = estimate_tokens(prompt_bound({"messages": messages})) + 2 * 3
+    assert balance(member)["posted"] == 1000 - expected
+
+
+def test_n_choices_are_held_for_and_max_completion_tokens_keeps_its_name(env: Env) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    bound = prompt_bound({"messages": messages})
+    # Enough for 2 choices of 5 tokens, not for 2 of 20.
+    _, secret = env.member("alice", bound + 2 * 2 * 5)
+    env.sdk(secret).chat.completions.create(
+        model="chat-small", messages=messages, n=2, max_completion_tokens=20
+    )
+    forwarded = env.upstream.stats().last_request_body
+    assert forwarded["max_completion_tokens"] == 5
+    assert "max_tokens" not in forwarded

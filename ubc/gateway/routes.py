@@ -105,15 +105,29 @@ async def chat_completions(request: Request) -> Response:
         if not isinstance(messages, list) or not messages:
             raise GatewayError(400, "'messages' must be a non-empty array", param="messages")
         asked = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+        # n choices generate up to n × max_tokens: the hold covers them all.
+        choices = _positive_int(body, "n") or 1
+        if choices > 16:
+            raise GatewayError(400, "'n' must be at most 16", param="n")
         output_cap = min(asked or spec.max_output_tokens, spec.max_output_tokens)
         bound = prompt_bound(body)
-        call = await gateway.begin(grant, spec, input_bound=bound, output_cap=output_cap)
-        allowed = max_output_tokens(call.held, bound, call.price, output_cap)
+        call = await gateway.begin(grant, spec, input_bound=bound, output_cap=output_cap * choices)
+        allowed = max_output_tokens(call.held, bound, call.price, output_cap * choices) // choices
+        if allowed < 1:
+            raise GatewayError(
+                402,
+                "You exceeded your current quota: not enough left for one token per choice",
+                type_="insufficient_quota",
+                code="insufficient_quota",
+            )
         forwarded = dict(body)
         forwarded["model"] = spec.upstream_model
+        # The clamped limit, under the name the caller used (newer models want
+        # max_completion_tokens; max_tokens is the default).
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         forwarded.pop("max_tokens", None)
         forwarded.pop("max_completion_tokens", None)
-        forwarded["max_tokens"] = allowed
+        forwarded[name] = allowed
         stream = body.get("stream") is True
         if not stream:
             return await _chat_once(gateway, call, spec, forwarded, bound)
