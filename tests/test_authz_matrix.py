@@ -458,7 +458,11 @@ def generic(case: str, type_: str) -> Case | None:
     table: dict[str, Case] = {
         "unknown_key": lambda w: Expect(right(w).but(keys=(stranger,)).seal(), 401),
         "wrong_origin": lambda w: Expect(right(w).seal(ledger="other.ubc/ledger"), 400),
-        "stale_past": lambda w: Expect(right(w).seal(created_at=timestamp(-301)), 400),
+        # A withdrawal may wait days for the operator's countersignature: stale past that.
+        "stale_past": lambda w: Expect(
+            right(w).seal(created_at=timestamp(-8 * 86400 if type_ == "withdrawal" else -301)),
+            400,
+        ),
         "stale_future": lambda w: Expect(right(w).seal(created_at=timestamp(301)), 400),
         "tampered_payload": lambda w: Expect(_tampered(w, type_), 401),
         "tampered_signature": lambda w: Expect(flip_signatures(right(w).seal()), 401),

@@ -1020,7 +1020,12 @@ def test_the_market_from_the_command_line(sqlite_server: LiveServer, tmp_path: P
     assert "sell" in run("market", "trades")
     out = run("market", "cancel", offer_id)
     assert "20 came back to you" in out
+    # The one-second offer is expired by the server's sweeper (once a second).
+    deadline = time.monotonic() + 20
+    while "No open offers" not in run("market", "list") and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert "No open offers" in run("market", "list")
+    assert short_lived not in run("market", "list")
     assert "is cancelled" in run("market", "cancel", offer_id, ok=False)
     assert "expires" in run("market", "sell", "1", "--price", "1", "--expires", "soon", ok=False)
     # A withdrawal asked by alice, approved by the operator (whose key and token are in

@@ -1,10 +1,10 @@
 """Clients of OpenAI-compatible upstream servers: one pooled aiohttp session per upstream.
 
 aiohttp rather than httpx on this path: on a 2-core machine, against the loopback
-upstream at 20 ms, httpx's async client topped out near 150 calls/s at 6.5 ms of CPU a
-call (its connection pool scans every connection per request), aiohttp did 2,000 calls/s
-at 0.4 ms (BENCHMARKS.md, "Model endpoint"). httpx stays the synchronous client of
-``ubc.client``.
+upstream at 20 ms, httpx's async client topped out at 150–220 calls/s at 4.5–6.5 ms of CPU
+a call (its connection pool scans every connection per request), aiohttp did 2,100–2,200
+calls/s at 0.35–0.4 ms (``scripts/bench_upstream_clients.py``). httpx stays the
+synchronous client of ``ubc.client``.
 """
 
 from __future__ import annotations
