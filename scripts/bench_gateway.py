@@ -330,7 +330,7 @@ def server_env(db: Database, data_dir: Path, models_file: Path) -> dict[str, str
 
 @contextlib.contextmanager
 def running_server(
-    children: Children, db: Database, upstream: Upstream, tmp: Path
+    children: Children, db: Database, upstream: Upstream, tmp: Path, workers: int = 1
 ) -> Iterator[Server]:
     data_dir = tmp / "data"
     models_file = tmp / "models.toml"
@@ -358,7 +358,7 @@ def running_server(
     with log_path.open("wb") as out:
         process = children.start(
             [*ubc_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
-            + ["--workers", "1"],
+            + ["--workers", str(workers)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -817,7 +817,7 @@ def _frame_name(frame: str) -> str:
 def bench_engine(
     args: argparse.Namespace, children: Children, db: Database, upstream: Upstream, tmp: Path
 ) -> Bench:
-    with running_server(children, db, upstream, tmp) as server:
+    with running_server(children, db, upstream, tmp, args.workers) as server:
         log(f"  server up at {server.url}; {args.members} member(s), deposit {DEPOSIT:,} CU")
         members = set_up_members(server, args.members)
         keys = [m.secret for m in members]
@@ -1014,7 +1014,8 @@ def report(args: argparse.Namespace, benches: list[Bench], facts: dict[str, Any]
         lines.append(f"- {name} {server_version}: {settings}")
     lines += [
         f"- upstream: `tests/upstream.py --latency-ms {args.latency_ms:g}` (its own process, "
-        f"uvloop), {OUTPUT_TOKENS} output tokens per answer; ubc: `ubc serve --workers 1`, "
+        f"uvloop), {OUTPUT_TOKENS} output tokens per answer; "
+        f"ubc: `ubc serve --workers {args.workers}`, "
         f"metering and journaling on, {args.members} member(s) with one API key each (no rate "
         "limit, no spend cap); price 1,000 / 2,000 CU per 1K input / output tokens",
         "- load: one process, one keep-alive HTTP/1.1 connection per concurrent client "
@@ -1105,6 +1106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", default="chat,stream,embed", help="comma-separated")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="the upstream's latency")
     parser.add_argument("--members", type=int, default=1, help="members (clients spread)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="ubc serve worker processes (CPU: all of them)"
+    )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     parser.add_argument(
         "--profile", metavar="DIR", help="py-spy one more chat run; collapsed stacks to DIR"
