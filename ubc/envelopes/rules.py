@@ -638,9 +638,14 @@ def hold_request_id(request_id: str) -> str:
     return f"hold:{request_id}"
 
 
+def call_cost(input_tokens: int, output_tokens: int, price: dict[str, int], held: int) -> int:
+    """What a call is billed: its cost at ``price``, never more than its hold."""
+    return min(usage_cost(input_tokens, output_tokens, price), held)
+
+
 def spend_epoch(session: Session) -> int:
     """The epoch a call's spend counts toward: the latest opened (0 before the first)."""
-    value = session.execute(text("SELECT max(number) FROM epochs")).scalar_one_or_none()
+    value = session.execute(select(spend_epoch_query())).scalar_one_or_none()
     return int(value or 0)
 
 
@@ -665,7 +670,7 @@ def _usage(state: State, payload: Payload, signers: Signers) -> Plan:
     price = state.config().get("models", {}).get(payload.model)
     if price is None:
         raise BadRequest(f"model {payload.model} has no published price")
-    expected = min(usage_cost(payload.input_tokens, payload.output_tokens, price), payload.held)
+    expected = call_cost(payload.input_tokens, payload.output_tokens, price, payload.held)
     if payload.cost != expected:
         raise BadRequest(
             f"cost {payload.cost} does not match the prices in force: {expected}",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,8 +29,8 @@ from ubc.db import run_unit_of_work
 from ubc.dbtypes import utcnow
 from ubc.envelopes import rules
 from ubc.envelopes.payloads import HoldExpire, Usage, format_timestamp
-from ubc.envelopes.service import LedgerContext, Outcome, Prechecked, sign_internal, submit
-from ubc.errors import Forbidden, InsufficientFunds, UbcError, Unauthenticated
+from ubc.envelopes.service import LedgerContext, Prechecked, sign_internal, submit
+from ubc.errors import Forbidden, UbcError, Unauthenticated
 from ubc.gateway.models import ApiKeySpend, GatewayHold
 from ubc.ledger import service as ledger
 from ubc.ledger._sql import Driver
@@ -171,8 +170,9 @@ def place_holds(
             (index, request, LedgerRequest(rules.hold_request_id(request.request_id), (leg,)))
         )
     applied = ledger.apply_many(session, [p[2] for p in pending], now=now)
+    driver = Driver(session)
     new_rows: list[tuple[Any, ...]] = []
-    stamp = Driver(session).timestamp(now)
+    stamp = driver.timestamp(now)
     for (index, request, _), outcome in zip(pending, applied, strict=True):
         if isinstance(outcome, UbcError):
             outcomes[index] = outcome
@@ -190,7 +190,7 @@ def place_holds(
                 stamp,
             )
         )
-    Driver(session).insert(
+    driver.insert(
         "gateway_holds",
         "request_id, account, key_hash, model, epoch, held, created_at",
         new_rows,
@@ -208,11 +208,11 @@ def usage_envelope(
     input_tokens: int,
     output_tokens: int,
     held: int,
-    price: dict[str, int],
+    cost: int,
     now: datetime,
-) -> tuple[Prechecked, int]:
-    """The ledger-signed ``usage`` entry of a finished call, and its cost."""
-    cost = min(rules.usage_cost(input_tokens, output_tokens, price), held)
+) -> Prechecked:
+    """The ledger-signed ``usage`` entry of a finished call (``cost``: see
+    :func:`ubc.envelopes.rules.call_cost`)."""
     payload = Usage.model_validate(
         {
             "ledger": ctx.origin,
@@ -229,7 +229,7 @@ def usage_envelope(
             "cost": cost,
         }
     )
-    return sign_internal(ctx, payload, "usage"), cost
+    return sign_internal(ctx, payload, "usage")
 
 
 def expire_due_holds(
@@ -335,13 +335,3 @@ class HoldWriter:
             self.sessions,
             lambda session: place_holds(session, requests, now=utcnow(), timeout=self.timeout),
         )
-
-
-def is_insufficient(error: UbcError) -> bool:
-    return isinstance(error, InsufficientFunds) or error.error_type == "insufficient_funds"
-
-
-def describe(outcome: Outcome) -> str:
-    if isinstance(outcome, UbcError):
-        return f"{outcome.status_code} {outcome.error_type}: {outcome.message}"
-    return json.dumps(outcome.receipt.body())

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -297,7 +297,7 @@ class Gateway:
             return 0
         call.settled = True
         now = utcnow()
-        cost = min(rules.usage_cost(input_tokens, output_tokens, call.price), call.held)
+        cost = rules.call_cost(input_tokens, output_tokens, call.price, call.held)
 
         def item() -> Prechecked:
             # Built and signed in the writer's thread, off the event loop.
@@ -310,9 +310,9 @@ class Gateway:
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 held=call.held,
-                price=call.price,
+                cost=cost,
                 now=now,
-            )[0]
+            )
 
         self.limiter.refund(call.limits, call.reserved_tokens - input_tokens - output_tokens)
         task = asyncio.get_running_loop().create_task(self._settle(call, item))
@@ -394,7 +394,3 @@ class Gateway:
             expires_at=row[5],
             revoked=bool(row[6]),
         )
-
-
-def hold_timeout(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)

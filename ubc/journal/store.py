@@ -49,13 +49,9 @@ class NewEntry:
     summary: dict[str, Any] | None = None
 
 
-def lock_head(session: Session, *extra: Any) -> int | None:
-    """Lock the journal for this transaction; the current size, or None before genesis.
-
-    ``extra`` are scalar subqueries read in the same round trip (see
-    :func:`lock_head_with`).
-    """
-    row = lock_head_with(session, *extra)
+def lock_head(session: Session) -> int | None:
+    """Lock the journal for this transaction; the current size, or None before genesis."""
+    row = lock_head_with(session)
     return None if row is None else int(row[0])
 
 
