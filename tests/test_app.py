@@ -127,3 +127,17 @@ def test_reads_need_a_bearer(live_server: LiveServer) -> None:
         )
         assert ok.status_code == 200
         assert {b["asset"] for b in ok.json()["balances"]} == {"CU", "USD"}
+
+
+def test_a_nul_character_in_a_url_is_a_clear_400(live_server: LiveServer) -> None:
+    """PostgreSQL text cannot hold NUL: such a parameter never reaches a query."""
+    headers = {"authorization": f"Bearer {live_server.operator_token}"}
+    for path in (
+        "/api/market/trades?limit=1&account=%00%C3%AD",
+        "/api/market/offers?seller=member:a%00",
+        "/api/accounts/member:a%00b/history",
+    ):
+        response = httpx.get(f"{live_server.url}{path}", headers=headers)
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["type"] == "bad_request"
+    assert httpx.get(f"{live_server.url}/api/market/offers").status_code == 200

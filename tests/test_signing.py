@@ -473,6 +473,8 @@ def test_parse_payload_accepts_valid() -> None:
         (b'{"a":"\xed\xa0\x80"}', "not valid UTF-8"),  # CESU surrogate bytes
         (b'{"a":"\\ud800"}', "unpaired surrogate"),
         (b'{"\\udc00":1}', "unpaired surrogate"),
+        (b'{"a":"x\\u0000y"}', "NUL character"),
+        (b'{"\\u0000":1}', "NUL character"),
     ],
 )
 def test_parse_payload_rejects(data: bytes, problem: str) -> None:

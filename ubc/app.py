@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ubc import __version__
 from ubc.causes import routes as cause_routes
@@ -25,7 +26,7 @@ from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes.writer import GroupCommitWriter
 from ubc.epochs import routes as epoch_routes
 from ubc.epochs import service as epochs
-from ubc.errors import UbcError
+from ubc.errors import BadRequest, UbcError
 from ubc.gateway import metering
 from ubc.gateway import routes as gateway_routes
 from ubc.gateway import usage as gateway_usage
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     _document(app)
     app.add_middleware(gateway_routes.FastPath)
+    app.add_middleware(RefuseNul)
 
     @app.exception_handler(UbcError)
     async def _ubc_error(_request: Request, error: UbcError) -> JSONResponse:
@@ -165,6 +167,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"status": "ok", "revision": current})
 
     return app
+
+
+class RefuseNul:
+    """400 for a URL carrying a NUL character: no text column of PostgreSQL can hold or
+    compare one, so it would otherwise reach the database as an error (500) wherever a
+    path or query parameter is used in a query."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and ("\x00" in scope["path"] or b"%00" in scope["query_string"]):
+            body = BadRequest("a NUL character is not accepted in a URL").to_body()
+            await JSONResponse(body, status_code=400)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _load_runtime(sessions: sessionmaker[Session], settings: Settings) -> Runtime:

@@ -65,7 +65,8 @@ def parse_payload(data: bytes) -> dict[str, Any]:
     """Parse untrusted payload bytes strictly into a ``dict``.
 
     The bytes must be UTF-8 holding one JSON object, with no duplicate keys at any level, no
-    floats, exponents, NaN or Infinity, no lone surrogate escapes, integers within the
+    floats, exponents, NaN or Infinity, no lone surrogate escapes or NUL characters in
+    strings, integers within the
     signed 64-bit range and nesting at most :data:`MAX_DEPTH` deep. Anything else raises
     :class:`PayloadError` with a message naming the problem. Canonical form is *not*
     required here; see :func:`is_canonical`.
@@ -164,10 +165,13 @@ def _bounded_int(s: str) -> int:
 
 
 def _check_strings(value: Any) -> None:
-    """Refuse lone surrogates (from ``\\ud800``-style escapes) in keys and string values."""
+    """Refuse lone surrogates (from ``\\ud800``-style escapes) and NUL characters (which no
+    PostgreSQL text column can hold) in keys and string values."""
     if isinstance(value, str):
         if _SURROGATE.search(value):
             raise PayloadError(f"string contains an unpaired surrogate escape: {value!r}")
+        if "\x00" in value:
+            raise PayloadError(f"string contains a NUL character: {value!r}")
     elif isinstance(value, dict):
         for k, v in value.items():
             _check_strings(k)
