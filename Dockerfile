@@ -9,8 +9,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY requirements ./requirements
+# The lock first (exact versions, hash-checked), then ubc itself without resolving.
+RUN pip install --no-cache-dir -r requirements/main.txt
 COPY ubc ./ubc
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && useradd --system --uid 10001 --home-dir /data ubc \
     && mkdir -p /data && chown ubc /data
 
