@@ -74,7 +74,7 @@ def donations(
         .limit(limit + 1)
     )
     if cursor is not None:
-        if not cursor.isdigit():
+        if not (cursor.isascii() and cursor.isdigit()):
             raise BadRequest("invalid cursor", detail={"cursor": cursor})
         stmt = stmt.where(postings_t.c.id < int(cursor))
     rows = session.execute(stmt).all()[: limit + 1]

@@ -85,7 +85,7 @@ def get_history(
     require_read(reader, address)
     position = None
     if cursor:
-        if not cursor.isdigit():
+        if not (cursor.isascii() and cursor.isdigit()):
             raise BadRequest("invalid cursor", detail={"cursor": cursor})
         position = int(cursor)
     items, next_cursor = ledger.history(session, address, asset=asset, cursor=position, limit=limit)

@@ -216,7 +216,7 @@ def trades(
     if account is not None:
         stmt = stmt.where(or_(fills_t.c.buyer == account, fills_t.c.seller == account))
     if before is not None:
-        if not before.isdigit():
+        if not (before.isascii() and before.isdigit()):
             raise BadRequest("invalid cursor", detail={"cursor": before})
         stmt = stmt.where(entries_t.c.seq < int(before))
     rows = session.execute(stmt).all()
