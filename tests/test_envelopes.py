@@ -118,3 +118,20 @@ def test_refusals_consume_no_seq(live_server: LiveServer) -> None:
         )
     receipt = w["alice"].send("bob", 1)
     assert receipt["seq"] == before
+
+
+def test_a_refused_registration_leaves_no_member_behind(live_server: LiveServer) -> None:
+    # '_ab' once passed the payload's handle pattern and was refused by the ledger's
+    # address rule after the member's rows were written: they stayed, unjournaled.
+    key = generate_signing_key()
+    bad = make_client(live_server, key=key, handle="_ab")
+    with pytest.raises(UbcApiError) as info:
+        bad.register()
+    assert info.value.status == 400
+    size = journal_size(bad)
+    good = make_client(live_server, key=key, handle="abc")
+    good.register()  # the same key is free: nothing of '_ab' was kept
+    assert journal_size(good) == size + 1
+    with pytest.raises(UbcApiError) as missing:
+        make_client(live_server).member("_ab")
+    assert missing.value.status in (400, 404)

@@ -13,14 +13,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ubc import __version__
+from ubc import __version__, http_guard
 from ubc.causes import routes as cause_routes
 from ubc.config import Settings, get_settings
-from ubc.db import make_engine, make_session_factory, run_unit_of_work, unit_of_work
+from ubc.db import (
+    DATABASE_ERRORS,
+    RETRY_AFTER_S,
+    as_unavailable,
+    make_engine,
+    make_session_factory,
+    readiness_problem,
+    run_unit_of_work,
+    unit_of_work,
+)
 from ubc.dbtypes import utcnow
 from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes.writer import GroupCommitWriter
@@ -99,11 +107,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Universal Basic Compute ledger",
         lifespan=lifespan,
+        # /docs is served by ubc.http_guard from local files; ReDoc needs a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = sessions
-    app.state.read_sessions = make_session_factory(read_engine)
+    app.state.read_sessions = make_session_factory(read_engine, retry_reads=True)
     for router in (
         envelope_routes.router,
         ledger_routes.router,
@@ -119,10 +130,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _document(app)
     app.add_middleware(gateway_routes.FastPath)
     app.add_middleware(RefuseNul)
+    # Outermost: body size, read timeout and JSON depth (also for FastPath), /docs, and
+    # security headers on every response.
+    http_guard.install(app, settings)
 
     @app.exception_handler(UbcError)
     async def _ubc_error(_request: Request, error: UbcError) -> JSONResponse:
-        return JSONResponse(error.to_body(), status_code=error.status_code)
+        return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers)
+
+    async def _database_error(request: Request, error: Exception) -> JSONResponse:
+        # Unreachable, restarting, full or locked: 503 with Retry-After; anything else is
+        # a bug, logged, answered 500 in the documented shape rather than as plain text.
+        known: UbcError | None = as_unavailable(error)
+        if known is None:
+            log.error("database error on %s %s", request.method, request.url.path, exc_info=error)
+            known = UbcError("internal error")
+        return await _ubc_error(request, known)
+
+    for database_error in DATABASE_ERRORS:
+        app.add_exception_handler(database_error, _database_error)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_request: Request, error: GatewayError) -> JSONResponse:
@@ -145,14 +171,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", tags=["ops"], summary="The database is reachable and migrated")
     def readyz() -> JSONResponse:
+        # Reachable and writable: a full disk fails readiness too (see readiness_problem).
+        problem = readiness_problem(engine)
+        current, head = None, head_revision()
         try:
-            with engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            current, head = current_revision(engine), head_revision()
+            if problem is None:
+                current = current_revision(engine)
         except Exception as exc:  # any driver error means not ready
+            problem = f"database unreachable: {type(exc).__name__}"
+        if problem is not None:
             return JSONResponse(
-                {"status": "unavailable", "reason": f"database unreachable: {exc}"},
+                {"status": "unavailable", "reason": problem},
                 status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         if current != head:
             return JSONResponse(

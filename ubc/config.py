@@ -43,6 +43,35 @@ class Settings(BaseSettings):
         description="the market's fee in basis points of each fill's payment, paid by the "
         "seller; unset keeps the journal's (0 in a new ledger)",
     )
+    # Limits of one request and one connection (issue 12): what a reverse proxy would set.
+    max_body_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024,
+        description="the largest request body any route reads; more answers 413 while reading",
+    )
+    max_json_depth: int = Field(
+        default=64, ge=4, description="the deepest nesting of arrays and objects accepted"
+    )
+    timeout_keep_alive_seconds: float = Field(
+        default=5.0, gt=0, description="an idle keep-alive connection is closed after this long"
+    )
+    timeout_request_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="a request's headers and body must arrive within this long",
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="concurrent connections per worker; more answer 503"
+    )
+    embedding_max_inputs: int = Field(default=2048, ge=1, description="inputs per embeddings call")
+    embedding_max_input_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1, description="total bytes of text per embeddings call"
+    )
+    gateway_cpu_slots_per_key: int = Field(
+        default=1,
+        ge=1,
+        description="tokenizing or local inference running at once for one API key",
+    )
     gateway_hold_timeout_seconds: float = Field(
         default=600.0,
         gt=0,

@@ -19,7 +19,8 @@ DESIGN section 4. Nothing outside ``ubc.app`` raises ``HTTPException``.
     │   ├── IdempotencyConflict (409 idempotency_conflict)
     │   ├── StateConflict (409 state_conflict)
     │   └── BatchFailed (409 batch_failed)
-    └── PayloadTooLarge (413 payload_too_large)
+    ├── PayloadTooLarge (413 payload_too_large)
+    └── Unavailable (503 unavailable, with Retry-After)
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class UbcError(Exception):
     @property
     def error_type(self) -> str:
         return self.type
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers of the response besides the JSON body."""
+        return {}
 
     def to_body(self) -> dict[str, Any]:
         return {"error": {"type": self.error_type, "message": self.message, "detail": self.detail}}
@@ -127,6 +133,24 @@ class BatchFailed(Conflict):
 class PayloadTooLarge(UbcError):
     status = 413
     type = "payload_too_large"
+
+
+class Unavailable(UbcError):
+    """The database cannot serve the request now (unreachable, restarting, full, locked):
+    nothing was changed, and the same request may succeed after ``retry_after`` seconds."""
+
+    status = 503
+    type = "unavailable"
+
+    def __init__(
+        self, message: str, *, detail: dict[str, Any] | None = None, retry_after: int = 5
+    ) -> None:
+        super().__init__(message, detail={**(detail or {}), "retry_after": retry_after})
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class StoredError(UbcError):

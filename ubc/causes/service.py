@@ -16,9 +16,10 @@ from sqlalchemy import BigInteger, and_, case, cast, func, select
 from sqlalchemy.orm import Session, aliased
 
 from ubc.causes.models import Cause, CauseSteward
-from ubc.errors import AccountNotFound, BadRequest, NotFound
+from ubc.errors import AccountNotFound, NotFound
 from ubc.journal.models import JournalEntry
 from ubc.ledger.models import Account, Posting, Transfer
+from ubc.params import parse_cursor
 
 causes_t = Cause.__table__  # type: ignore[attr-defined]
 stewards_t = CauseSteward.__table__  # type: ignore[attr-defined]
@@ -73,10 +74,9 @@ def donations(
         .order_by(postings_t.c.id.desc())
         .limit(limit + 1)
     )
-    if cursor is not None:
-        if not (cursor.isascii() and cursor.isdigit()):
-            raise BadRequest("invalid cursor", detail={"cursor": cursor})
-        stmt = stmt.where(postings_t.c.id < int(cursor))
+    position = parse_cursor(cursor)
+    if position is not None:
+        stmt = stmt.where(postings_t.c.id < position)
     rows = session.execute(stmt).all()[: limit + 1]
     page = rows[:limit]
     envelope_ids = sorted({str(r[1]).rsplit(":", 1)[0] for r in page})

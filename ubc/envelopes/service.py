@@ -37,6 +37,7 @@ from ubc.envelopes.payloads import (
     LedgerGenesis,
     Payload,
     Withdrawal,
+    check_text,
     format_timestamp,
     parse_timestamp,
     payload_json,
@@ -527,7 +528,10 @@ class _Writer:
         summary = None
         try:
             if plan.after is not None:
-                summary = plan.after()
+                # A savepoint: a change refused halfway (say, rows of a member written,
+                # then its account refused) leaves nothing behind, as if never tried.
+                with self.session.begin_nested():
+                    summary = plan.after()
         except UbcError as error:
             self._fail(item.index, error, remember=item)
             return
@@ -633,6 +637,8 @@ class _Writer:
             )
         if self.replay:
             return
+        # Like the window, a rule of submission: a replayed journal is checked as it was.
+        check_text(payload)
         created = parse_timestamp(payload.created_at)
         # A member's withdrawal waits for the operator's countersignature: it may be as old
         # as the approval window (never from the future beyond the skew). Its id and

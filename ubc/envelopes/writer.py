@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ubc.db import run_unit_of_work
+from ubc.db import as_unavailable, run_unit_of_work
 from ubc.envelopes.service import LedgerContext, Outcome, Prechecked, precheck, submit
 
 
@@ -103,9 +103,11 @@ class GroupCommitWriter:
             )
             outcomes = await asyncio.shield(self._inflight)
         except Exception as exc:  # answer every caller, keep the writer alive
+            # A database unreachable or full answers each caller 503 (nothing was applied).
+            error = as_unavailable(exc) or exc
             for job in jobs:
                 if not job.future.done():
-                    job.future.set_exception(exc)
+                    job.future.set_exception(error)
             return
         start = 0
         for job in jobs:
@@ -116,6 +118,14 @@ class GroupCommitWriter:
     def _apply(self, raws: list[object], atomic: bool) -> list[Outcome]:
         raws = [raw() if callable(raw) else raw for raw in raws]
         # BatchFailed of an atomic batch leaves the unit of work rolled back: nothing applies.
+        # ``idempotent``: if the connection is lost while committing, the batch runs again
+        # on a new connection. That is safe because every envelope is keyed by its id: had
+        # the first commit happened, the second run finds each id in ``requests`` (and the
+        # journal) with the same payload hash and answers the recorded outcome as a replay,
+        # applying and journaling nothing twice. The server's own envelopes were built and
+        # signed above, once, so a second run sees the same ids too.
         return run_unit_of_work(
-            self.sessions, lambda session: submit(session, self.ctx, raws, atomic=atomic)
+            self.sessions,
+            lambda session: submit(session, self.ctx, raws, atomic=atomic),
+            idempotent=True,
         )

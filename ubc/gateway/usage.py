@@ -11,8 +11,8 @@ from sqlalchemy import ColumnElement, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from ubc.deps import Reader, ReadSession, require_read
-from ubc.errors import BadRequest
 from ubc.gateway.models import UsageRecord
+from ubc.params import day_range
 
 router = APIRouter(tags=["openai"])
 usage_t = UsageRecord.__table__  # type: ignore[attr-defined]
@@ -66,10 +66,7 @@ def get_usage(
     until: Annotated[date | None, Query(description="last UTC day (default: today)")] = None,
 ) -> dict[str, Any]:
     require_read(reader, address)
-    until = until or datetime.now(UTC).date()
-    since = since or until - timedelta(days=29)
-    if since > until:
-        raise BadRequest("since is after until", detail={"since": str(since), "until": str(until)})
+    since, until = day_range(since, until)  # 400 for days out of range, not an overflow
     rows = spend_by_day(session, address, since, until)
     return {
         "address": address,

@@ -27,6 +27,7 @@ from ubc.journal.tiles import (
     tile_bytes,
     tile_exists,
 )
+from ubc.params import MAX_DB_INT
 
 router = APIRouter(tags=["journal"])
 
@@ -80,8 +81,8 @@ def get_tile(
 def get_entries(
     request: Request,
     session: ReadSession,
-    start: Annotated[int, Query(ge=0)],
-    end: Annotated[int, Query(ge=1)],
+    start: Annotated[int, Query(ge=0, le=MAX_DB_INT)],
+    end: Annotated[int, Query(ge=1, le=MAX_DB_INT)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     if end <= start or end - start > MAX_ENTRIES_PAGE:
@@ -109,8 +110,8 @@ def get_entries(
 @router.get("/journal/proof/inclusion", summary="RFC 9162 inclusion proof of entry seq")
 def get_inclusion_proof(
     session: ReadSession,
-    seq: Annotated[int, Query(ge=0)],
-    size: Annotated[int | None, Query(ge=1)] = None,
+    seq: Annotated[int, Query(ge=0, le=MAX_DB_INT)],
+    size: Annotated[int | None, Query(ge=1, le=MAX_DB_INT)] = None,
 ) -> dict[str, Any]:
     current, _ = store.latest_checkpoint(session)
     tree_size = current if size is None else size
@@ -131,8 +132,8 @@ def get_inclusion_proof(
 @router.get("/journal/proof/consistency", summary="RFC 9162 consistency proof old → new")
 def get_consistency_proof(
     session: ReadSession,
-    old: Annotated[int, Query(ge=1)],
-    new: Annotated[int, Query(ge=1)],
+    old: Annotated[int, Query(ge=1, le=MAX_DB_INT)],
+    new: Annotated[int, Query(ge=1, le=MAX_DB_INT)],
 ) -> dict[str, Any]:
     current, _ = store.latest_checkpoint(session)
     if not old <= new <= current:

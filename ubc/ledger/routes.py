@@ -10,9 +10,10 @@ from sqlalchemy.orm import aliased
 
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.epochs import service as epochs
-from ubc.errors import BadRequest, Forbidden, TransferNotFound
+from ubc.errors import Forbidden, TransferNotFound
 from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Transfer
+from ubc.params import parse_cursor
 
 router = APIRouter(tags=["ledger"])
 accounts_t = Account.__table__  # type: ignore[attr-defined]
@@ -83,11 +84,7 @@ def get_history(
     asset: str | None = None,
 ) -> dict[str, Any]:
     require_read(reader, address)
-    position = None
-    if cursor:
-        if not (cursor.isascii() and cursor.isdigit()):
-            raise BadRequest("invalid cursor", detail={"cursor": cursor})
-        position = int(cursor)
+    position = parse_cursor(cursor)
     items, next_cursor = ledger.history(session, address, asset=asset, cursor=position, limit=limit)
     return {
         "address": address,

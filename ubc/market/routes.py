@@ -14,7 +14,7 @@ from ubc.db import run_unit_of_work
 from ubc.dbtypes import utcnow
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.envelopes.routes import _json_body
-from ubc.errors import Forbidden
+from ubc.errors import Forbidden, NotFound
 from ubc.market import service
 
 router = APIRouter(tags=["market"])
@@ -102,5 +102,7 @@ def list_withdrawals(
 @router.get("/api/withdrawals/{withdrawal_id}", summary="One withdrawal asked for")
 def get_withdrawal(withdrawal_id: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
     item = service.get_withdrawal(session, withdrawal_id)
-    require_read(reader, item["account"])
+    if not reader.may_read(item["account"]):
+        # The same 404 as an unknown id: another member's withdrawal ids cannot be probed.
+        raise NotFound(f"no withdrawal {withdrawal_id}", detail={"id": withdrawal_id})
     return item

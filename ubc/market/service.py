@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import insert, or_, select
 from sqlalchemy.orm import Session
 
-from ubc.envelopes.payloads import OfferExpire, Withdrawal, format_timestamp
+from ubc.envelopes.payloads import OfferExpire, Withdrawal, check_text, format_timestamp
 from ubc.envelopes.service import (
     Accepted,
     LedgerContext,
@@ -33,6 +33,7 @@ from ubc.journal.models import JournalEntry
 from ubc.ledger.models import Request
 from ubc.market.models import Fill, Offer, WithdrawalRequest
 from ubc.members.models import ExternalRef, MemberKey
+from ubc.params import parse_cursor
 
 offers_t = Offer.__table__  # type: ignore[attr-defined]
 fills_t = Fill.__table__  # type: ignore[attr-defined]
@@ -215,10 +216,9 @@ def trades(
     )
     if account is not None:
         stmt = stmt.where(or_(fills_t.c.buyer == account, fills_t.c.seller == account))
-    if before is not None:
-        if not (before.isascii() and before.isdigit()):
-            raise BadRequest("invalid cursor", detail={"cursor": before})
-        stmt = stmt.where(entries_t.c.seq < int(before))
+    position = parse_cursor(before)
+    if position is not None:
+        stmt = stmt.where(entries_t.c.seq < position)
     rows = session.execute(stmt).all()
     items = []
     for r in rows[:limit]:
@@ -275,6 +275,7 @@ def store_withdrawal(
             f"created_at {payload.created_at} is outside the accepted window",
             detail={"created_at": payload.created_at, "now": format_timestamp(now)},
         )
+    check_text(payload)  # its external reference, as /api/envelopes will check it
     if not payload.from_.startswith("member:") or payload.actor != payload.from_:
         raise Forbidden("a member asks for a withdrawal from its own account (actor = from)")
     handle = payload.from_.removeprefix("member:")
