@@ -21,5 +21,7 @@ USER ubc
 VOLUME ["/data"]
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz').status != 200)"
-# `ubc init --keep-existing` creates the keys on first start and keeps them afterwards.
+# `ubc init --keep-existing` creates the keys and a ledger origin unique to this
+# installation (/data/origin; or UBC_ORIGIN if set) on first start and keeps them
+# afterwards: `ubc serve` refuses the shared default origin on 0.0.0.0 (docs/origin.md).
 CMD ["sh", "-c", "ubc init --keep-existing && exec ubc serve --host 0.0.0.0 --port 8000"]

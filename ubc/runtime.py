@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import logging
+import os
+import re
+import secrets
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
@@ -28,13 +33,123 @@ from ubc.errors import UbcError
 from ubc.gateway.catalog import ModelsFileError, ModelSpec, load_catalog, prices
 from ubc.journal import store as journal
 from ubc.migrations import current_revision, head_revision
-from ubc.signing import encode_public_key, load_signing_key, vkey
+from ubc.signing import NoteError, encode_public_key, key_hash, load_signing_key, vkey
 
 log = logging.getLogger("ubc")
 
 
 class SetupError(RuntimeError):
     """The server cannot start: missing keys, unreadable files."""
+
+
+# --- the ledger origin ---------------------------------------------------------------------
+#
+# The origin names one ledger: it is every payload's `ledger` field and the checkpoint's
+# key name, so an envelope signed for one ledger is refused by every other one. Two
+# installations sharing an origin would accept each other's envelopes, hence one chosen
+# at random by `ubc init` and kept in the data dir (docs/origin.md).
+
+DEFAULT_ORIGIN: str = Settings.model_fields["origin"].default  # localhost/ubc
+ORIGIN_FILE = "origin"
+OriginSource = Literal["UBC_ORIGIN", "origin file", "default"]
+
+
+@dataclass(frozen=True, slots=True)
+class OriginChoice:
+    origin: str
+    source: OriginSource
+    # Where it came from, for messages: the variable, the file's path, or "default".
+    where: str
+
+    @property
+    def is_bare_default(self) -> bool:
+        """Nobody chose it: neither UBC_ORIGIN nor the data dir's origin file is set."""
+        return self.source == "default"
+
+
+def find_origin(settings: Settings) -> OriginChoice:
+    """The ledger origin and where it comes from, in order: ``UBC_ORIGIN`` when set
+    explicitly, else ``DATA_DIR/origin`` (written by ``ubc init``), else the bare default.
+
+    Raises :class:`SetupError` when the origin file cannot be read or names no valid origin.
+    """
+    if "origin" in settings.model_fields_set:
+        return OriginChoice(check_origin(settings.origin, "UBC_ORIGIN"), "UBC_ORIGIN", "UBC_ORIGIN")
+    recorded = read_origin(settings.data_dir)
+    if recorded is None:
+        return OriginChoice(DEFAULT_ORIGIN, "default", "default")
+    return OriginChoice(recorded, "origin file", str(settings.data_dir / ORIGIN_FILE))
+
+
+def read_origin(data_dir: Path) -> str | None:
+    """The origin in ``DATA_DIR/origin``, or None when there is no such file.
+
+    Raises :class:`SetupError` when it cannot be read or names no valid origin.
+    """
+    path = data_dir / ORIGIN_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SetupError(f"cannot read the ledger origin in {path}: {exc}") from None
+    return check_origin(text.strip(), str(path))
+
+
+def resolve_origin(settings: Settings) -> str:
+    """The ledger origin this installation serves and signs for (see :func:`find_origin`)."""
+    return find_origin(settings).origin
+
+
+def check_origin(origin: str, where: str = "the origin") -> str:
+    """Return ``origin`` if it is a valid signed-note key name (printable, no spaces, no
+    ``+``), else raise :class:`SetupError` naming ``where``."""
+    try:
+        key_hash(origin, bytes(32))  # validates the key name
+    except NoteError:
+        ok = False
+    else:
+        ok = origin.isprintable() and len(origin) <= 255
+    if not ok:
+        raise SetupError(
+            f"{where}: {origin!r} is not a valid ledger origin "
+            "(printable, without spaces or '+', e.g. ubc.example.org/ledger)"
+        )
+    return origin
+
+
+def new_origin() -> str:
+    """A fresh origin unique to this installation: ``<hostname>/ubc-<16 random hex>``."""
+    host = re.sub(r"[^a-z0-9.-]+", "-", socket.gethostname().lower()).strip("-.") or "ubc"
+    return f"{host[:63]}/ubc-{secrets.token_hex(8)}"
+
+
+def write_origin(data_dir: Path, origin: str) -> Path:
+    """Write ``origin`` to a new ``DATA_DIR/origin`` (mode 0600 like the keys); raises
+    ``FileExistsError`` if one is there: an origin never changes once chosen."""
+    check_origin(origin)
+    path = data_dir / ORIGIN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (origin + "\n").encode("utf-8"))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)  # no empty origin file left behind
+        raise
+    os.close(fd)
+    return path
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` serves this machine only (``localhost``, 127.0.0.0/8, ::1)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +175,7 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
     if not ledger_path.exists():
         raise SetupError(f"no ledger key at {ledger_path}: run `ubc init` first")
     ledger_key = load_signing_key(ledger_path)
+    origin = find_origin(settings)
     operator_keys = list(settings.operator_public_keys)
     if not operator_keys:
         operator_path = data_dir / "operator.key"
@@ -69,7 +185,7 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
             )
         operator_keys = [encode_public_key(bytes(load_signing_key(operator_path).verify_key))]
     ctx = LedgerContext(
-        origin=settings.origin,
+        origin=origin.origin,
         ledger_public_key=bytes(ledger_key.verify_key),
         ledger_key=ledger_key,
         operator_keys=operator_keys_from(operator_keys),
@@ -82,11 +198,8 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
     except ModelsFileError as exc:
         raise SetupError(str(exc)) from None
     write_genesis(session, ctx, models=prices(catalog), market_fee_bps=settings.market_fee_bps or 0)
+    check_genesis_origin(session, origin)
     genesis = genesis_payload(session)
-    if genesis["ledger"] != settings.origin:
-        raise SetupError(
-            f"this database holds ledger {genesis['ledger']!r}, not {settings.origin!r}"
-        )
     if genesis["ledger_public_key"] != encode_public_key(ctx.ledger_public_key):
         raise SetupError("the ledger key in the data dir is not the key of this journal")
     # The journal is the source of truth for the configuration.
@@ -167,6 +280,20 @@ def _publish_config(
         raise SetupError(f"publishing the configuration failed: {outcome.message}")
     log.info("published prices and market fee as journal entry %d", outcome.receipt.seq)
     return rules.current_config(session)
+
+
+def check_genesis_origin(session: Session, origin: OriginChoice) -> None:
+    """Raise :class:`SetupError` when the journal's genesis names another origin than
+    ``origin``: the origin is in every signature, a ledger keeps the one of its genesis.
+    (A journal without a genesis yet takes ``origin``.)"""
+    if journal.entry_bytes(session, 0) is None:
+        return
+    ledger = genesis_payload(session)["ledger"]
+    if ledger != origin.origin:
+        raise SetupError(
+            f"this database holds ledger {ledger!r}, not {origin.origin!r} "
+            f"(from {origin.where}): set UBC_ORIGIN={ledger} to serve it"
+        )
 
 
 def genesis_payload(session: Session) -> dict[str, Any]:
