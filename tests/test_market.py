@@ -1013,13 +1013,13 @@ def test_the_market_from_the_command_line(sqlite_server: LiveServer, tmp_path: P
     short_lived = out.rsplit("Offer id: ", 1)[1].strip()
     out = run("market", "sell", "30", "--price", "300", "--expires", "2h")
     offer_id = out.rsplit("Offer id: ", 1)[1].strip()
-    assert "Offered 30 CU for 300 USD" in out
+    assert "Offered 30 CU for $3.00" in out
     assert offer_id in run("market", "list")
-    assert "10.0000" in run("market", "list")
+    assert "$0.1000" in run("market", "list")
     p["bob"].buy(offer_id, 10)
     assert "sell" in run("market", "trades")
     out = run("market", "cancel", offer_id)
-    assert "20 came back to you" in out
+    assert "20 CU came back to you" in out
     # The one-second offer is expired by the server's sweeper (once a second).
     deadline = time.monotonic() + 20
     while "No open offers" not in run("market", "list") and time.monotonic() < deadline:
@@ -1038,7 +1038,7 @@ def test_the_market_from_the_command_line(sqlite_server: LiveServer, tmp_path: P
     assert "No withdrawals are waiting" in run("withdrawals", "pending")  # it failed
     out = run("withdraw", "60", "--asset", "USD", "--ref", "payout-10")
     withdrawal_id = out.rsplit("approve ", 1)[1].strip()
-    assert "Paid out 60 USD from member:alice" in run("withdrawals", "approve", withdrawal_id)
+    assert "Paid out $0.60 from member:alice" in run("withdrawals", "approve", withdrawal_id)
     assert "No withdrawals are waiting" in run("withdrawals", "pending")
     # The server's sweeper journaled the short-lived offer's expiry by itself.
     deadline = time.monotonic() + 10

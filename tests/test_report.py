@@ -282,7 +282,7 @@ def test_report_matches_every_members_history(
     # The CLI: table, totals, members under the threshold, and the same rows as CSV.
     csv_path = tmp_path / "epoch-1.csv"
     out = cli_op.ok(
-        "report", "utilization", "--epoch", "1", "--below", "50", "--csv", str(csv_path)
+        "report", "utilization", "--epoch", "1", "--below", "50", "--output", str(csv_path)
     )
     rows = [" ".join(line.replace("│", " ").split()) for line in out.splitlines()]
     assert "member:carol 300 200 7 45 0 0 0 98 66.67% 0.300 0.200" in rows

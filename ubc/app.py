@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ubc import __version__, http_guard
+from ubc import __version__, apikey_routes, http_guard
 from ubc.causes import routes as cause_routes
 from ubc.config import Settings, get_settings
 from ubc.db import (
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         envelope_routes.router,
         ledger_routes.router,
         member_routes.router,
+        apikey_routes.router,
         journal_routes.router,
         epoch_routes.router,
         cause_routes.router,

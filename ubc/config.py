@@ -6,8 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ubc.dburl import normalise_database_url
 
 
 class Settings(BaseSettings):
@@ -77,6 +79,11 @@ class Settings(BaseSettings):
         gt=0,
         description="a model call's hold expires (unbilled) this long after it was placed",
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_for_postgres(cls, url: str) -> str:
+        return normalise_database_url(url)  # postgres:// as providers hand it out
 
 
 @lru_cache(maxsize=1)

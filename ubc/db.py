@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
+from ubc.dburl import normalise_database_url
 from ubc.errors import Unavailable
 from ubc.files import create_private_sqlite
 
@@ -68,6 +69,7 @@ def make_engine(
     model endpoint's holds use it: a hold lost in a crash belonged to a call the crash
     ended anyway.
     """
+    url = normalise_database_url(url)
     if is_sqlite(url):
         create_private_sqlite(url)  # 0600: a ledger is nobody else's to read
         engine = create_engine(

@@ -21,4 +21,6 @@ gateway.register(app)
 
 
 def main() -> None:
-    app()
+    from ubc.cli._errors import run  # every failure one line (UBC_DEBUG=1: the traceback)
+
+    run(app)

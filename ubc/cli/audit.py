@@ -31,7 +31,10 @@ from ubc.audit.verify import (
     compare_with_database,
     verify_journal,
 )
+from ubc.cli.member import saved_api_key
 from ubc.db import make_engine
+from ubc.dburl import configured_database_url, missing_sqlite_file
+from ubc.files import open_private
 from ubc.journal.checkpoint import format_tlog_proof, parse_checkpoint, parse_tlog_proof
 from ubc.journal.merkle import ProofError, leaf_hash, verify_inclusion
 from ubc.migrations import upgrade
@@ -55,14 +58,19 @@ def register(app: typer.Typer) -> None:
 
 @audit.command("export")
 def export(
-    source: Annotated[str, typer.Argument(help="server URL or database URL")],
+    source: Annotated[
+        str | None,
+        typer.Argument(help="server URL or database URL [default: $UBC_DATABASE_URL]"),
+    ] = None,
+    *,
     out: Annotated[Path, typer.Option("--out", "-o", help="file to write")],
     token: Token = None,
 ) -> None:
     """Write the journal (every entry and the latest checkpoint) to a file."""
-    journal = _open(source, token)
+    journal = _open(source or configured_database_url(), token)
     origin = journal.checkpoint.split("\n", 1)[0]
-    with _progress(journal.size) as (progress, task), out.open("w", encoding="utf-8") as f:
+    # 0600: the journal names members and amounts; the umask must not widen it.
+    with _progress(journal.size) as (progress, task), open_private(out) as f:
         counted = _counting(journal, lambda n: progress.advance(task, n))
         try:
             written = write_export(counted, f, origin=origin)
@@ -144,6 +152,7 @@ def proof_get(
     token: Token = None,
 ) -> None:
     """Fetch and verify the inclusion proof of entry SEQ; write a C2SP tlog-proof file."""
+    token = token or saved_api_key()  # a member's own entries, with its API key
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=server, headers=headers, timeout=30) as client:
         trusted = vkey or client.get("/api/ledger").json()["vkey"]
@@ -160,7 +169,8 @@ def proof_get(
     hashes = [base64.b64decode(h) for h in answer.json()["proof"]]
     _check_proof(trusted, note, seq, entry, hashes)
     target = out or Path(f"proof-{seq}.tlog-proof")
-    target.write_text(format_tlog_proof(seq, hashes, note, extra=entry), encoding="utf-8")
+    with open_private(target) as f:  # the proof carries a journal entry: 0600
+        f.write(format_tlog_proof(seq, hashes, note, extra=entry))
     console.print(f"Entry {seq} is in the journal of size {size}: proof written to {target}")
 
 
@@ -189,6 +199,8 @@ def _check_proof(vkey: str, note: str, seq: int, entry: bytes, hashes: list[byte
 
 
 def _open(source: str, token: str | None) -> Journal:
+    if (missing := missing_sqlite_file(source)) is not None:
+        _fail(f"no SQLite database at {missing} (give the URL of an existing database)")
     try:
         return open_source(source, token=token)
     except SourceError as exc:

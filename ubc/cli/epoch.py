@@ -9,7 +9,10 @@ The operator opens and closes epochs, signing with the operator key (found like 
 ``epoch open`` waits until every allocation is applied (a large epoch is applied in
 batches by the server), with a progress bar. The operator and auditors read the report:
 
-    ubc report utilization --epoch 3 --below 50 --csv epoch-3.csv
+    ubc report utilization --epoch 3 --below 50 --output epoch-3.csv
+    ubc report utilization --epoch 3 --csv > epoch-3.csv       (CSV on stdout, no table)
+
+Listings take ``--json``; amounts are in the epoch's asset (CU unless said otherwise).
 
 Errors print the ledger's message in red and exit with status 1.
 """
@@ -17,17 +20,17 @@ Errors print the ledger's message in red and exit with status 1.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-from rich.table import Table
 
+from ubc.cli._output import Column, CsvFlag, JsonFlag, OutputFile, amount, emit_json, show_table
 from ubc.cli.member import (
     Asset,
     CliConfig,
@@ -125,16 +128,21 @@ def epoch_open(
             info = _wait_until_applied(client, epoch)
         summary: dict[str, Any] = cast(dict[str, Any], receipt).get("summary") or {}
         _say(f"Opened epoch {epoch} ({_entry(receipt)}).")
-        table = Table(title=f"Epoch {epoch}: {escape(asset)} issued")
-        table.add_column("tier")
-        table.add_column("each", justify="right")
-        table.add_column("members", justify="right")
-        table.add_column("issued", justify="right")
-        for tier, row in sorted(summary.get("tiers", {}).items()):
-            table.add_row(escape(tier), str(row["amount"]), str(row["members"]), str(row["total"]))
-        table.add_section()
-        table.add_row("total", "", str(info["members"]), f"{info['issued']} {escape(asset)}")
-        _print(table)
+        rows: list[list[str] | None] = [
+            [escape(tier), str(row["amount"]), str(row["members"]), str(row["total"])]
+            for tier, row in sorted(summary.get("tiers", {}).items())
+        ]
+        rows += [None, ["total", "", str(info["members"]), f"{info['issued']} {escape(asset)}"]]
+        show_table(
+            f"Epoch {epoch}: {escape(asset)} issued",
+            [
+                Column("tier"),
+                Column("each", "right"),
+                Column("members", "right"),
+                Column("issued", "right"),
+            ],
+            rows,
+        )
 
 
 def epoch_close(
@@ -150,40 +158,50 @@ def epoch_close(
             info: dict[str, Any] = client._get(f"/api/epochs/{epoch}")
         _say(f"Closed epoch {epoch} ({_entry(receipt)}).")
         cap = info["carryover_cap"]
-        _say(f"Carryover cap: {'none' if cap is None else str(cap) + ' ' + info['asset']}")
+        _say(f"Carryover cap: {'none' if cap is None else amount(cap, info['asset'])}")
         _say(f"Members expired: {info['expired_members']}")
-        _say(f"Total expired: {info['expired']} {info['asset']}")
+        _say(f"Total expired: {amount(info['expired'], info['asset'])}")
 
 
-def epoch_list(server: Server = None) -> None:
+def epoch_list(as_json: JsonFlag = False, server: Server = None) -> None:
     """List every epoch, oldest first."""
     with _reported():
         config = CliConfig.load()
         with _client(config, server) as client:
-            found: list[dict[str, Any]] = client._get("/api/epochs")["epochs"]
+            answer: dict[str, Any] = client._get("/api/epochs")
+        if as_json:
+            emit_json(answer)
+            return
+        found: list[dict[str, Any]] = answer["epochs"]
         if not found:
             _say("No epochs yet.")
             return
-        table = Table(title="Epochs")
-        for name in ("epoch", "asset", "status", "starts", "ends", "members", "issued", "expired"):
-            right = name in ("epoch", "members", "issued", "expired")
-            table.add_column(name, justify="right" if right else "left", no_wrap=True)
-        for e in found:
-            table.add_row(
-                str(e["epoch"]),
-                escape(e["asset"]),
-                _status(e),
-                _when(e["starts_at"]),
-                _when(e["ends_at"]),
-                str(e["members"]),
-                str(e["issued"]),
-                str(e["expired"]),
-            )
-        _print(table)
+        columns = [Column("epoch", "right"), Column("asset"), Column("status")]
+        columns += [Column("starts"), Column("ends")]
+        columns += [Column(n, "right") for n in ("members", "issued", "expired")]
+        show_table(
+            "Epochs",
+            columns,
+            [
+                [
+                    str(e["epoch"]),
+                    escape(e["asset"]),
+                    _status(e),
+                    _when(e["starts_at"], seconds=False),
+                    _when(e["ends_at"], seconds=False),
+                    str(e["members"]),
+                    str(e["issued"]),
+                    str(e["expired"]),
+                ]
+                for e in found
+            ],
+            caption="issued and expired in each epoch's asset",
+        )
 
 
 def epoch_show(
     epoch: Annotated[int, typer.Argument(min=1, help="the epoch number")],
+    as_json: JsonFlag = False,
     server: Server = None,
 ) -> None:
     """Show one epoch: its allocations, status and totals."""
@@ -191,10 +209,10 @@ def epoch_show(
         config = CliConfig.load()
         with _client(config, server) as client:
             e: dict[str, Any] = client._get(f"/api/epochs/{epoch}")
-        asset = escape(e["asset"])
-        table = Table(title=f"Epoch {e['epoch']}", show_header=False)
-        table.add_column("field", style="bold")
-        table.add_column("value")
+        if as_json:
+            emit_json(e)
+            return
+        asset = e["asset"]
         cap = e["carryover_cap"]
         rows = [
             ("status", _status(e)),
@@ -203,39 +221,42 @@ def epoch_show(
             ("ends", _when(e["ends_at"])),
             ("opened", _when(e["opened_at"])),
             ("closed", "-" if e["closed_at"] is None else _when(e["closed_at"])),
-            ("carryover cap", "none" if cap is None else f"{cap} {asset}"),
+            ("carryover cap", "none" if cap is None else amount(cap, asset)),
         ]
         rows += [
-            (f"allocation {escape(tier)}", f"{amount} {asset}")
-            for tier, amount in sorted(e["allocations"].items())
+            (f"allocation {tier}", amount(value, asset))
+            for tier, value in sorted(e["allocations"].items())
         ]
         rows += [
             ("members", str(e["members"])),
-            ("issued", f"{e['issued']} {asset}"),
+            ("issued", amount(e["issued"], asset)),
             ("members expired", str(e["expired_members"])),
-            ("expired", f"{e['expired']} {asset}"),
+            ("expired", amount(e["expired"], asset)),
         ]
-        for field, value in rows:
-            table.add_row(field, value)
-        _print(table)
+        show_table(
+            f"Epoch {e['epoch']}",
+            [Column("field"), Column("value", wrap=True)],
+            [[f"[bold]{escape(k)}[/bold]", escape(v)] for k, v in rows],
+            show_header=False,
+        )
 
 
 def report_utilization(
     epoch: Annotated[int, typer.Option("--epoch", min=1, help="the epoch number")],
-    csv_file: Annotated[
-        Path | None,
-        typer.Option("--csv", help="also write the members' rows to this CSV file"),
-    ] = None,
+    csv_out: CsvFlag = False,
+    output: OutputFile = None,
     below: Annotated[
         str | None,
         typer.Option(
             "--below", help="list the members whose utilization is under PERCENT", metavar="PERCENT"
         ),
     ] = None,
+    as_json: JsonFlag = False,
     server: Server = None,
 ) -> None:
     """Per member of an epoch: allocated, used, sent, received, donated, traded, expired,
-    utilization and its value in USD (operator and auditors)."""
+    utilization and its value in USD (operator and auditors). ``--csv`` prints the
+    members' rows as CSV instead of the table; ``--output FILE`` also writes them to FILE."""
     with _reported():
         params: dict[str, str | int] = {"epoch": epoch}
         if below is not None:
@@ -244,24 +265,29 @@ def report_utilization(
         with _client(config, server, token=_read_token(config)) as client:
             report: dict[str, Any] = client._get("/api/reports/utilization", params=params)
         members: list[dict[str, Any]] = report["members"]
+        if as_json:
+            emit_json(report)
+            return
+        to_stdout = csv_out or (output is not None and str(output) == "-")
+        if to_stdout:
+            write_csv(members, sys.stdout)
+            return
         asset = escape(report["asset"])
-        table = Table(
-            title=f"Utilization of epoch {report['epoch']} ({report['status']})",
+        columns = [Column("member")]
+        columns += [
+            Column(name, "right")
+            for name in ("allocated", "used", "sent", "received", "donated", "sold", "bought")
+        ]
+        columns += [Column("expired", "right"), Column("used %", "right")]
+        columns += [Column("USD allocated", "right"), Column("USD used", "right")]
+        show_table(
+            f"Utilization of epoch {report['epoch']} ({report['status']}), in {asset}",
+            columns,
+            [*(_cells(row) for row in members), None, _cells(report["totals"])],
             caption=f"{_when(report['from'])} to {_when(report['to'])}; "
             f"1 {asset} = {report['cu_price_usd']} USD",
+            bold_last=True,
         )
-        table.add_column("member", no_wrap=True)
-        for name in ("allocated", "used", "sent", "received", "donated", "sold", "bought"):
-            table.add_column(name, justify="right", no_wrap=True)
-        table.add_column("expired", justify="right", no_wrap=True)
-        table.add_column("used %", justify="right", no_wrap=True)
-        table.add_column("allocated USD", justify="right", no_wrap=True)
-        table.add_column("used USD", justify="right", no_wrap=True)
-        for row in members:
-            table.add_row(*_cells(row))
-        table.add_section()
-        table.add_row(*_cells(report["totals"]), style="bold")
-        _print(table)
         if not members:
             _say(f"No member activity in epoch {report['epoch']}.")
         if report["below"] is not None:
@@ -273,13 +299,13 @@ def report_utilization(
                     _say(f"  {address}  {by_address[address]['utilization']}%")
             else:
                 _say(f"No member under {report['below']}%.")
-        if csv_file is not None:
+        if output is not None:
             try:
-                with csv_file.open("w", encoding="utf-8", newline="") as out:
+                with output.open("w", encoding="utf-8", newline="") as out:
                     count = write_csv(members, out)
             except OSError as exc:
-                raise CliError(f"cannot write {csv_file}: {exc}") from None
-            _say(f"Wrote {count} rows to {csv_file}.")
+                raise CliError(f"cannot write {output}: {exc}") from None
+            _say(f"Wrote {count} rows to {output}.")
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -362,7 +388,3 @@ def _cells(row: dict[str, Any]) -> list[str]:
         str(row["allocated_usd"]),
         str(row["used_usd"]),
     ]
-
-
-def _print(table: Table) -> None:
-    Console(highlight=False).print(table)

@@ -2,6 +2,9 @@
 
 ubc models                       the models this ledger meters, with their prices
 ubc usage [--since 2026-11-01]   your spend by day and model (your API key)
+ubc apikey list                  your spend by API key
+
+Both take ``--json``.
 """
 
 from __future__ import annotations
@@ -10,10 +13,9 @@ from datetime import date
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from ubc.cli._output import Column, JsonFlag, amount, emit_json, show_table
 from ubc.cli.member import (
     CliConfig,
     Server,
@@ -31,26 +33,32 @@ def register(app: typer.Typer) -> None:
     app.command("usage")(usage)
 
 
-def models(server: Server = None) -> None:
+def models(as_json: JsonFlag = False, server: Server = None) -> None:
     """List the models of the endpoint and their prices (CU per 1K tokens)."""
     with _reported():
         config = CliConfig.load()
         with _client(config, server) as client:
-            data: list[dict[str, Any]] = client._get("/v1/models")["data"]
-        table = Table(title="Models (prices in CU per 1,000 tokens)")
-        table.add_column("model", no_wrap=True)
-        table.add_column("kind", no_wrap=True)
-        table.add_column("input", justify="right")
-        table.add_column("output", justify="right")
+            answer: dict[str, Any] = client._get("/v1/models")
+        if as_json:
+            emit_json(answer)
+            return
+        data: list[dict[str, Any]] = answer["data"]
+        rows = []
         for model in data:
             price = model.get("pricing") or {}
-            table.add_row(
-                escape(model["id"]),
-                model.get("kind", ""),
-                str(price.get("input", "-")),
-                str(price.get("output", "-")),
+            rows.append(
+                [
+                    escape(model["id"]),
+                    escape(str(model.get("kind", ""))),
+                    str(price.get("input", "-")),
+                    str(price.get("output", "-")),
+                ]
             )
-        Console(highlight=False).print(table)
+        show_table(
+            "Models (prices in CU per 1,000 tokens)",
+            [Column("model"), Column("kind"), Column("input", "right"), Column("output", "right")],
+            rows,
+        )
         _say(f"Use them with any OpenAI client: base_url={client.base_url}/v1, your API key.")
 
 
@@ -62,9 +70,10 @@ def usage(
         str | None, typer.Option(help="first UTC day, YYYY-MM-DD (default: 30 days ago)")
     ] = None,
     until: Annotated[str | None, typer.Option(help="last UTC day (default: today)")] = None,
+    as_json: JsonFlag = False,
     server: Server = None,
 ) -> None:
-    """Show model spend by day and model."""
+    """Show model spend by day and model (by API key: ubc apikey list)."""
     with _reported():
         config = CliConfig.load()
         target = to_address(address) if address else f"member:{config.member_handle()}"
@@ -76,26 +85,34 @@ def usage(
                 except ValueError:
                     _fail(f"--{name} {value!r} is not a date (YYYY-MM-DD)")
                 params[name] = value
-        with _client(config, server, token=_read_token(config)) as client:
+        with _client(config, server, token=_read_token(config, target)) as client:
             report = client._get(f"/api/accounts/{target}/usage", params)
+        if as_json:
+            emit_json(report)
+            return
         if not report["items"]:
             _say(f"No model calls on {target} from {report['since']} to {report['until']}.")
             return
-        table = Table(
-            title=f"Model spend of {escape(target)}, {report['since']} to {report['until']}"
+        show_table(
+            f"Model spend of {escape(target)}, {report['since']} to {report['until']}",
+            [
+                Column("day"),
+                Column("model"),
+                Column("calls", "right"),
+                Column("input tokens", "right"),
+                Column("output tokens", "right"),
+                Column("CU", "right"),
+            ],
+            [
+                [
+                    row["day"],
+                    escape(row["model"]),
+                    str(row["calls"]),
+                    str(row["input_tokens"]),
+                    str(row["output_tokens"]),
+                    str(row["cost"]),
+                ]
+                for row in report["items"]
+            ],
         )
-        for column in ("day", "model"):
-            table.add_column(column, no_wrap=True)
-        for column in ("calls", "input tokens", "output tokens", "CU"):
-            table.add_column(column, justify="right")
-        for row in report["items"]:
-            table.add_row(
-                row["day"],
-                escape(row["model"]),
-                str(row["calls"]),
-                str(row["input_tokens"]),
-                str(row["output_tokens"]),
-                str(row["cost"]),
-            )
-        Console(highlight=False).print(table)
-        _say(f"Total: {report['total_cost']} CU.")
+        _say(f"Total: {amount(report['total_cost'], 'CU')}.")

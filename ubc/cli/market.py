@@ -16,51 +16,51 @@ The operator (key found like for ``ubc member admit``, reads with the operator t
     ubc cause update malaria-research --name ... --description ... --steward alice
     ubc withdrawals pending               ubc withdrawals approve ID
 
-Prices are totals for the whole amount, in the price asset's smallest unit (USD: cents);
-the unit price shown is for display only. Errors print the ledger's message in red and
-exit with status 1.
+Prices are totals for the whole amount, in the price asset's smallest unit (USD: cents,
+shown as dollars: ``--price 250`` is $2.50); the unit price shown is for display only.
+Listings take ``--json``. Errors print the ledger's message in red and exit with status 1.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
+from ubc.cli._output import Column, JsonFlag, amount, emit_json, show_table
 from ubc.cli.member import (
+    AMOUNT_SETTINGS,
+    AmountText,
     Asset,
     CliConfig,
     CliError,
     OperatorKey,
     Server,
     _client,
-    _data_dir,
     _entry,
+    _expiry,
     _operator_key,
+    _operator_token,
     _read_token,
     _reported,
     _say,
     _when,
+    positive_amount,
 )
 from ubc.client._client import Offer
-from ubc.envelopes.payloads import SLUG_PATTERN, format_timestamp
+from ubc.envelopes.payloads import SLUG_PATTERN
 
 PriceAsset = Annotated[str, typer.Option("--price-asset", help="asset the price is paid in")]
-_DURATION = re.compile(r"^(\d+)([smhd])$")
 
 
 def register(app: typer.Typer) -> None:
     market = typer.Typer(help="Sell and buy compute for a settlement asset.", no_args_is_help=True)
     market.command("list")(market_list)
-    market.command("sell")(market_sell)
-    market.command("buy")(market_buy)
+    market.command("sell", context_settings=AMOUNT_SETTINGS)(market_sell)
+    market.command("buy", context_settings=AMOUNT_SETTINGS)(market_buy)
     market.command("cancel")(market_cancel)
     market.command("trades")(market_trades)
     app.add_typer(market, name="market")
@@ -70,9 +70,9 @@ def register(app: typer.Typer) -> None:
     cause.command("register")(cause_register)
     cause.command("update")(cause_update)
     app.add_typer(cause, name="cause")
-    app.command("donate")(donate)
+    app.command("donate", context_settings=AMOUNT_SETTINGS)(donate)
     app.command("donations")(donations)
-    app.command("withdraw")(withdraw)
+    app.command("withdraw", context_settings=AMOUNT_SETTINGS)(withdraw)
     withdrawals = typer.Typer(
         help="Withdrawals waiting for the operator (operator).", no_args_is_help=True
     )
@@ -88,6 +88,7 @@ def market_list(
     asset: Asset = "CU",
     price_asset: PriceAsset = "USD",
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 20,
+    as_json: JsonFlag = False,
     server: Server = None,
 ) -> None:
     """Show open offers, cheapest per unit first."""
@@ -95,27 +96,41 @@ def market_list(
         config = CliConfig.load()
         with _client(config, server) as client:
             offers = client.offers(sell_asset=asset, price_asset=price_asset, limit=limit)
+        if as_json:
+            emit_json({"offers": offers})
+            return
         if not offers:
             _say(f"No open offers of {asset} for {price_asset}.")
             return
-        table = Table(title=f"Offers of {escape(asset)} for {escape(price_asset)}")
-        for name in ("offer", "seller", "left", "price", "per unit", "expires"):
-            table.add_column(name, justify="right" if name in ("left", "price") else "left")
-        for offer in offers:
-            table.add_row(
-                offer["id"],
-                escape(offer["seller"]),
-                f"{offer['remaining_amount']} {escape(asset)}",
-                f"{offer['remaining_price']} {escape(price_asset)}",
-                _unit_price(offer),
-                _when(offer["expires_at"]) if offer["expires_at"] else "",
-            )
-        Console(highlight=False).print(table)
+        show_table(
+            f"Offers of {escape(asset)} for {escape(price_asset)}",
+            [
+                Column("offer"),
+                Column("seller"),
+                Column("left", "right"),
+                Column("price", "right"),
+                Column("per unit", "right"),
+                Column("expires"),
+            ],
+            [
+                [
+                    offer["id"],
+                    escape(offer["seller"]),
+                    escape(amount(offer["remaining_amount"], asset)),
+                    escape(amount(offer["remaining_price"], price_asset)),
+                    escape(_unit_price(offer)),
+                    _when(offer["expires_at"], seconds=False) if offer["expires_at"] else "",
+                ]
+                for offer in offers
+            ],
+        )
 
 
 def market_sell(
-    amount: Annotated[int, typer.Argument(help="units to sell, in the asset's smallest unit")],
-    price: Annotated[int, typer.Option("--price", help="total price for all of them")],
+    amount_: AmountText,
+    price: Annotated[
+        int, typer.Option("--price", help="total price for all of them (USD: in cents)")
+    ],
     expires: Annotated[
         str | None,
         typer.Option(
@@ -130,32 +145,36 @@ def market_sell(
 ) -> None:
     """Offer compute for sale; it moves to escrow at once."""
     with _reported():
+        value = positive_amount(amount_)
         config = CliConfig.load()
         expires_at = _expiry(expires) if expires else None
         with _client(config, server, key=config.member_key(), handle=config.member_handle()) as c:
             receipt = c.sell(
-                amount, price, asset=asset, price_asset=price_asset, expires_at=expires_at
+                value, price, asset=asset, price_asset=price_asset, expires_at=expires_at
             )
         _say(
-            f"Offered {amount} {asset} for {price} {price_asset} ({_entry(receipt)}). "
-            f"Offer id: {receipt['id']}"
+            f"Offered {amount(value, asset)} for {amount(price, price_asset)} "
+            f"({_entry(receipt)}). Offer id: {receipt['id']}"
         )
 
 
 def market_buy(
     offer_id: Annotated[str, typer.Argument(help="the offer's id")],
-    amount: Annotated[
-        int | None,
-        typer.Argument(help="units to buy (default: all that is left)", show_default=False),
+    amount_: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[AMOUNT]", help="units to buy (default: all that is left)", show_default=False
+        ),
     ] = None,
     server: Server = None,
 ) -> None:
     """Buy from an offer: you pay the seller, the units come to you, in one step."""
     with _reported():
+        wanted = positive_amount(amount_) if amount_ is not None else None
         config = CliConfig.load()
         with _client(config, server, key=config.member_key(), handle=config.member_handle()) as c:
             offer = c.offer(offer_id)
-            receipt = c.buy(offer_id, amount if amount is not None else offer["remaining_amount"])
+            receipt = c.buy(offer_id, wanted if wanted is not None else offer["remaining_amount"])
         paid = sum(
             e["amount"]
             for e in receipt["effects"]
@@ -163,8 +182,8 @@ def market_buy(
         )
         bought = sum(e["amount"] for e in receipt["effects"] if e["asset"] == offer["sell_asset"])
         _say(
-            f"Bought {bought} {offer['sell_asset']} for {paid} {offer['price_asset']} "
-            f"({_entry(receipt)})."
+            f"Bought {amount(bought, offer['sell_asset'])} for "
+            f"{amount(paid, offer['price_asset'])} ({_entry(receipt)})."
         )
 
 
@@ -177,11 +196,13 @@ def market_cancel(
         config = CliConfig.load()
         with _client(config, server, key=config.member_key(), handle=config.member_handle()) as c:
             receipt = c.cancel_offer(offer_id)
-        back = sum(e["amount"] for e in receipt["effects"] if e["credit"] == c.address)
-        expired = sum(e["amount"] for e in receipt["effects"] if e["kind"] == "expiry")
-        text = f"Cancelled offer {offer_id}: {back} came back to you"
+        effects = receipt["effects"]
+        asset = effects[0]["asset"] if effects else "CU"
+        back = sum(e["amount"] for e in effects if e["credit"] == c.address)
+        expired = sum(e["amount"] for e in effects if e["kind"] == "expiry")
+        text = f"Cancelled offer {offer_id}: {amount(back, asset)} came back to you"
         if expired:
-            text += f", {expired} expired under the epoch's carryover cap"
+            text += f", {amount(expired, asset)} expired under the epoch's carryover cap"
         _say(f"{text} ({_entry(receipt)}).")
 
 
@@ -190,33 +211,50 @@ def market_trades(
         str | None, typer.Argument(help="handle or address (default: your account)")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", min=1, max=1000)] = 20,
+    as_json: JsonFlag = False,
     server: Server = None,
 ) -> None:
     """Show your latest trades (fills you bought or sold)."""
     with _reported():
         config = CliConfig.load()
         handle = None if account else config.member_handle()
-        with _client(config, server, handle=handle, token=_read_token(config)) as client:
-            found, _ = client.trades(account, limit=limit)
+        target = account or f"member:{handle}"
+        with _client(config, server, handle=handle, token=_read_token(config, target)) as client:
+            found, cursor = client.trades(account, limit=limit)
+        if as_json:
+            emit_json({"trades": found, "next_cursor": cursor})
+            return
         if not found:
             _say("No trades yet.")
             return
-        table = Table(title="Trades")
-        for name in ("seq", "side", "amount", "paid", "fee", "counterparty", "offer"):
-            table.add_column(name)
+        rows = []
         for t in found:
             side = t.get("side", "")
             counterparty = t["seller"] if side == "buy" else t["buyer"]
-            table.add_row(
-                str(t["seq"]),
-                side,
-                f"{t['amount']} {escape(t['sell_asset'])}",
-                f"{t['payment']} {escape(t['price_asset'])}",
-                str(t["fee"]),
-                escape(counterparty),
-                t["offer_id"],
+            rows.append(
+                [
+                    str(t["seq"]),
+                    side,
+                    escape(amount(t["amount"], t["sell_asset"])),
+                    escape(amount(t["payment"], t["price_asset"])),
+                    escape(amount(t["fee"], t["price_asset"])),
+                    escape(counterparty),
+                    t["offer_id"],
+                ]
             )
-        Console(highlight=False).print(table)
+        show_table(
+            "Trades",
+            [
+                Column("entry", "right"),
+                Column("side"),
+                Column("amount", "right"),
+                Column("paid", "right"),
+                Column("fee", "right"),
+                Column("counterparty"),
+                Column("offer"),
+            ],
+            rows,
+        )
 
 
 # --- causes -------------------------------------------------------------------------------
@@ -229,32 +267,45 @@ Name = Annotated[str, typer.Option("--name", help="the cause's name")]
 Description = Annotated[str, typer.Option("--description", help="what the cause does")]
 
 
-def cause_list(server: Server = None) -> None:
+def cause_list(as_json: JsonFlag = False, server: Server = None) -> None:
     """List causes with what they received and spent."""
     with _reported():
         config = CliConfig.load()
         with _client(config, server) as client:
             found = client.causes()
+        if as_json:
+            emit_json({"causes": found})
+            return
         if not found:
             _say("No causes yet.")
             return
-        table = Table(title="Causes")
-        for name in ("cause", "name", "donated", "donors", "spent", "stewards"):
-            table.add_column(name)
-        for c in found:
-            table.add_row(
-                escape(c["slug"]),
-                escape(c["name"]),
-                _amounts(c["donated"]),
-                str(c["donors"]),
-                _amounts(c["spent"]),
-                escape(", ".join(c["stewards"])),
-            )
-        Console(highlight=False).print(table)
+        show_table(
+            "Causes",
+            [
+                Column("cause"),
+                Column("name", wrap=True),
+                Column("donated", "right"),
+                Column("donors", "right"),
+                Column("spent", "right"),
+                Column("stewards", wrap=True),
+            ],
+            [
+                [
+                    escape(c["slug"]),
+                    escape(c["name"]),
+                    escape(_amounts(c["donated"])),
+                    str(c["donors"]),
+                    escape(_amounts(c["spent"])),
+                    escape(", ".join(c["stewards"])),
+                ]
+                for c in found
+            ],
+        )
 
 
 def cause_show(
     slug: Annotated[str, typer.Argument(help="the cause's slug")],
+    as_json: JsonFlag = False,
     server: Server = None,
 ) -> None:
     """Show one cause."""
@@ -262,10 +313,10 @@ def cause_show(
         config = CliConfig.load()
         with _client(config, server) as client:
             c = client.cause(slug)
-        table = Table(title=escape(c["name"]), show_header=False)
-        table.add_column("field", style="bold")
-        table.add_column("value")
-        for field, value in (
+        if as_json:
+            emit_json(c)
+            return
+        rows = [
             ("account", c["address"]),
             ("description", c["description"]),
             ("stewards", ", ".join(c["stewards"])),
@@ -275,9 +326,13 @@ def cause_show(
             ("used on models", _amounts(c["used_on_models"])),
             ("sent", _amounts(c["sent"])),
             ("spent", _amounts(c["spent"])),
-        ):
-            table.add_row(field, escape(value))
-        Console(highlight=False).print(table)
+        ]
+        show_table(
+            escape(c["name"]),
+            [Column("field"), Column("value", wrap=True)],
+            [[f"[bold]{escape(k)}[/bold]", escape(v)] for k, v in rows],
+            show_header=False,
+        )
 
 
 def cause_register(
@@ -316,18 +371,19 @@ def cause_update(
 
 def donate(
     slug: Annotated[str, typer.Argument(help="the cause's slug")],
-    amount: Annotated[int, typer.Argument(help="amount, in the asset's smallest unit")],
+    amount_: AmountText,
     memo: Annotated[str | None, typer.Option("--memo", help="a note for the cause")] = None,
     asset: Asset = "CU",
     server: Server = None,
 ) -> None:
     """Donate compute (or another asset) to a cause."""
     with _reported():
+        value = positive_amount(amount_)
         config = CliConfig.load()
         with _client(config, server, key=config.member_key(), handle=config.member_handle()) as c:
-            receipt = c.donate(slug, amount, memo, asset=asset)
+            receipt = c.donate(slug, value, memo, asset=asset)
         _say(
-            f"Donated {amount} {asset} to cause:{slug.removeprefix('cause:')} "
+            f"Donated {amount(value, asset)} to cause:{slug.removeprefix('cause:')} "
             f"({_entry(receipt)}). Receipt: {receipt['id']}"
         )
 
@@ -336,36 +392,49 @@ def donations(
     address: Annotated[
         str | None, typer.Argument(help="handle or address (default: your account)")
     ] = None,
+    as_json: JsonFlag = False,
     server: Server = None,
 ) -> None:
     """Show your donation receipts."""
     with _reported():
         config = CliConfig.load()
         handle = None if address else config.member_handle()
-        with _client(config, server, handle=handle, token=_read_token(config)) as client:
-            found, _ = client.donations(address)
+        target = address or f"member:{handle}"
+        with _client(config, server, handle=handle, token=_read_token(config, target)) as client:
+            found, cursor = client.donations(address)
+        if as_json:
+            emit_json({"donations": found, "next_cursor": cursor})
+            return
         if not found:
             _say("No donations yet.")
             return
-        table = Table(title="Donations")
-        for name in ("when", "cause", "amount", "journal entry", "receipt"):
-            table.add_column(name)
-        for d in found:
-            table.add_row(
-                _when(d["created_at"]),
-                escape(d["cause"]),
-                f"{d['amount']} {escape(d['asset'])}",
-                str(d["seq"]),
-                d["id"],
-            )
-        Console(highlight=False).print(table)
+        show_table(
+            "Donations",
+            [
+                Column("when"),
+                Column("cause"),
+                Column("amount", "right"),
+                Column("entry", "right"),
+                Column("receipt"),
+            ],
+            [
+                [
+                    _when(d["created_at"], seconds=False),
+                    escape(d["cause"]),
+                    escape(amount(d["amount"], d["asset"])),
+                    str(d["seq"]),
+                    d["id"],
+                ]
+                for d in found
+            ],
+        )
 
 
 # --- withdrawals --------------------------------------------------------------------------
 
 
 def withdraw(
-    amount: Annotated[int, typer.Argument(help="amount, in the asset's smallest unit")],
+    amount_: AmountText,
     ref: Annotated[
         str, typer.Option("--ref", help="external reference (payout id); idempotent on it")
     ],
@@ -374,36 +443,48 @@ def withdraw(
 ) -> None:
     """Ask for a withdrawal: you sign it, the operator countersigns it to pay it out."""
     with _reported():
+        value = positive_amount(amount_)
         config = CliConfig.load()
         with _client(config, server, key=config.member_key(), handle=config.member_handle()) as c:
-            item = c.withdraw(amount, external_ref=ref, asset=asset)
+            item = c.withdraw(value, external_ref=ref, asset=asset)
         _say(
-            f"Asked to withdraw {amount} {asset} (reference {ref}); it waits for the "
+            f"Asked to withdraw {amount(value, asset)} (reference {ref}); it waits for the "
             f"operator: ubc withdrawals approve {item['id']}"
         )
 
 
-def withdrawals_pending(server: Server = None) -> None:
+def withdrawals_pending(as_json: JsonFlag = False, server: Server = None) -> None:
     """List withdrawals waiting for the operator's signature (operator)."""
     with _reported():
         config = CliConfig.load()
         with _client(config, server, token=_operator_token(config)) as client:
             found = client.withdrawals("pending")
+        if as_json:
+            emit_json({"withdrawals": found})
+            return
         if not found:
             _say("No withdrawals are waiting.")
             return
-        table = Table(title="Withdrawals waiting")
-        for name in ("id", "account", "amount", "reference", "asked"):
-            table.add_column(name)
-        for w in found:
-            table.add_row(
-                w["id"],
-                escape(w["account"]),
-                f"{w['amount']} {escape(w['asset'])}",
-                escape(w["external_ref"]),
-                _when(w["created_at"]),
-            )
-        Console(highlight=False).print(table)
+        show_table(
+            "Withdrawals waiting",
+            [
+                Column("id"),
+                Column("account"),
+                Column("amount", "right"),
+                Column("reference", wrap=True),
+                Column("asked"),
+            ],
+            [
+                [
+                    w["id"],
+                    escape(w["account"]),
+                    escape(amount(w["amount"], w["asset"])),
+                    escape(w["external_ref"]),
+                    _when(w["created_at"], seconds=False),
+                ]
+                for w in found
+            ],
+        )
 
 
 def withdrawals_approve(
@@ -419,7 +500,7 @@ def withdrawals_approve(
             item = client.withdrawal(withdrawal_id)
             receipt = client.approve_withdrawal(withdrawal_id)
         _say(
-            f"Paid out {item['amount']} {item['asset']} from {item['account']} "
+            f"Paid out {amount(item['amount'], item['asset'])} from {item['account']} "
             f"(reference {item['external_ref']}, {_entry(receipt)})."
         )
 
@@ -427,45 +508,21 @@ def withdrawals_approve(
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _operator_token(config: CliConfig) -> str:
-    token = os.environ.get("UBC_TOKEN")
-    if token:
-        return token
-    for path in (config.path(config.operator_token), _data_dir() / "operator.token"):
-        if path is not None and path.exists():
-            return path.read_text().strip()
-    raise CliError(
-        "no operator token: set UBC_TOKEN, operator_token in the config, or UBC_DATA_DIR"
-    )
-
-
 def _check_slug(slug: str) -> None:
     if not re.fullmatch(SLUG_PATTERN, slug):
         raise CliError(f"slug {slug!r} must be 2 to 64 of a-z, 0-9 and -, starting with a-z or 0-9")
 
 
-def _expiry(value: str) -> str:
-    found = _DURATION.match(value)
-    if found:
-        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[found.group(2)]
-        moment = datetime.now(UTC) + timedelta(**{unit: int(found.group(1))})
-        return format_timestamp(moment)
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise CliError(f"--expires {value!r}: give a duration (30m, 2h, 7d) or a time") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return format_timestamp(moment)
-
-
 def _unit_price(offer: Offer) -> str:
-    """``remaining_price / remaining_amount`` to 4 decimals, for display only."""
+    """``remaining_price / remaining_amount`` to 4 decimals, for display only: ``$0.1000``
+    (10 cents) per unit of a USD price."""
     if not offer["remaining_amount"]:
         return ""
     exact = Decimal(offer["remaining_price"]) / Decimal(offer["remaining_amount"])
-    return f"{exact.quantize(Decimal('0.0001'))}"
+    if offer["price_asset"] == "USD":
+        return f"${(exact / 100).quantize(Decimal('0.0001'))}"
+    return f"{exact.quantize(Decimal('0.0001'))} {offer['price_asset']}"
 
 
 def _amounts(values: dict[str, int]) -> str:
-    return ", ".join(f"{amount} {asset}" for asset, amount in sorted(values.items())) or "0"
+    return ", ".join(amount(value, asset) for asset, value in sorted(values.items())) or "0"

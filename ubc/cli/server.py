@@ -181,6 +181,7 @@ def serve(
     ] = MAX_HEAD_BYTES,
 ) -> None:
     """Run the service (migrating the database first)."""
+    from ubc.gateway.catalog import load_catalog
     from ubc.serving import run, uvicorn_config
 
     settings = get_settings()
@@ -190,6 +191,8 @@ def serve(
         "max_connections": max_connections,
     }
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    # A models file that is missing or wrong is one line here, not a worker's traceback.
+    load_catalog(settings.models_file)
     try:
         choice = find_origin(settings)
     except SetupError as exc:

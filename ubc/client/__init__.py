@@ -17,6 +17,7 @@ Errors::
 from ubc.client._client import (
     API_KEY_PREFIX,
     Account,
+    ApiKeyInfo,
     Balance,
     BatchResult,
     Effect,
@@ -38,6 +39,7 @@ from ubc.client._client import (
 __all__ = [
     "API_KEY_PREFIX",
     "Account",
+    "ApiKeyInfo",
     "Balance",
     "BatchResult",
     "Effect",

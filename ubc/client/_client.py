@@ -40,6 +40,7 @@ from ubc.signing import (
 __all__ = [
     "API_KEY_PREFIX",
     "Account",
+    "ApiKeyInfo",
     "Balance",
     "BatchResult",
     "Cause",
@@ -149,6 +150,27 @@ class HistoryPage(TypedDict):
     address: str
     items: list[HistoryItem]
     next_cursor: str | None
+
+
+class ApiKeyInfo(TypedDict):
+    """An API key granted on an account (its hash, never its secret) and what it spent:
+    ``calls`` and ``spent`` in all, ``spent_in_epoch`` in ``epoch`` (the latest)."""
+
+    key_hash: str
+    label: str
+    scopes: list[str]
+    spend_cap_per_epoch: int | None
+    models: list[str] | None
+    expires_at: str | None
+    rpm: int | None
+    tpm: int | None
+    granted_by: str
+    revoked: bool
+    created_at: str
+    calls: int
+    spent: int
+    epoch: int | None
+    spent_in_epoch: int
 
 
 class MemberKey(TypedDict):
@@ -499,6 +521,12 @@ class UbcClient:
             )
         )
         return secret, receipt
+
+    def api_keys(self, account: str | None = None) -> list[ApiKeyInfo]:
+        """The API keys granted on ``account`` (default: this member), oldest first, with
+        what each spent (needs a token that may read the account)."""
+        path = f"/api/accounts/{_path(self._address_or_own(account))}/apikeys"
+        return cast(list[ApiKeyInfo], self._get(path)["apikeys"])
 
     def revoke_api_key(self, key_hash: str, account: str | None = None) -> Receipt:
         """Revoke the API key whose hash is ``key_hash`` (see :func:`api_key_hash`)."""
