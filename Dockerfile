@@ -8,11 +8,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     UBC_DATABASE_URL=sqlite:////data/ubc.db
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md alembic.ini ./
 COPY requirements ./requirements
 # The lock first (exact versions, hash-checked), then ubc itself without resolving.
 RUN pip install --no-cache-dir -r requirements/main.txt
 COPY ubc ./ubc
+# The migrations: setup.py ships them inside the package (ubc/_alembic).
+COPY alembic ./alembic
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && useradd --system --uid 10001 --home-dir /data ubc \
     && mkdir -p /data && chown ubc /data
