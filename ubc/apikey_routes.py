@@ -17,6 +17,8 @@ from sqlalchemy import func, select
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.gateway.models import ApiKeySpend, UsageRecord
 from ubc.members.models import ApiKey
+from ubc.members.schemas import ApiKeyList
+from ubc.schemas import error_responses
 
 __all__ = ["list_api_keys", "router"]
 
@@ -100,6 +102,9 @@ def list_api_keys(session: Any, address: str) -> list[dict[str, Any]]:
 @router.get(
     "/api/accounts/{address}/apikeys",
     summary="API keys granted on an account (hashes only), with what each spent",
+    response_model=ApiKeyList,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403),
 )
 def get_api_keys(address: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
     require_read(reader, address)

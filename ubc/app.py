@@ -14,9 +14,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ubc import __version__, apikey_routes, http_guard
+from ubc import schemas as api_schemas
 from ubc.causes import routes as cause_routes
 from ubc.config import Settings, get_settings
 from ubc.db import (
@@ -48,6 +50,7 @@ from ubc.market import service as market
 from ubc.members import routes as member_routes
 from ubc.migrations import current_revision, head_revision
 from ubc.runtime import Runtime, load_runtime
+from ubc.schemas import ErrorBody, Health, Readiness, error_responses
 
 log = logging.getLogger("ubc")
 
@@ -166,11 +169,37 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
         return JSONResponse(body, status_code=422)
 
-    @app.get("/healthz", tags=["ops"], summary="The process is up")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # The framework's own refusals (no such path: 404; a method the path does not
+        # take: 405, with Allow) in the documented shape instead of {"detail": ...}.
+        return http_error_response(request, error)
+
+    @app.get(
+        "/healthz",
+        tags=["ops"],
+        summary="The process is up",
+        response_model=Health,
+        responses=error_responses(),
+    )
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], summary="The database is reachable and migrated")
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        summary="The database is reachable and migrated",
+        response_model=Readiness,
+        responses={
+            **error_responses(),
+            503: {
+                **error_responses()[503],
+                "model": Readiness | ErrorBody,
+                "description": "not ready: {status: unavailable, reason, ...}; or the server "
+                "is busy (the error body); Retry-After when it may come back by itself",
+            },
+        },
+    )
     def readyz() -> JSONResponse:
         # Reachable and writable: a full disk fails readiness too (see readiness_problem).
         problem = readiness_problem(engine)
@@ -217,6 +246,41 @@ class RefuseNul:
         await self.app(scope, receive, send)
 
 
+_HTTP_ERROR_TYPES = {
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+}
+
+
+def http_error_response(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """A refusal of the framework (an unknown path, a method not allowed) in the shape of
+    the surface it falls under: OpenAI's under ``/v1/``, ubc's everywhere else."""
+    status = error.status_code
+    path, method = request.url.path, request.method
+    if status == 404:
+        message = f"no route {path}"
+    elif status == 405:
+        message = f"{method} is not allowed on {path}"
+    else:
+        message = str(error.detail)
+    if path.startswith("/v1/"):
+        openai = {"message": f"Invalid URL ({method} {path})", "type": "invalid_request_error"}
+        if status not in (404, 405):
+            openai["message"] = message
+        body: dict[str, Any] = {"error": {**openai, "param": None, "code": None}}
+    else:
+        kind = _HTTP_ERROR_TYPES.get(status, "bad_request" if status < 500 else "internal")
+        detail: dict[str, Any] = {"path": path}
+        if status == 405:
+            allow = (error.headers or {}).get("Allow", "")
+            detail = {"path": path, "method": method, "allow": allow.split(", ") if allow else []}
+        body = {"error": {"type": kind, "message": message, "detail": detail}}
+    return JSONResponse(body, status_code=status, headers=error.headers)
+
+
 def _load_runtime(sessions: sessionmaker[Session], settings: Settings) -> Runtime:
     with unit_of_work(sessions) as session:
         return load_runtime(settings, session)
@@ -233,6 +297,7 @@ def _document(app: FastAPI) -> None:
             schema.setdefault("components", {}).setdefault("schemas", {}).update(
                 envelope_routes.openapi_components()
             )
+            api_schemas.document(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from ubc.auth import Principal, authenticate_bearer
 from ubc.dbtypes import utcnow
 from ubc.errors import Forbidden
+from ubc.schemas import BEARER_SCHEME
 
 
 def read_session(request: Request) -> Iterator[Session]:
@@ -25,13 +27,23 @@ def read_session(request: Request) -> Iterator[Session]:
 ReadSession = Annotated[Session, Depends(read_session)]
 
 
-def principal(
-    request: Request,
-    session: ReadSession,
-    authorization: Annotated[str | None, Header()] = None,
-) -> Principal:
+#: ``Authorization: Bearer <secret>`` in the OpenAPI document (the Authorize button of
+#: /docs). Only documents the header: the principal reads it itself, as sent.
+bearer = HTTPBearer(
+    scheme_name=BEARER_SCHEME,
+    description="The operator or auditor token written by `ubc init`, or a member's API key "
+    "with the `read` scope (for the account it was granted on)",
+    auto_error=False,
+)
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+def principal(request: Request, session: ReadSession, _bearer: Bearer) -> Principal:
     return authenticate_bearer(
-        session, authorization, tokens=request.app.state.tokens, now=utcnow()
+        session,
+        request.headers.get("authorization"),
+        tokens=request.app.state.tokens,
+        now=utcnow(),
     )
 
 

@@ -7,17 +7,31 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from ubc.causes import service
+from ubc.causes.schemas import Cause, CauseList, DonationPage
 from ubc.deps import Reader, ReadSession, require_read
+from ubc.schemas import error_responses
 
 router = APIRouter(tags=["causes"])
 
 
-@router.get("/api/causes", summary="Every cause: stewards, donations, donors, compute spent")
+@router.get(
+    "/api/causes",
+    summary="Every cause: stewards, donations, donors, compute spent",
+    response_model=CauseList,
+    response_model_exclude_unset=True,
+    responses=error_responses(),
+)
 def list_causes(session: ReadSession) -> dict[str, Any]:
     return {"causes": service.list_causes(session)}
 
 
-@router.get("/api/causes/{slug}", summary="One cause")
+@router.get(
+    "/api/causes/{slug}",
+    summary="One cause",
+    response_model=Cause,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+)
 def get_cause(slug: str, session: ReadSession) -> dict[str, Any]:
     return service.get_cause(session, slug)
 
@@ -25,6 +39,11 @@ def get_cause(slug: str, session: ReadSession) -> dict[str, Any]:
 @router.get(
     "/api/accounts/{address}/donations",
     summary="Donation receipts of an account, newest first (its owner, operator, auditors)",
+    response_model=DonationPage,
+    response_model_exclude_unset=True,
+    responses=error_responses(
+        401, 403, 404, 422, notes={400: "a malformed cursor", 404: "account_not_found"}
+    ),
 )
 def get_donations(
     address: str,

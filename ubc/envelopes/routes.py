@@ -9,16 +9,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ubc.envelopes.payloads import PAYLOAD_MODELS
+from ubc.envelopes.schemas import BatchResults, Receipt
 from ubc.envelopes.service import Accepted, Outcome
 from ubc.envelopes.writer import GroupCommitWriter
 from ubc.errors import BadRequest, PayloadTooLarge, UbcError
+from ubc.schemas import ErrorBody, error_responses
 
 router = APIRouter(tags=["envelopes"])
 
 MAX_BATCH = 1000
 MAX_BODY = 16 * 1024 * 1024
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
 _ENVELOPE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["payloadType", "payload", "signatures"],
@@ -49,31 +50,34 @@ _ENVELOPE_SCHEMA: dict[str, Any] = {
         },
     },
 }
-_ERRORS_DOC: dict[int | str, dict[str, Any]] = {
-    400: {
-        "description": "not JSON, bad base64, unknown type, bad field, wrong ledger, "
-        "created_at outside the window",
-        "content": {"application/json": {"schema": _ERROR}},
+_ERRORS_DOC = error_responses(
+    400,
+    401,
+    403,
+    404,
+    409,
+    413,
+    notes={
+        400: "not JSON, bad base64, unknown type, bad field, wrong ledger, created_at outside "
+        "the window",
+        401: "no signature verifies under a key the ledger knows",
+        403: "a known signer that may not do this (another member's account, suspended, not "
+        "admitted, rotated key, non-steward)",
+        404: "unknown account, member, cause, offer, epoch or API key",
+        409: "insufficient funds, idempotency conflict, state conflict",
+        413: "payload over 8 KiB",
     },
-    401: {
-        "description": "no signature verifies under a key the ledger knows",
-        "content": {"application/json": {"schema": _ERROR}},
+)
+_BATCH_ERRORS_DOC = error_responses(
+    400,
+    409,
+    413,
+    notes={
+        400: 'not {"atomic": bool, "envelopes": [1 to 1,000 envelopes]}',
+        409: "batch_failed: an atomic batch could not apply whole (detail.index, "
+        "detail.cause); nothing was applied",
     },
-    403: {
-        "description": "a known signer that may not do this (another member's account, "
-        "suspended, not admitted, rotated key, non-steward)",
-        "content": {"application/json": {"schema": _ERROR}},
-    },
-    404: {
-        "description": "unknown account, member or API key",
-        "content": {"application/json": {"schema": _ERROR}},
-    },
-    409: {
-        "description": "insufficient funds, idempotency conflict, state conflict",
-        "content": {"application/json": {"schema": _ERROR}},
-    },
-    413: {"description": "payload over 8 KiB", "content": {"application/json": {"schema": _ERROR}}},
-}
+)
 
 
 @router.post(
@@ -91,7 +95,12 @@ _ERRORS_DOC: dict[int | str, dict[str, Any]] = {
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}},
         }
     },
-    responses={201: {"description": "accepted"}, 200: {"description": "replay"}, **_ERRORS_DOC},
+    response_model=Receipt,
+    responses={
+        201: {"description": "accepted"},
+        200: {"model": Receipt, "description": "replay: the same body as when it was accepted"},
+        **_ERRORS_DOC,
+    },
 )
 async def post_envelope(request: Request) -> JSONResponse:
     raw = await _json_body(request)
@@ -132,7 +141,8 @@ async def post_envelope(request: Request) -> JSONResponse:
             },
         }
     },
-    responses={200: {"description": "one result per envelope"}, **_ERRORS_DOC},
+    response_model=BatchResults,
+    responses={200: {"description": "one result per envelope"}, **_BATCH_ERRORS_DOC},
 )
 async def post_batch(request: Request) -> JSONResponse:
     body = await _json_body(request)
@@ -157,21 +167,8 @@ def openapi_components() -> dict[str, Any]:
     """Schemas for the OpenAPI document: the envelope, every payload type, the error body."""
     components: dict[str, Any] = {
         "Envelope": _ENVELOPE_SCHEMA,
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["type", "message", "detail"],
-                    "properties": {
-                        "type": {"type": "string"},
-                        "message": {"type": "string"},
-                        "detail": {"type": "object"},
-                    },
-                }
-            },
-        },
+        # The error body's first name here, kept for documents that refer to it.
+        "Error": {"$ref": f"#/components/schemas/{ErrorBody.__name__}"},
     }
     for name, model in PAYLOAD_MODELS.items():
         schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")

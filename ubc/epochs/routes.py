@@ -12,12 +12,20 @@ from ubc.deps import Reader, ReadSession
 from ubc.envelopes.payloads import MAX_AMOUNT
 from ubc.epochs import report
 from ubc.epochs import service as epochs
+from ubc.epochs.schemas import Epoch, EpochList, UtilizationReport
 from ubc.errors import Forbidden
+from ubc.schemas import error_responses
 
 router = APIRouter(tags=["epochs"])
 
 
-@router.get("/api/epochs", summary="Every epoch, oldest first")
+@router.get(
+    "/api/epochs",
+    summary="Every epoch, oldest first",
+    response_model=EpochList,
+    response_model_exclude_unset=True,
+    responses=error_responses(),
+)
 def list_epochs(session: ReadSession) -> dict[str, Any]:
     return {"epochs": [e.to_json() for e in epochs.list_epochs(session)]}
 
@@ -25,6 +33,9 @@ def list_epochs(session: ReadSession) -> dict[str, Any]:
 @router.get(
     "/api/epochs/{number}",
     summary="One epoch; `applied` of `members` shows progress while it is `opening`",
+    response_model=Epoch,
+    response_model_exclude_unset=True,
+    responses=error_responses(404, 422),
 )
 def get_epoch(
     number: Annotated[int, Path(ge=1, le=MAX_AMOUNT)], session: ReadSession
@@ -36,6 +47,9 @@ def get_epoch(
     "/api/reports/utilization",
     summary="Per member of an epoch: allocated, used, sent, received, donated, sold, "
     "bought, expired, utilization % and USD value (operator and auditors)",
+    response_model=UtilizationReport,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403, 404, 422, notes={404: "no such epoch"}),
 )
 def utilization_report(
     request: Request,

@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session
 
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.gateway.models import UsageRecord
+from ubc.ledger.schemas import AccountUsage
 from ubc.params import day_range
+from ubc.schemas import error_responses
 
 router = APIRouter(tags=["openai"])
 usage_t = UsageRecord.__table__  # type: ignore[attr-defined]
@@ -57,7 +59,13 @@ def spend_by_day(session: Session, account: str, since: date, until: date) -> li
     ]
 
 
-@router.get("/api/accounts/{address}/usage", summary="Model spend of an account by day and model")
+@router.get(
+    "/api/accounts/{address}/usage",
+    summary="Model spend of an account by day and model",
+    response_model=AccountUsage,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403, 422, notes={400: "a day out of range"}),
+)
 def get_usage(
     address: str,
     session: ReadSession,

@@ -10,15 +10,16 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from ubc.auth import Principal, authenticate_bearer
 from ubc.dbtypes import utcnow
-from ubc.deps import ReadSession
+from ubc.deps import Bearer, ReadSession
 from ubc.errors import BadRequest, Forbidden, NotFound
 from ubc.journal import store
 from ubc.journal.merkle import consistency_proof, inclusion_proof, leaf_hash
+from ubc.journal.schemas import ConsistencyProof, InclusionProof, JournalEntries
 from ubc.journal.tiles import (
     TILE_WIDTH,
     entry_bundle,
@@ -28,30 +29,57 @@ from ubc.journal.tiles import (
     tile_exists,
 )
 from ubc.params import MAX_DB_INT
+from ubc.schemas import error_responses
 
 router = APIRouter(tags=["journal"])
 
 MAX_ENTRIES_PAGE = 1000
 IMMUTABLE = "public, max-age=31536000, immutable"
+# A bearer is optional here: without one the route answers what is public; one that is
+# sent must be valid (401). Added to the scheme FastAPI lists for the Bearer dependency.
+OPTIONAL_BEARER: dict[str, Any] = {"security": [{}]}
 
 
 @router.get(
     "/journal/checkpoint",
     summary="The latest C2SP tlog-checkpoint, a signed note",
     response_class=PlainTextResponse,
+    responses={
+        200: {"description": "the signed note (text/plain)"},
+        **error_responses(),
+    },
 )
 def get_checkpoint(session: ReadSession) -> PlainTextResponse:
     _, checkpoint = store.latest_checkpoint(session)
     return PlainTextResponse(checkpoint, headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/journal/tile/{path:path}", summary="C2SP tlog-tiles: hash tiles and entry bundles")
-def get_tile(
-    path: str,
-    request: Request,
-    session: ReadSession,
-    authorization: Annotated[str | None, Header()] = None,
-) -> Response:
+@router.get(
+    "/journal/tile/{path:path}",
+    summary="C2SP tlog-tiles: hash tiles and entry bundles",
+    response_class=Response,
+    openapi_extra=OPTIONAL_BEARER,
+    responses={
+        200: {
+            "description": "a hash tile, or an entry bundle (operator and auditors)",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        },
+        **error_responses(
+            401,
+            403,
+            404,
+            notes={
+                401: "an invalid bearer on an entry bundle",
+                403: "an entry bundle for someone else than the operator and auditors",
+                404: "not a tile path, or beyond the journal's size",
+            },
+        ),
+    },
+)
+def get_tile(path: str, request: Request, session: ReadSession, _bearer: Bearer) -> Response:
+    authorization = request.headers.get("authorization")
     size, _ = store.latest_checkpoint(session)
     if path.startswith("entries/"):
         try:
@@ -77,14 +105,26 @@ def get_tile(
     return Response(body, media_type="application/octet-stream", headers=_cache(tile.width))
 
 
-@router.get("/journal/entries", summary="Journal entries start ≤ seq < end, exact bytes")
+@router.get(
+    "/journal/entries",
+    summary="Journal entries start ≤ seq < end, exact bytes",
+    response_model=JournalEntries,
+    response_model_exclude_unset=True,
+    openapi_extra=OPTIONAL_BEARER,
+    responses=error_responses(
+        401,
+        422,
+        notes={400: "not start < end, or more than 1,000 entries", 401: "an invalid bearer"},
+    ),
+)
 def get_entries(
     request: Request,
     session: ReadSession,
     start: Annotated[int, Query(ge=0, le=MAX_DB_INT)],
     end: Annotated[int, Query(ge=1, le=MAX_DB_INT)],
-    authorization: Annotated[str | None, Header()] = None,
+    _bearer: Bearer,
 ) -> dict[str, Any]:
+    authorization = request.headers.get("authorization")
     if end <= start or end - start > MAX_ENTRIES_PAGE:
         raise BadRequest(f"need start < end and at most {MAX_ENTRIES_PAGE} entries per page")
     reader = _principal(request, session, authorization)
@@ -107,7 +147,13 @@ def get_entries(
     return {"size": size, "entries": items}
 
 
-@router.get("/journal/proof/inclusion", summary="RFC 9162 inclusion proof of entry seq")
+@router.get(
+    "/journal/proof/inclusion",
+    summary="RFC 9162 inclusion proof of entry seq",
+    response_model=InclusionProof,
+    response_model_exclude_unset=True,
+    responses=error_responses(422, notes={400: "not seq < size ≤ the journal's size"}),
+)
 def get_inclusion_proof(
     session: ReadSession,
     seq: Annotated[int, Query(ge=0, le=MAX_DB_INT)],
@@ -129,7 +175,13 @@ def get_inclusion_proof(
     }
 
 
-@router.get("/journal/proof/consistency", summary="RFC 9162 consistency proof old → new")
+@router.get(
+    "/journal/proof/consistency",
+    summary="RFC 9162 consistency proof old → new",
+    response_model=ConsistencyProof,
+    response_model_exclude_unset=True,
+    responses=error_responses(422, notes={400: "not 1 ≤ old ≤ new ≤ the journal's size"}),
+)
 def get_consistency_proof(
     session: ReadSession,
     old: Annotated[int, Query(ge=1, le=MAX_DB_INT)],

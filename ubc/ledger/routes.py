@@ -13,21 +13,37 @@ from ubc.epochs import service as epochs
 from ubc.errors import Forbidden, TransferNotFound
 from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Transfer
+from ubc.ledger.schemas import Account as AccountBody
+from ubc.ledger.schemas import AccountList, HistoryPage, LedgerInfo
+from ubc.ledger.schemas import Transfer as TransferBody
 from ubc.params import parse_cursor
+from ubc.schemas import error_responses
 
 router = APIRouter(tags=["ledger"])
 accounts_t = Account.__table__  # type: ignore[attr-defined]
 transfers_t = Transfer.__table__  # type: ignore[attr-defined]
 
 
-@router.get("/api/ledger", summary="Public facts of this ledger")
+@router.get(
+    "/api/ledger",
+    summary="Public facts of this ledger",
+    response_model=LedgerInfo,
+    response_model_exclude_unset=True,
+    responses=error_responses(),
+)
 def get_ledger(request: Request, session: ReadSession) -> dict[str, Any]:
     info: dict[str, Any] = dict(request.app.state.ledger_info)
     info["current_epoch"] = epochs.current_epoch(session)
     return info
 
 
-@router.get("/api/accounts", summary="Every account's balances (operator and auditors)")
+@router.get(
+    "/api/accounts",
+    summary="Every account's balances (operator and auditors)",
+    response_model=AccountList,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403),
+)
 def list_accounts(session: ReadSession, reader: Reader) -> dict[str, Any]:
     if not reader.sees_everything:
         raise Forbidden("only the operator and auditors list every account")
@@ -56,7 +72,13 @@ def list_accounts(session: ReadSession, reader: Reader) -> dict[str, Any]:
     }
 
 
-@router.get("/api/accounts/{address}", summary="Balances of an account, per asset")
+@router.get(
+    "/api/accounts/{address}",
+    summary="Balances of an account, per asset",
+    response_model=AccountBody,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403, 404, notes={404: "account_not_found"}),
+)
 def get_account(address: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
     require_read(reader, address)
     return {
@@ -74,7 +96,13 @@ def get_account(address: str, session: ReadSession, reader: Reader) -> dict[str,
     }
 
 
-@router.get("/api/accounts/{address}/history", summary="Postings of an account, newest first")
+@router.get(
+    "/api/accounts/{address}/history",
+    summary="Postings of an account, newest first",
+    response_model=HistoryPage,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403, 404, 422, notes={400: "a malformed cursor"}),
+)
 def get_history(
     address: str,
     session: ReadSession,
@@ -108,7 +136,15 @@ def get_history(
     }
 
 
-@router.get("/api/transfers/{transfer_id}", summary="A transfer, or every leg of an envelope")
+@router.get(
+    "/api/transfers/{transfer_id}",
+    summary="A transfer, or every leg of an envelope",
+    response_model=TransferBody,
+    response_model_exclude_unset=True,
+    responses=error_responses(
+        401, 403, 404, notes={404: "transfer_not_found, also when the reader may see no leg"}
+    ),
+)
 def get_transfer(transfer_id: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
     debit = aliased(accounts_t)
     credit = aliased(accounts_t)

@@ -16,11 +16,25 @@ from ubc.deps import Reader, ReadSession, require_read
 from ubc.envelopes.routes import _json_body
 from ubc.errors import Forbidden, NotFound
 from ubc.market import service
+from ubc.market.schemas import (
+    Offer,
+    OfferList,
+    TradePage,
+    WithdrawalList,
+    WithdrawalRequest,
+)
+from ubc.schemas import error_responses
 
 router = APIRouter(tags=["market"])
 
 
-@router.get("/api/market/offers", summary="Open offers, best unit price first")
+@router.get(
+    "/api/market/offers",
+    summary="Open offers, best unit price first",
+    response_model=OfferList,
+    response_model_exclude_unset=True,
+    responses=error_responses(422),
+)
 def list_offers(
     session: ReadSession,
     sell_asset: str | None = None,
@@ -40,12 +54,24 @@ def list_offers(
     return {"offers": [o.to_json(now) for o in offers]}
 
 
-@router.get("/api/market/offers/{offer_id}", summary="One offer, open or closed")
+@router.get(
+    "/api/market/offers/{offer_id}",
+    summary="One offer, open or closed",
+    response_model=Offer,
+    response_model_exclude_unset=True,
+    responses=error_responses(404),
+)
 def get_offer(offer_id: str, session: ReadSession) -> dict[str, Any]:
     return service.get_offer(session, offer_id).to_json(utcnow())
 
 
-@router.get("/api/market/trades", summary="Fills an account bought or sold, newest first")
+@router.get(
+    "/api/market/trades",
+    summary="Fills an account bought or sold, newest first",
+    response_model=TradePage,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403, 422, notes={400: "a malformed cursor"}),
+)
 def list_trades(
     session: ReadSession,
     reader: Reader,
@@ -66,7 +92,31 @@ def list_trades(
     "/api/withdrawals",
     summary="Leave a withdrawal signed by its owner for the operator to countersign",
     status_code=201,
-    responses={200: {"description": "the same envelope again"}},
+    description="Body: the withdrawal envelope signed by the owner's current key, with "
+    "`actor` = `from`. Answers 201 with the stored item, 200 if the same envelope was "
+    "already stored.",
+    # The route reads the body itself (strict JSON, like /api/envelopes): documented here.
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Envelope"}}},
+        }
+    },
+    response_model=WithdrawalRequest,
+    responses={
+        201: {"description": "stored, waiting for the operator's countersignature"},
+        200: {"model": WithdrawalRequest, "description": "the same envelope again"},
+        **error_responses(
+            400,
+            403,
+            409,
+            413,
+            notes={
+                403: "not signed by the current key of the account's owner, or actor is not from",
+                409: "idempotency_conflict: the id or the external_ref is taken",
+            },
+        ),
+    },
 )
 async def post_withdrawal(request: Request) -> JSONResponse:
     raw = await _json_body(request)
@@ -79,7 +129,13 @@ async def post_withdrawal(request: Request) -> JSONResponse:
     return JSONResponse(item, status_code=201 if new else 200)
 
 
-@router.get("/api/withdrawals", summary="Withdrawals asked for (operator; a member: its own)")
+@router.get(
+    "/api/withdrawals",
+    summary="Withdrawals asked for (operator; a member: its own)",
+    response_model=WithdrawalList,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403, 422, notes={400: "an unknown status"}),
+)
 def list_withdrawals(
     session: ReadSession,
     reader: Reader,
@@ -99,7 +155,15 @@ def list_withdrawals(
     }
 
 
-@router.get("/api/withdrawals/{withdrawal_id}", summary="One withdrawal asked for")
+@router.get(
+    "/api/withdrawals/{withdrawal_id}",
+    summary="One withdrawal asked for",
+    response_model=WithdrawalRequest,
+    response_model_exclude_unset=True,
+    responses=error_responses(
+        401, 403, 404, notes={404: "unknown, or of an account the reader may not read"}
+    ),
+)
 def get_withdrawal(withdrawal_id: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
     item = service.get_withdrawal(session, withdrawal_id)
     if not reader.may_read(item["account"]):

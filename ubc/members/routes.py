@@ -10,13 +10,21 @@ from sqlalchemy import select
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.errors import NotFound
 from ubc.members.models import Member, MemberKey
+from ubc.members.schemas import Member as MemberBody
+from ubc.schemas import error_responses
 
 router = APIRouter(tags=["members"])
 members_t = Member.__table__  # type: ignore[attr-defined]
 keys_t = MemberKey.__table__  # type: ignore[attr-defined]
 
 
-@router.get("/api/members/{handle}", summary="A member: status, tier and keys")
+@router.get(
+    "/api/members/{handle}",
+    summary="A member: status, tier and keys",
+    response_model=MemberBody,
+    response_model_exclude_unset=True,
+    responses=error_responses(401, 403, 404),
+)
 def get_member(handle: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
     require_read(reader, f"member:{handle}")
     row = session.execute(

@@ -1,0 +1,71 @@
+"""What the epochs' read routes answer (``ubc/epochs/routes.py``): epochs and the
+utilization report. Pure pydantic, for ``response_model=``."""
+
+from __future__ import annotations
+
+from pydantic import ConfigDict, Field
+
+from ubc.schemas import Schema
+
+__all__ = ["Epoch", "EpochList", "UtilizationReport", "UtilizationRow"]
+
+
+class Epoch(Schema):
+    """An epoch; ``applied`` of ``members`` shows progress while it is ``opening``."""
+
+    epoch: int
+    asset: str
+    allocations: dict[str, int] = Field(description="amount per tier")
+    carryover_cap: int | None
+    starts_at: str
+    ends_at: str
+    status: str = Field(description="opening, open or closed")
+    opened_at: str
+    closed_at: str | None
+    members: int
+    applied: int
+    issued: int
+    expired_members: int
+    expired: int
+
+
+class EpochList(Schema):
+    """``GET /api/epochs``: oldest first."""
+
+    epochs: list[Epoch]
+
+
+class UtilizationRow(Schema):
+    """One member's row of the report (or the totals, with address ``total``)."""
+
+    address: str
+    allocated: int
+    used: int
+    sent: int
+    received: int
+    donated: int
+    sold: int
+    bought: int
+    expired: int
+    utilization: str | None = Field(
+        description="used / allocated in percent, two decimals; null when nothing was allocated"
+    )
+    allocated_usd: str = Field(description="a decimal string")
+    used_usd: str = Field(description="a decimal string")
+
+
+class UtilizationReport(Schema):
+    """``GET /api/reports/utilization``: per member of an epoch (operator and auditors)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    epoch: int
+    asset: str
+    status: str
+    cu_price_usd: str
+    from_: str = Field(alias="from", description="the window's start")
+    to: str = Field(description="the window's end (now while the epoch is open)")
+    members: list[UtilizationRow]
+    totals: UtilizationRow
+    below: str | None = Field(description="the threshold asked for, if any")
+    below_members: list[str] = Field(description="addresses whose utilization is under it")
