@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, TypedDict, cast
+from typing import Any, NotRequired, Self, TypedDict, cast
 from urllib.parse import quote
 
 import httpx
@@ -48,7 +48,9 @@ __all__ = [
     "Effect",
     "HistoryItem",
     "HistoryPage",
+    "LedgerAsset",
     "LedgerInfo",
+    "LedgerModelPrice",
     "Member",
     "MemberKey",
     "Offer",
@@ -58,6 +60,7 @@ __all__ = [
     "Trade",
     "UbcApiError",
     "UbcClient",
+    "WithdrawalError",
     "WithdrawalRequest",
     "api_key_hash",
     "new_api_key_secret",
@@ -95,6 +98,7 @@ class Effect(TypedDict):
     asset: str
     amount: int
     phase: str
+    pending_id: NotRequired[str]
 
 
 class Receipt(TypedDict):
@@ -104,6 +108,16 @@ class Receipt(TypedDict):
     id: str
     type: str
     effects: list[Effect]
+    summary: NotRequired[dict[str, Any]]  # epoch.open and epoch.close
+
+
+class LedgerAsset(TypedDict):
+    scale: int
+
+
+class LedgerModelPrice(TypedDict):
+    input: int
+    output: int
 
 
 class LedgerInfo(TypedDict):
@@ -111,10 +125,12 @@ class LedgerInfo(TypedDict):
     vkey: str
     ledger_public_key: str
     operator_public_keys: list[str]
-    assets: dict[str, dict[str, int]]
+    assets: dict[str, LedgerAsset]
     enrollment: str
     market_fee_bps: int
-    current_epoch: Any
+    cu_price_usd: str
+    models: dict[str, LedgerModelPrice]
+    current_epoch: int | None
 
 
 class Balance(TypedDict):
@@ -198,7 +214,7 @@ class TransferLeg(TypedDict):
     asset: str
     amount: int
     pending_id: str | None
-    state: str
+    state: str | None
     memo: str | None
     created_at: str
 
@@ -256,7 +272,7 @@ class Offer(TypedDict):
     closed_by: str | None
 
 
-class Trade(TypedDict, total=False):
+class Trade(TypedDict):
     """One fill; ``side`` (buy or sell) when read for one account."""
 
     id: str
@@ -270,10 +286,15 @@ class Trade(TypedDict, total=False):
     payment: int
     fee: int
     created_at: str
-    side: str
+    side: NotRequired[str]
 
 
-class WithdrawalRequest(TypedDict, total=False):
+class WithdrawalError(TypedDict):
+    type: str | None
+    message: str | None
+
+
+class WithdrawalRequest(TypedDict):
     """A withdrawal its owner signed; ``status`` pending, done or failed."""
 
     id: str
@@ -284,7 +305,7 @@ class WithdrawalRequest(TypedDict, total=False):
     envelope: dict[str, Any]
     created_at: str
     status: str
-    error: dict[str, Any] | None
+    error: NotRequired[WithdrawalError | None]  # only when failed
 
 
 @dataclass(frozen=True, slots=True)
