@@ -84,7 +84,7 @@ from _bench import (
 from sqlalchemy.engine import make_url
 
 from ubc.client import UbcClient
-from ubc.envelopes.rules import usage_cost
+from ubc.metering.rules import usage_cost
 from ubc.signing import generate_signing_key, load_signing_key
 
 try:

@@ -26,8 +26,8 @@ from ubc.cli import app as cli
 from ubc.client import UbcApiError, api_key_hash, new_api_key_secret
 from ubc.db import unit_of_work
 from ubc.envelopes import service as envelopes
-from ubc.envelopes.rules import hold_request_id
 from ubc.ledger import service as ledger
+from ubc.metering.rules import hold_request_id
 
 module_db = module_database("causes")
 

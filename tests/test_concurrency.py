@@ -271,7 +271,7 @@ def test_same_request_id_from_sixteen_threads_applies_once(
         outcomes = run_threads(functools.partial(same_request, factory, request))
         assert all(isinstance(o, Applied) for o in outcomes), outcomes
         applied = [o for o in outcomes if isinstance(o, Applied)]
-        assert sum(not o.replayed for o in applied) == 1
+        assert sum(not o.repeated for o in applied) == 1
         assert len({o.effects for o in applied}) == 1
         applied_effects.extend(applied[0].effects)
         with unit_of_work(factory) as s:
@@ -322,7 +322,7 @@ def test_same_id_different_payloads_race_one_wins(factory: sessionmaker[Session]
     )
     wins = [o for o in outcomes if isinstance(o, Applied)]
     assert len(wins) == 1, outcomes
-    assert not wins[0].replayed
+    assert not wins[0].repeated
     assert all(isinstance(o, IdempotencyConflict) for o in outcomes if o is not wins[0])
     with unit_of_work(factory) as s:
         check_books(s)
@@ -373,7 +373,7 @@ def test_same_id_without_a_shared_row_lock_answers_once(
         errors = Counter(o.error_type for o in outcomes if isinstance(o, UbcError))
         if case == "disjoint-payloads":
             assert len(applied) == 1
-            assert not applied[0].replayed
+            assert not applied[0].repeated
             assert errors == Counter({"idempotency_conflict": THREADS - 1})
         else:
             expected = "account_not_found" if case == "no-such-accounts" else "transfer_not_found"

@@ -168,7 +168,7 @@ class Ledger:
         receipts = []
         for outcome in outcomes:
             assert isinstance(outcome, envelopes.Accepted), outcome
-            assert not outcome.replayed
+            assert not outcome.repeated
             receipts.append(outcome.receipt)
         return receipts
 
@@ -295,7 +295,7 @@ def rejected(outcome: envelopes.Outcome, status: int, type_: str | None = None) 
 def same_receipt(replayed: envelopes.Outcome, original: envelopes.Receipt) -> None:
     """A replay answers 200 with the original seq, id, type and effects."""
     assert isinstance(replayed, envelopes.Accepted), replayed
-    assert replayed.replayed
+    assert replayed.repeated
     assert replayed.status_code == 200
     body, first = replayed.receipt.body(), original.body()
     # The summary is left out here: see test_a_replayed_epoch_envelope_answers_its_summary.

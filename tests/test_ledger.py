@@ -124,7 +124,7 @@ def test_idempotency_same_payload_replays_different_conflicts(book: Session) -> 
     first = ledger.apply(book, request)
     after_first = snapshot(book)
     again = ledger.apply(book, request)
-    assert again.replayed
+    assert again.repeated
     assert again.effects == first.effects
     assert snapshot(book) == after_first
     with pytest.raises(IdempotencyConflict):
@@ -159,7 +159,7 @@ def test_duplicate_id_inside_one_batch_is_a_replay(book: Session) -> None:
     first, second = ledger.apply_many(book, [request, request])
     assert isinstance(first, ledger.Applied)
     assert isinstance(second, ledger.Applied)
-    assert second.replayed
+    assert second.repeated
     assert available(book, "member:alice") == 995
 
 

@@ -224,7 +224,7 @@ def _with_id(effect: Effect, transfer_id: str) -> Effect:
 
 def actual(outcome: Applied | UbcError) -> Outcome:
     if isinstance(outcome, Applied):
-        return ("applied", outcome.effects, outcome.replayed)
+        return ("applied", outcome.effects, outcome.repeated)
     return ("error", outcome.error_type)
 
 
@@ -425,7 +425,7 @@ class Run:
             return
         assert [actual(o) for o in outcomes] == expected, requests
         for outcome in outcomes:
-            if isinstance(outcome, Applied) and not outcome.replayed:
+            if isinstance(outcome, Applied) and not outcome.repeated:
                 for effect in outcome.effects:
                     event(f"effect: {effect.phase}")
         event(f"group: {'atomic' if atomic else 'mixed'}, {len(requests)} requests")
@@ -619,7 +619,7 @@ def test_a_replay_answers_exactly_its_own_effects(
             first[request] = ledger.apply(session, request, now=START).effects
         for request, effects in first.items():
             again = ledger.apply(session, request, now=START)
-            assert again.replayed
+            assert again.repeated
             assert again.effects == effects, request.id
     finally:
         session.rollback()

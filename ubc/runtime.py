@@ -19,7 +19,6 @@ from sqlalchemy.orm import Session
 
 from ubc.config import Settings
 from ubc.dbtypes import utcnow
-from ubc.envelopes import rules
 from ubc.envelopes.payloads import LedgerConfig, LedgerGenesis, format_timestamp
 from ubc.envelopes.service import (
     LedgerContext,
@@ -32,7 +31,9 @@ from ubc.envelopes.service import (
 from ubc.errors import UbcError
 from ubc.gateway.catalog import ModelsFileError, ModelSpec, load_catalog, prices
 from ubc.journal import store as journal
+from ubc.ledger.config import current_config
 from ubc.migrations import current_revision, head_revision
+from ubc.rules import new_id
 from ubc.signing import NoteError, encode_public_key, key_hash, load_signing_key, vkey
 
 log = logging.getLogger("ubc")
@@ -247,7 +248,7 @@ def _publish_config(
     A config change needs the operator's signature too: without the operator key in the
     data dir the journaled configuration stays, and models without a price are not served.
     """
-    config = rules.current_config(session)
+    config = current_config(session)
     wanted = prices(catalog)
     if market_fee_bps is None:
         market_fee_bps = int(config["market_fee_bps"])
@@ -265,7 +266,7 @@ def _publish_config(
     body = dict(config)
     body.update(
         {
-            "id": rules.new_id(),
+            "id": new_id(),
             "created_at": format_timestamp(utcnow()),
             "actor": "ledger",
             "models": wanted,
@@ -279,7 +280,7 @@ def _publish_config(
     if isinstance(outcome, UbcError):
         raise SetupError(f"publishing the configuration failed: {outcome.message}")
     log.info("published prices and market fee as journal entry %d", outcome.receipt.seq)
-    return rules.current_config(session)
+    return current_config(session)
 
 
 def check_genesis_origin(session: Session, origin: OriginChoice) -> None:

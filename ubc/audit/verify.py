@@ -4,8 +4,9 @@ The auditor trusts only the ledger's vkey. It checks the checkpoint's signature,
 every entry (constant memory), recomputes the Merkle root incrementally, checks it
 against the checkpoint and against an earlier checkpoint the auditor kept, and replays
 every envelope through the same write path the server runs (``ubc.envelopes.service``
-in replay mode, into a scratch database): signatures under the keys valid at that point
-of the journal, the rules, and the effects derived, compared with the effects recorded.
+re-running the journal with its records as input, into a scratch database): signatures
+under the keys valid at that point of the journal, the rules, and the effects derived,
+compared with the effects recorded.
 Findings are data, not the first exception: ``(seq, rule, expected, found)``.
 """
 
@@ -36,6 +37,7 @@ from ubc.journal.models import JournalEntry
 from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Posting, Transfer
 from ubc.migrations import upgrade
+from ubc.rules import Recorded
 from ubc.signing import (
     Envelope,
     EnvelopeFormatError,
@@ -437,21 +439,24 @@ class _Replayer:
         group, ctx, checked = self.waiting
         self.waiting = None
         now = parse_timestamp(group.committed_at)
-        # What the journal says beyond the envelope, for the rules that cannot derive it:
-        # holds (never journaled) that limited an epoch's expiry or that expired unbilled.
-        hints = {
-            _payload_id(body): {"summary": body.get("summary"), "effects": body["effects"]}
+        # What the journal recorded beyond each envelope: the rules' input for what was
+        # never journaled (holds settled by usage, released by hold.expire, or that limited
+        # an epoch's expiry).
+        recorded = {
+            _payload_id(body): Recorded(
+                tuple(body["effects"]) if isinstance(body["effects"], list) else (),
+                body.get("summary") if isinstance(body.get("summary"), dict) else None,
+            )
             for _, body, _ in group.items
-            if isinstance(body.get("summary"), dict) or _type_of(body) == "hold.expire"
         }
         with self.sessions() as session, session.begin():
             outcomes = envelopes.submit(
-                session, ctx, checked.result(), now=now, replay=True, hints=hints
+                session, ctx, checked.result(), now=now, replay=envelopes.Replay(recorded)
             )
             rows = []
             for (seq, body, entry), outcome in zip(group.items, outcomes, strict=True):
                 kind = _type_of(body)
-                if isinstance(outcome, envelopes.Accepted) and outcome.replayed:
+                if isinstance(outcome, envelopes.Accepted) and outcome.repeated:
                     self.report.findings.append(
                         Finding(
                             seq,

@@ -3,9 +3,9 @@
 ``cause.register`` and ``cause.update`` are signed by the operator; their stewards must
 be existing members (any status: a suspended steward simply cannot sign). Registering
 opens ``cause:<slug>`` in every asset of the ledger. Donations are plain transfers to
-``cause:<slug>`` (kind ``donation``: see ``ubc.envelopes.rules._transfer``); a steward
-signs transfers and API-key grants from the cause's account, which
-:func:`require_steward` authorizes.
+``cause:<slug>`` (kind ``donation``: see ``ubc.ledger.rules.transfer``); a steward signs
+transfers and API-key grants from the cause's account, which
+:func:`ubc.rules.require_steward` authorizes.
 
 Causes change only through envelopes that apply alone (no ledger operations), so every
 later envelope of the same batch sees them: no per-batch cache is needed.
@@ -13,16 +13,12 @@ later envelope of the same batch sees them: no per-batch cache is needed.
 
 from __future__ import annotations
 
-from sqlalchemy import delete, insert, select, update
+from dataclasses import dataclass
+from typing import Protocol
 
-from ubc.causes.models import Cause, CauseSteward
-from ubc.envelopes.payloads import CauseRegister, CauseUpdate, Payload
-from ubc.envelopes.rules import Plan, Signers, State, _operator
-from ubc.errors import BadRequest, Conflict, Forbidden, NotFound
-from ubc.ledger import service as ledger
-
-causes_t = Cause.__table__  # type: ignore[attr-defined]
-stewards_t = CauseSteward.__table__  # type: ignore[attr-defined]
+from ubc.causes.payloads import CauseRegister, CauseUpdate
+from ubc.errors import BadRequest, Conflict, NotFound
+from ubc.rules import Change, Lookup, Plan, RuleContext, RuleSpec, Signers, require_operator
 
 CAUSE_PREFIX = "cause:"
 
@@ -31,93 +27,68 @@ def cause_address(slug: str) -> str:
     return f"{CAUSE_PREFIX}{slug}"
 
 
-def cause_register(state: State, payload: Payload, signers: Signers) -> Plan:
-    assert isinstance(payload, CauseRegister)
-    _operator(payload, signers)
-    if _exists(state, payload.slug):
+class CausesLookup(Lookup, Protocol):
+    def cause_exists(self, slug: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CauseStored(Change):
+    """A cause registered (``created``, with its accounts in ``assets``) or updated, and
+    its stewards (sorted) replacing the previous ones."""
+
+    slug: str
+    name: str
+    description: str
+    envelope_id: str
+    stewards: tuple[str, ...]
+    created: bool
+    assets: tuple[str, ...] = ()
+
+
+def cause_register(
+    look: CausesLookup, ctx: RuleContext, payload: CauseRegister, signers: Signers
+) -> Plan:
+    require_operator(payload, signers)
+    if look.cause_exists(payload.slug):
         raise Conflict(f"cause {payload.slug} is already registered", detail={"slug": payload.slug})
-    stewards = _check_stewards(state, payload.stewards)
-    address = cause_address(payload.slug)
-
-    def after() -> None:
-        state.session.execute(
-            insert(causes_t).values(
-                slug=payload.slug,
-                name=payload.name,
-                description=payload.description,
-                envelope_id=payload.id,
-                created_at=state.now,
-                updated_at=state.now,
-            )
-        )
-        _store_stewards(state, payload.slug, stewards)
-        ledger.open_accounts(
-            state.session, [(address, asset) for asset in state.ctx.assets], now=state.now
-        )
-
-    return Plan(accounts=frozenset({address}), after=after)
-
-
-def cause_update(state: State, payload: Payload, signers: Signers) -> Plan:
-    assert isinstance(payload, CauseUpdate)
-    _operator(payload, signers)
-    if not _exists(state, payload.slug):
-        raise NotFound(f"no cause {payload.slug}", detail={"slug": payload.slug})
-    stewards = _check_stewards(state, payload.stewards)
-
-    def after() -> None:
-        state.session.execute(
-            update(causes_t)
-            .where(causes_t.c.slug == payload.slug)
-            .values(
-                name=payload.name,
-                description=payload.description,
-                envelope_id=payload.id,
-                updated_at=state.now,
-            )
-        )
-        state.session.execute(delete(stewards_t).where(stewards_t.c.slug == payload.slug))
-        _store_stewards(state, payload.slug, stewards)
-
-    return Plan(accounts=frozenset({cause_address(payload.slug)}), after=after)
-
-
-def require_steward(state: State, account: str, handle: str) -> None:
-    """Forbidden unless ``member:handle`` is a steward of the cause ``account``; NotFound
-    for a cause that is not registered."""
-    slug = account.removeprefix(CAUSE_PREFIX)
-    if not account.startswith(CAUSE_PREFIX) or not _exists(state, slug):
-        raise NotFound(f"no cause {slug}", detail={"account": account})
-    row = state.session.execute(
-        select(stewards_t.c.handle).where(stewards_t.c.slug == slug, stewards_t.c.handle == handle)
-    ).first()
-    if row is None:
-        raise Forbidden(
-            f"member:{handle} is not a steward of {account}: only its stewards act for it",
-            detail={"account": account},
-        )
-
-
-# --- internals --------------------------------------------------------------------------
-
-
-def _exists(state: State, slug: str) -> bool:
-    return (
-        state.session.execute(select(causes_t.c.slug).where(causes_t.c.slug == slug)).first()
-        is not None
+    stewards = _check_stewards(look, payload.stewards)
+    stored = CauseStored(
+        payload.slug,
+        payload.name,
+        payload.description,
+        payload.id,
+        stewards,
+        created=True,
+        assets=ctx.assets,
     )
+    return Plan(accounts=frozenset({cause_address(payload.slug)}), changes=(stored,))
 
 
-def _check_stewards(state: State, handles: list[str]) -> list[str]:
+def cause_update(
+    look: CausesLookup, ctx: RuleContext, payload: CauseUpdate, signers: Signers
+) -> Plan:
+    require_operator(payload, signers)
+    if not look.cause_exists(payload.slug):
+        raise NotFound(f"no cause {payload.slug}", detail={"slug": payload.slug})
+    stewards = _check_stewards(look, payload.stewards)
+    stored = CauseStored(
+        payload.slug, payload.name, payload.description, payload.id, stewards, created=False
+    )
+    return Plan(accounts=frozenset({cause_address(payload.slug)}), changes=(stored,))
+
+
+RULES = (
+    RuleSpec("cause.register", CauseRegister, cause_register),
+    RuleSpec("cause.update", CauseUpdate, cause_update),
+)
+
+
+def _check_stewards(look: CausesLookup, handles: list[str]) -> tuple[str, ...]:
     if len(set(handles)) != len(handles):
         raise BadRequest("stewards are listed twice", detail={"stewards": handles})
     for handle in handles:
-        if state.member(handle) is None:
+        if look.member(handle) is None:
             raise NotFound(
                 f"no member {handle}: stewards must be members", detail={"handle": handle}
             )
-    return sorted(handles)
-
-
-def _store_stewards(state: State, slug: str, handles: list[str]) -> None:
-    state.session.execute(insert(stewards_t), [{"slug": slug, "handle": h} for h in handles])
+    return tuple(sorted(handles))

@@ -27,7 +27,6 @@ import httpx
 from nacl.signing import SigningKey
 
 from ubc import __version__
-from ubc.envelopes.payloads import format_timestamp
 from ubc.signing import (
     Envelope,
     add_signature,
@@ -922,3 +921,9 @@ def _error(status: int, body: object, *, fallback: str = "") -> UbcApiError:
         if "detail" in body:  # FastAPI's own answers, e.g. an unknown path
             return UbcApiError(status, "http_error", str(body["detail"]), {})
     return UbcApiError(status, "http_error", fallback or f"HTTP {status}", {})
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 UTC with microseconds, as payloads carry it (``ubc.rules.payload``; the
+    client imports no server module)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -4,14 +4,16 @@
 commit writer) and, in one transaction:
 
 1. locks the journal head (one lock per batch, never per envelope);
-2. decodes each envelope and its payload strictly, answers replays of an accepted id
+2. decodes each envelope and its payload strictly, answers a repeat of an accepted id
    with the original result, and checks the ledger origin and the ``created_at`` window;
 3. authenticates the signatures against the keys the ledger knows and authorizes the
    signer for what the payload does;
-4. derives the ledger operations with the rule of its type (``ubc.envelopes.rules``: the
-   same functions the auditor replays) and applies runs of value-moving envelopes with
-   one ``apply_many`` (group commit), and state changes (registrations, admissions,
-   grants) one by one between those runs;
+4. plans each envelope with the rule of its type (``ubc.envelopes.registry``: each
+   domain's rules, the same functions the auditor re-runs), which reads through the
+   batch's lookup (``ubc.envelopes.lookup``) and returns what it wants done as data;
+   the applier here carries it out: runs of value-moving envelopes with one
+   ``apply_many`` (group commit), and changes of state (registrations, admissions,
+   grants) through the writer registered for each, one by one between those runs;
 5. appends every accepted envelope to the journal, with its effects, and signs a new
    checkpoint.
 
@@ -21,7 +23,7 @@ Services flush; the caller commits.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ubc.dbtypes import utcnow
-from ubc.envelopes import rules
+from ubc.envelopes.lookup import PROCESS_CACHES, Caches, DatabaseLookup
 from ubc.envelopes.payloads import (
     MAX_PAYLOAD_BYTES,
     LedgerGenesis,
@@ -43,6 +45,8 @@ from ubc.envelopes.payloads import (
     payload_json,
     validate_payload,
 )
+from ubc.envelopes.registry import REGISTRY
+from ubc.epochs import service as epochs_service
 from ubc.errors import (
     BadRequest,
     BatchFailed,
@@ -55,8 +59,11 @@ from ubc.errors import (
 )
 from ubc.journal import store as journal
 from ubc.ledger import service as ledger
+from ubc.ledger.config import config_version_query, store_config
 from ubc.ledger.models import Request
 from ubc.members.models import MemberKey
+from ubc.metering.store import spend_epoch_query
+from ubc.rules import Change, Plan, Recorded, RuleContext, actor_handle, authenticate, new_id
 from ubc.signing import (
     Envelope,
     EnvelopeFormatError,
@@ -128,12 +135,14 @@ class Receipt:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
+    """An accepted envelope; ``repeated`` when its id was accepted before (idempotency)."""
+
     receipt: Receipt
-    replayed: bool
+    repeated: bool
 
     @property
     def status_code(self) -> int:
-        return 200 if self.replayed else 201
+        return 200 if self.repeated else 201
 
 
 Outcome = Accepted | UbcError
@@ -214,6 +223,15 @@ def precheck(session: Session, ctx: LedgerContext, raws: Sequence[object]) -> li
     return items
 
 
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A re-run of journaled entries (the auditor, ``restore``), and what the journal
+    recorded of each beyond its envelope, by envelope id: the rules' input for what was
+    never journaled (holds)."""
+
+    recorded: Mapping[str, Recorded]
+
+
 def submit(
     session: Session,
     ctx: LedgerContext,
@@ -221,22 +239,21 @@ def submit(
     *,
     atomic: bool = False,
     now: datetime | None = None,
-    replay: bool = False,
-    hints: dict[str, dict[str, Any]] | None = None,
+    replay: Replay | None = None,
     internal: bool = False,
 ) -> list[Outcome]:
     """Check, apply and journal a batch of envelopes; one outcome per envelope, in order.
 
     With ``atomic`` the first failure raises :class:`BatchFailed` naming its index and
-    the caller must roll back: nothing applies. With ``replay`` (the auditor and
-    ``restore`` re-applying a journal at its recorded time) the ``created_at`` window is
-    not checked and nothing is journaled: the caller compares or stores the entries.
-    ``internal`` (the server's own ledger-signed envelopes: usage, expiries) admits the
-    types that clients may not submit; a replay always does.
+    the caller must roll back: nothing applies. ``internal`` (the server's own
+    ledger-signed envelopes: usage, expiries) admits the types that clients may not
+    submit. A ``replay`` re-runs journaled entries at their recorded time (``now``): the
+    rules get the journal's records, the rules of submission (the ``created_at`` window,
+    human text) are not checked, ledger-only types are admitted, an epoch allocates at
+    once, no process cache is used and nothing is journaled: the caller compares or
+    stores the entries.
     """
-    writer = _Writer(
-        session, ctx, now or utcnow(), atomic, replay, hints=hints or {}, internal=internal
-    )
+    writer = _Writer(session, ctx, now or utcnow(), atomic, replay, internal=internal)
     return writer.run(raws)
 
 
@@ -263,7 +280,7 @@ def write_genesis(
     payload = LedgerGenesis.model_validate(
         {
             "ledger": ctx.origin,
-            "id": rules.new_id(),
+            "id": new_id(),
             "created_at": format_timestamp(now),
             "actor": "ledger",
             "ledger_public_key": encode_public_key(ctx.ledger_public_key),
@@ -301,7 +318,7 @@ def write_genesis(
 
 def apply_genesis(session: Session, payload: LedgerGenesis) -> None:
     """What entry 0 does: the configuration in force, the assets and their system accounts."""
-    rules.store_config(session, payload.id, payload_json(payload))
+    store_config(session, payload.id, payload_json(payload))
     ledger.ensure_assets(session, {code: spec.scale for code, spec in payload.assets.items()})
     ledger.open_system_accounts(session, sorted(payload.assets))
 
@@ -351,7 +368,7 @@ class _Pending:
     decoded: _Decoded
     request: ledger.LedgerRequest
     accounts: frozenset[str]
-    after: rules.AfterApply | None
+    changes: tuple[Change, ...]
 
 
 @dataclass(slots=True)
@@ -360,10 +377,7 @@ class _Writer:
     ctx: LedgerContext
     now: datetime
     atomic: bool
-    replay: bool
-    # Replay only: each entry's journaled summary by envelope id (what an epoch's close
-    # recorded of the holds pending at that moment, which the journal does not carry).
-    hints: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replay: Replay | None
     internal: bool = False
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     accepted: list[tuple[_Decoded, Receipt, frozenset[str]]] = field(default_factory=list)
@@ -372,14 +386,17 @@ class _Writer:
     known: dict[str, tuple[bytes, str, str]] = field(default_factory=dict)
     preverified: dict[int, frozenset[str]] = field(default_factory=dict)
     internal_items: set[int] = field(default_factory=set)
-    state: rules.State | None = None
+    look: DatabaseLookup | None = None
+    rule_ctx: RuleContext | None = None
+    # Changes whose writer takes a whole batch's at once, by change type.
+    deferred: dict[type[Change], list[Change]] = field(default_factory=dict)
 
     def run(self, raws: Sequence[object]) -> list[Outcome]:
         # The head lock, the configuration in force and the spend epoch: one round trip.
         head = journal.lock_head_with(
             self.session,
-            rules.config_version_query(),
-            rules.spend_epoch_query(),
+            config_version_query(),
+            spend_epoch_query(),
             journal.head_t.c.checkpoint,
         )
         if head is None:
@@ -402,20 +419,22 @@ class _Writer:
                 decoded.append(error)
         good = [d for d in decoded if isinstance(d, _Decoded)]
         self._preload(good)
-        self.state = rules.State(
-            self.session,
-            self.ctx,
-            self.now,
-            replay=self.replay,
-            hints=self.hints,
-            internal=self.internal or self.replay,
+        replay = self.replay
+        self.look = DatabaseLookup(
+            self.session, PROCESS_CACHES if replay is None else Caches(), flush=self._flush
         )
-        self.state.known_versions(config=head[1], spend_epoch=head[2])
-        self.state.flush = self._flush
+        self.rule_ctx = RuleContext(
+            now=self.now,
+            enrollment=self.ctx.enrollment,
+            assets=self.ctx.assets,
+            recorded={} if replay is None else replay.recorded,
+            allocate_at_once=epochs_service.CHUNK if replay is None else None,
+        )
+        self.look.known_versions(config=head[1], spend_epoch=head[2])
         ledger_keys = {self.ctx.ledger_keyid, *self.ctx.operator_keys}
-        self.state.preload(
+        self.look.preload(
             keyids={s.keyid for d in good for s in d.envelope.signatures} - ledger_keys,
-            handles={rules.actor_handle(d.payload.actor) for d in good} - {None},
+            handles={actor_handle(d.payload.actor) for d in good} - {None},
         )
         for index, item in enumerate(decoded):
             if isinstance(item, UbcError):
@@ -423,8 +442,8 @@ class _Writer:
                 continue
             self._one(item)
         self._flush()
-        self.state.flush_deferred()
-        if self.replay:
+        self._write_deferred()
+        if replay is not None:
             return [self.outcomes[i] for i in range(len(raws))]
         receipts = [r for _, r, _ in self.accepted]
         seqs = journal.append(
@@ -465,20 +484,27 @@ class _Writer:
 
     def _one(self, item: _Decoded) -> None:
         payload = item.payload
-        # Replays first: an accepted id answers its original result, even past the window.
+        # Repeats first: an accepted id answers its original result, even past the window.
         earlier = self.seen.get(payload.id)
         if earlier is not None and earlier[0] == item.payload_hash:
-            self._replay_in_batch(item.index, earlier[1])
+            self._repeat_in_batch(item.index, earlier[1])
             return
         stored = self.known.get(payload.id)
         if earlier is None and stored is not None and stored[0] == item.payload_hash:
-            self._replay_stored(item, stored)
+            self._repeat_stored(item, stored)
             return
+        look, rule_ctx = self.look, self.rule_ctx
+        assert look is not None
+        assert rule_ctx is not None
         try:
             self._check_window(payload)
-            assert self.state is not None
-            signers = self.state.authenticate(
-                item.envelope, payload, self.preverified.get(item.index, frozenset())
+            signers = authenticate(
+                look,
+                item.envelope,
+                payload,
+                operator_keys=self.ctx.operator_keys,
+                ledger_public_key=self.ctx.ledger_public_key,
+                preverified=self.preverified.get(item.index, frozenset()),
             )
         except UbcError as error:
             self._fail(item.index, error, remember=None)
@@ -495,9 +521,9 @@ class _Writer:
             )
             return
         self.seen[payload.id] = (item.payload_hash, item.index)
-        self.state.internal = self.internal or self.replay or item.index in self.internal_items
+        internal = self.internal or self.replay is not None or item.index in self.internal_items
         try:
-            plan = rules.plan(self.state, item.type, payload, signers)
+            plan = REGISTRY.plan(look, rule_ctx, item.type, payload, signers, internal=internal)
         except MissingSignature as error:
             # The same envelope may come back with the missing signature: not remembered.
             del self.seen[payload.id]
@@ -506,10 +532,11 @@ class _Writer:
         except UbcError as error:
             self._fail(item.index, error, remember=item)
             return
-        if plan.before is not None:
+        look.planned(plan)
+        if plan.holds:
             self._flush()
             try:
-                plan.before()
+                self._place_holds(plan)
             except UbcError as error:
                 self._fail(item.index, error, remember=item)
                 return
@@ -519,7 +546,7 @@ class _Writer:
                     item,
                     ledger.LedgerRequest(payload.id, plan.operations, item.payload_hash),
                     plan.accounts,
-                    plan.after,
+                    plan.changes,
                 )
             )
             return
@@ -527,11 +554,11 @@ class _Writer:
         self._flush()
         summary = None
         try:
-            if plan.after is not None:
+            if plan.changes:
                 # A savepoint: a change refused halfway (say, rows of a member written,
                 # then its account refused) leaves nothing behind, as if never tried.
                 with self.session.begin_nested():
-                    summary = plan.after()
+                    summary = self._apply_changes(plan.changes)
         except UbcError as error:
             self._fail(item.index, error, remember=item)
             return
@@ -559,11 +586,38 @@ class _Writer:
                 # apply_many has already remembered the failed id.
                 self._fail(item.decoded.index, outcome, remember=None)
                 continue
-            if item.after is not None:
-                item.after()
-            # Sorted keys, as in the journal entry, so that a replay answers the same bytes.
+            self._apply_changes(item.changes)
+            # Sorted keys, as in the journal entry, so that a repeat answers the same bytes.
             effects = [dict(sorted(e.to_json().items())) for e in outcome.effects]
             self._accept(item.decoded, effects, item.accounts)
+
+    def _place_holds(self, plan: Plan) -> None:
+        for hold in plan.holds:
+            ledger.apply(
+                self.session, ledger.LedgerRequest(hold.request_id, (hold.leg,)), now=hold.at
+            )
+
+    def _apply_changes(self, changes: Sequence[Change]) -> dict[str, Any] | None:
+        """The applier: each change through its domain's writer; an epoch's summary."""
+        assert self.look is not None
+        summary: dict[str, Any] | None = None
+        for change in changes:
+            spec = REGISTRY.writer(change)
+            if spec.write is None:
+                self.deferred.setdefault(type(change), []).append(change)
+                continue
+            written = spec.write(self.session, change, self.now)
+            if written is not None:
+                summary = dict(written)
+            self.look.applied(change)
+        return summary
+
+    def _write_deferred(self) -> None:
+        """What the batch's changes left for one statement each, in the registry's order."""
+        for change_type, spec in REGISTRY.writers.items():
+            changes = self.deferred.pop(change_type, None)
+            if changes and spec.write_batch is not None:
+                spec.write_batch(self.session, changes)
 
     def _accept(
         self,
@@ -585,7 +639,7 @@ class _Writer:
             summary=summary,
         )
         self.accepted.append((item, receipt, receipt.accounts))
-        self.outcomes[item.index] = Accepted(receipt, replayed=False)
+        self.outcomes[item.index] = Accepted(receipt, repeated=False)
 
     def _fail(self, index: int, error: UbcError, *, remember: _Decoded | None) -> None:
         if self.atomic:
@@ -596,17 +650,17 @@ class _Writer:
             )
         self.outcomes[index] = error
 
-    def _replay_in_batch(self, index: int, first: int) -> None:
+    def _repeat_in_batch(self, index: int, first: int) -> None:
         outcome = self.outcomes.get(first)
         if isinstance(outcome, Accepted):
-            self.outcomes[index] = Accepted(outcome.receipt, replayed=True)
+            self.outcomes[index] = Accepted(outcome.receipt, repeated=True)
         elif outcome is not None:
             self.outcomes[index] = outcome
         else:  # still waiting in the current run: resolve it first
             self._flush()
-            self._replay_in_batch(index, first)
+            self._repeat_in_batch(index, first)
 
-    def _replay_stored(self, item: _Decoded, stored: tuple[bytes, str, str]) -> None:
+    def _repeat_stored(self, item: _Decoded, stored: tuple[bytes, str, str]) -> None:
         _, status, result = stored
         if status != "applied":
             failure = ledger.decode_outcome(self.session, item.payload.id, status, result)
@@ -627,7 +681,7 @@ class _Writer:
         receipt = Receipt(
             item.payload.id, item.type, list(entry["effects"]), seq, summary=entry.get("summary")
         )
-        self.outcomes[item.index] = Accepted(receipt, replayed=True)
+        self.outcomes[item.index] = Accepted(receipt, repeated=True)
 
     def _check_window(self, payload: Payload) -> None:
         if payload.ledger != self.ctx.origin:
@@ -635,9 +689,9 @@ class _Writer:
                 f"envelope is for ledger {payload.ledger!r}, this is {self.ctx.origin!r}",
                 detail={"ledger": payload.ledger, "expected": self.ctx.origin},
             )
-        if self.replay:
+        if self.replay is not None:
             return
-        # Like the window, a rule of submission: a replayed journal is checked as it was.
+        # Like the window, a rule of submission: a re-run journal is checked as it was.
         check_text(payload)
         created = parse_timestamp(payload.created_at)
         # A member's withdrawal waits for the operator's countersignature: it may be as old
@@ -665,7 +719,7 @@ def _decode(index: int, raw: object) -> _Decoded:
             detail={"size": len(envelope.payload), "limit": MAX_PAYLOAD_BYTES},
         )
     name = type_name(envelope.payload_type)
-    if name is None or name not in rules.SUBMITTABLE | rules.LEDGER_ONLY:
+    if name is None or name not in REGISTRY.specs:
         raise InvalidEnvelope(
             f"unknown payload type {envelope.payload_type!r}",
             detail={"payloadType": envelope.payload_type},

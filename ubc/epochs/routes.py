@@ -9,11 +9,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 
 from ubc.deps import Reader, ReadSession
-from ubc.envelopes.payloads import MAX_AMOUNT
 from ubc.epochs import report
 from ubc.epochs import service as epochs
 from ubc.epochs.schemas import Epoch, EpochList, UtilizationReport
 from ubc.errors import Forbidden
+from ubc.rules.payload import MAX_AMOUNT
 from ubc.schemas import error_responses
 
 router = APIRouter(tags=["epochs"])

@@ -22,6 +22,7 @@ address (close), so the auditor can derive them.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,12 +31,13 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
 from ubc.dbtypes import UTCDateTime
-from ubc.envelopes.payloads import EpochClose, EpochOpen, parse_timestamp
-from ubc.errors import BadRequest, NotFound, StateConflict
-from ubc.ledger._sql import Driver
+from ubc.epochs.payloads import EpochClose, EpochOpen
+from ubc.epochs.rules import EpochClosed, EpochOpened
+from ubc.errors import NotFound, StateConflict
+from ubc.ledger import bulk
+from ubc.rules.payload import parse_timestamp
 
 CHUNK = 50_000
-OPEN_STATES = ("opening", "open")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,35 +78,21 @@ class EpochInfo:
         }
 
 
-def check_open(session: Session, payload: EpochOpen) -> None:
-    """Refuse an epoch that may not open now (raises; changes nothing)."""
-    if parse_timestamp(payload.ends_at) <= parse_timestamp(payload.starts_at):
-        raise BadRequest("ends_at must be after starts_at")
-    known = session.execute(
-        text("SELECT count(*) FROM assets WHERE code = :code"), {"code": payload.asset}
-    ).scalar_one()
-    if not known:
-        raise NotFound(f"no asset {payload.asset}", detail={"asset": payload.asset})
-    row = session.execute(
-        text("SELECT number, status FROM epochs ORDER BY number DESC LIMIT 1")
-    ).first()
-    if row is None:
-        return
-    number, status = int(row[0]), str(row[1])
-    if number == payload.epoch:
-        raise StateConflict(
-            f"epoch {number} was already opened", detail={"epoch": number, "status": status}
-        )
-    if status in OPEN_STATES:
-        raise StateConflict(
-            f"epoch {number} is still {status}: close it before opening another",
-            detail={"epoch": number, "status": status},
-        )
-    if payload.epoch < number:
-        raise StateConflict(
-            f"epochs count up: {payload.epoch} comes before the last one, {number}",
-            detail={"epoch": payload.epoch, "last": number},
-        )
+def apply_opened(session: Session, change: EpochOpened, now: datetime) -> dict[str, Any]:
+    """What ``epoch.open`` does: its allocations fixed, and applied at once when there are
+    at most ``allocate_at_once`` of them; the journal's summary."""
+    payload = change.payload
+    summary = open_epoch(session, payload, payload.id, now=now)
+    if change.allocate_at_once is None or summary["members"] <= change.allocate_at_once:
+        apply_all_allocations(session, payload.epoch, now=now)
+    return summary
+
+
+def apply_closed(session: Session, change: EpochClosed, now: datetime) -> dict[str, Any]:
+    """What ``epoch.close`` does; the journal's summary."""
+    return close_epoch(
+        session, change.payload, change.payload.id, now=now, held_elsewhere=change.held_elsewhere
+    )
 
 
 def open_epoch(
@@ -119,10 +107,12 @@ def open_epoch(
         params[f"a{i}"] = payload.allocations[tier]
         cases.append(f"WHEN :t{i} THEN :a{i}")
     tier_list = ", ".join(f":t{i}" for i in range(len(tiers)))
+    order = f"m.handle{bulk.binary_order(session)}"
     session.execute(
         text(
             "INSERT INTO epoch_allocations (epoch, leg, account_id, tier, amount) "
-            f"SELECT :epoch, ROW_NUMBER() OVER (ORDER BY m.handle{_binary(session)}) - 1, a.id, "
+            f"SELECT :epoch, ROW_NUMBER() OVER (ORDER BY {order}) - 1, "
+            "a.id, "
             "m.tier, "
             f"CASE m.tier {' '.join(cases)} END "
             "FROM members m JOIN accounts a "
@@ -201,27 +191,15 @@ def apply_allocations(
         int(epoch[3]),
     )
     lo, hi = applied, min(applied + (limit or CHUNK), members)
-    issuance = _account_id(session, "system:issuance", asset)
-    window = {"n": number, "lo": lo, "hi": hi}
-    if session.get_bind().dialect.name == "postgresql":
-        # Row locks in ascending id order, like every other writer: no deadlocks.
-        session.execute(
-            text(
-                # One index lookup per leg (an OR would walk the whole primary key), and
-                # the locked ids counted on the server instead of sent to the client.
-                "SELECT count(*) FROM (SELECT id FROM accounts WHERE id IN "
-                "(SELECT account_id FROM epoch_allocations WHERE epoch = :n AND leg >= :lo "
-                "AND leg < :hi UNION ALL SELECT :issuance) ORDER BY id FOR UPDATE) locked"
-            ),
-            {**window, "issuance": issuance},
-        )
-    count, total = _move(
+    issuance = bulk.account_id(session, "system:issuance", asset)
+    window = bulk.LegWindow("epoch_allocations", number, lo, hi)
+    bulk.lock_window(session, window, issuance)
+    count, _ = bulk.move(
         session,
         window,
         envelope_id,
         asset,
         source=issuance,
-        table="epoch_allocations",
         kind="allocation",
         source_is_debit=True,
         now=now,
@@ -234,7 +212,6 @@ def apply_allocations(
         {"hi": hi, "n": number},
     )
     assert count == hi - lo, (count, lo, hi)
-    del total
     return count
 
 
@@ -264,99 +241,49 @@ def pending_epochs(session: Session) -> list[int]:
     ]
 
 
-def check_close(session: Session, payload: EpochClose) -> str:
-    """Refuse a close that may not happen now; the epoch's asset."""
-    row = session.execute(
-        text("SELECT status, asset FROM epochs WHERE number = :n"), {"n": payload.epoch}
-    ).first()
-    if row is None:
-        raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
-    status = str(row[0])
-    if status == "closed":
-        raise StateConflict(f"epoch {payload.epoch} is already closed")
-    if status != "open":
-        raise StateConflict(
-            f"epoch {payload.epoch} is still {status}: its allocations are being applied",
-            detail={"epoch": payload.epoch, "status": status},
-        )
-    return str(row[1])
-
-
 def close_epoch(
     session: Session,
     payload: EpochClose,
     envelope_id: str,
     *,
     now: datetime,
-    replayed_holds: dict[str, int] | None = None,
+    held_elsewhere: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Expire what members can spend above the cap, whole, in this transaction.
 
     Holds pending at this moment are not journaled, so the summary records those that
-    limited an expiry (``held``: address → amount held); the auditor's replay passes
-    them back as ``replayed_holds`` and derives the same expiries.
+    limited an expiry (``held``: address → amount held). ``held_elsewhere`` are holds
+    pending outside the ledger's tables (a re-run of the journal passes the recorded
+    ones): they limit the expiries as pending holds do, and are what the summary records.
     """
-    asset = check_close(session, payload)
+    asset = _close_asset(session, payload)
     cap = session.execute(
         text("SELECT carryover_cap FROM epochs WHERE number = :n"), {"n": payload.epoch}
     ).scalar_one()
     count = total = 0
     held: dict[str, int] = {}
-    if cap is not None and replayed_holds:
-        held = dict(replayed_holds)
-        _check_recorded_holds(session, asset, held, int(cap))
-        _shift_pending(session, asset, held, +1)
+    elsewhere: dict[str, int] = {}
+    if cap is not None and held_elsewhere:
+        elsewhere = dict(held_elsewhere)
+        _check_recorded_holds(session, asset, elsewhere, int(cap))
     if cap is not None:
-        expired_account = _account_id(session, "system:expired", asset)
-        available = "credits_posted - debits_posted - debits_pending"
-        candidates = f"asset = :asset AND address LIKE 'member:%' AND {available} > :cap"
-        params = {"asset": asset, "cap": int(cap), "n": payload.epoch}
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(
-                text(
-                    "SELECT count(*) FROM (SELECT id FROM accounts WHERE id = :expired "
-                    f"OR ({candidates}) ORDER BY id FOR UPDATE) locked"
-                ),
-                {**params, "expired": expired_account},
+        with bulk.pending_elsewhere(session, asset, elsewhere):
+            expired_account = bulk.account_id(session, "system:expired", asset)
+            bulk.lock_above(session, asset, int(cap), expired_account)
+            members = bulk.above_cap_legs(session, payload.epoch, asset, int(cap))
+            window = bulk.LegWindow("epoch_expiries", payload.epoch, 0, members)
+            count, total = bulk.move(
+                session,
+                window,
+                envelope_id,
+                asset,
+                source=expired_account,
+                kind="expiry",
+                source_is_debit=False,
+                now=now,
             )
-        session.execute(
-            text(
-                "INSERT INTO epoch_expiries (epoch, leg, account_id, amount) "
-                f"SELECT :n, ROW_NUMBER() OVER (ORDER BY address{_binary(session)}) - 1, id, "
-                f"{available} - :cap FROM accounts WHERE {candidates}"
-            ),
-            params,
-        )
-        members = session.execute(
-            text("SELECT count(*) FROM epoch_expiries WHERE epoch = :n"), {"n": payload.epoch}
-        ).scalar_one()
-        window = {"n": payload.epoch, "lo": 0, "hi": int(members)}
-        count, total = _move(
-            session,
-            window,
-            envelope_id,
-            asset,
-            source=expired_account,
-            table="epoch_expiries",
-            kind="expiry",
-            source_is_debit=False,
-            now=now,
-        )
-        if replayed_holds:
-            _shift_pending(session, asset, held, -1)
-        else:
-            # Every hold that made a member's expiry smaller (or none at all).
-            held = {
-                str(r[0]): int(r[1])
-                for r in session.execute(
-                    text(
-                        "SELECT address, debits_pending FROM accounts WHERE asset = :asset "
-                        "AND address LIKE 'member:%' AND debits_pending > 0 "
-                        "AND credits_posted - debits_posted > :cap"
-                    ),
-                    params,
-                )
-            }
+        # Every hold that made a member's expiry smaller (or none at all).
+        held = elsewhere or bulk.held_above(session, asset, int(cap))
     session.execute(
         text(
             "UPDATE epochs SET status = 'closed', close_envelope_id = :envelope, "
@@ -376,42 +303,33 @@ def close_epoch(
     return summary
 
 
+def _close_asset(session: Session, payload: EpochClose) -> str:
+    """The epoch's asset; StateConflict unless it is open (the rule checked it)."""
+    row = session.execute(
+        text("SELECT status, asset FROM epochs WHERE number = :n"), {"n": payload.epoch}
+    ).first()
+    if row is None:
+        raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
+    if str(row[0]) != "open":
+        raise StateConflict(f"epoch {payload.epoch} is {row[0]}")
+    return str(row[1])
+
+
 def _check_recorded_holds(session: Session, asset: str, held: dict[str, int], cap: int) -> None:
     """A journal's recorded holds must be possible: on member accounts with more than the
     cap posted, each positive and at most what the account held available."""
     for address, amount in held.items():
-        row = session.execute(
-            text(
-                "SELECT credits_posted - debits_posted - debits_pending FROM accounts "
-                "WHERE address = :address AND asset = :asset AND address LIKE 'member:%'"
-            ),
-            {"address": address, "asset": asset},
-        ).first()
+        available = bulk.member_available(session, address, asset)
         if (
             not isinstance(amount, int)
-            or row is None
-            or not 0 < amount <= int(row[0])
-            or int(row[0]) <= cap
+            or available is None
+            or not 0 < amount <= available
+            or available <= cap
         ):
             raise StateConflict(
                 f"the close records an impossible hold of {amount!r} on {address}",
                 detail={"address": address, "held": amount},
             )
-
-
-def _shift_pending(session: Session, asset: str, held: dict[str, int], sign: int) -> None:
-    """Re-create (+1) or remove (−1) the recorded holds' effect on availability, in the
-    auditor's replay only, for the duration of the close."""
-    session.execute(
-        text(
-            "UPDATE accounts SET debits_pending = debits_pending + :amount "
-            "WHERE address = :address AND asset = :asset"
-        ),
-        [
-            {"amount": sign * amount, "address": address, "asset": asset}
-            for address, amount in held.items()
-        ],
-    )
 
 
 def list_epochs(session: Session) -> list[EpochInfo]:
@@ -483,123 +401,25 @@ def _timestamps(*names: str) -> list[Any]:
     return [bindparam(name, type_=UTCDateTime()) for name in names]
 
 
-def _binary(session: Session) -> str:
-    """Order strings by code point on both engines, whatever PostgreSQL's collation: the
-    auditor derives the same leg numbers from its replay."""
-    return ' COLLATE "C"' if session.get_bind().dialect.name == "postgresql" else ""
+# --- reads of the rules' lookup ---------------------------------------------------------
 
 
-def _account_id(session: Session, address: str, asset: str) -> int:
-    value = session.execute(
-        text("SELECT id FROM accounts WHERE address = :address AND asset = :asset"),
-        {"address": address, "asset": asset},
-    ).scalar_one_or_none()
-    if value is None:
-        raise NotFound(f"no account {address} for asset {asset}")
-    return int(value)
+def asset_exists(session: Session, code: str) -> bool:
+    count = session.execute(
+        text("SELECT count(*) FROM assets WHERE code = :code"), {"code": code}
+    ).scalar_one()
+    return bool(count)
 
 
-def _move(
-    session: Session,
-    window: dict[str, int],
-    envelope_id: str,
-    asset: str,
-    *,
-    source: int,
-    table: str,
-    kind: str,
-    source_is_debit: bool,
-    now: datetime,
-) -> tuple[int, int]:
-    """Transfers, postings and balances for the legs ``lo <= leg < hi`` of ``table``:
-    between each leg's member account and ``source`` (issuance debits, expiry credits)."""
-    count, total = session.execute(
-        text(
-            f"SELECT count(*), coalesce(sum(amount), 0) FROM {table} "
-            "WHERE epoch = :n AND leg >= :lo AND leg < :hi"
-        ),
-        window,
-    ).one()
-    count, total = int(count), int(total)
-    if count == 0:
-        return 0, 0
-    stamp = _stamp(session, now)
-    source_row = session.execute(
-        text(
-            "SELECT credits_posted - debits_posted, "
-            "credits_posted - debits_posted - debits_pending FROM accounts WHERE id = :id"
-        ),
-        {"id": source},
-    ).one()
-    balance, available = int(source_row[0]), int(source_row[1])
-    params = {
-        **window,
-        "envelope": envelope_id + ":",
-        "asset": asset,
-        "source": source,
-        "now": stamp,
-        "kind": kind,
-        "balance": balance,
-        "available": available,
-    }
-    member, other = ("credit_account_id", "debit_account_id")
-    if not source_is_debit:
-        member, other = other, member
-    legs = f"FROM {table} e WHERE e.epoch = :n AND e.leg >= :lo AND e.leg < :hi"
-    transfer_id = ":envelope || CAST(e.leg AS VARCHAR(20))"
-    session.execute(
-        text(
-            "INSERT INTO transfers (id, debit_account_id, credit_account_id, asset, amount, "
-            "kind, phase, pending_id, state, timeout_at, memo, created_at) "
-            f"SELECT {transfer_id}, "
-            f"{':source' if other == 'debit_account_id' else 'e.account_id'}, "
-            f"{':source' if other == 'credit_account_id' else 'e.account_id'}, "
-            f":asset, e.amount, :kind, 'posted', NULL, NULL, NULL, NULL, :now {legs}"
-        ),
-        params,
-    )
-    # The member side, computed from balances before this batch's update.
-    member_side, sign = ("C", "+") if source_is_debit else ("D", "-")
-    session.execute(
-        text(
-            "INSERT INTO postings (account_id, transfer_id, side, posted, pending, "
-            "balance_after, available_after, created_at) "
-            f"SELECT e.account_id, {transfer_id}, '{member_side}', e.amount, 0, "
-            f"a.credits_posted - a.debits_posted {sign} e.amount, "
-            f"a.credits_posted - a.debits_posted - a.debits_pending {sign} e.amount, :now "
-            f"FROM {table} e JOIN accounts a ON a.id = e.account_id "
-            "WHERE e.epoch = :n AND e.leg >= :lo AND e.leg < :hi"
-        ),
-        params,
-    )
-    # The source side: one posting per leg, its balance running in leg order.
-    source_side, run = ("D", "-") if source_is_debit else ("C", "+")
-    session.execute(
-        text(
-            "INSERT INTO postings (account_id, transfer_id, side, posted, pending, "
-            "balance_after, available_after, created_at) "
-            f"SELECT :source, {transfer_id}, '{source_side}', e.amount, 0, "
-            f":balance {run} SUM(e.amount) OVER (ORDER BY e.leg), "
-            f":available {run} SUM(e.amount) OVER (ORDER BY e.leg), :now {legs}"
-        ),
-        params,
-    )
-    column = "credits_posted" if source_is_debit else "debits_posted"
-    session.execute(
-        text(
-            f"UPDATE accounts SET {column} = accounts.{column} + e.amount "
-            f"FROM {table} e WHERE accounts.id = e.account_id AND e.epoch = :n "
-            "AND e.leg >= :lo AND e.leg < :hi"
-        ),
-        window,
-    )
-    source_column = "debits_posted" if source_is_debit else "credits_posted"
-    session.execute(
-        text(f"UPDATE accounts SET {source_column} = {source_column} + :total WHERE id = :id"),
-        {"total": total, "id": source},
-    )
-    return count, total
+def latest_epoch(session: Session) -> tuple[int, str] | None:
+    row = session.execute(
+        text("SELECT number, status FROM epochs ORDER BY number DESC LIMIT 1")
+    ).first()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
-def _stamp(session: Session, now: datetime) -> Any:
-    return Driver(session).timestamp(now)
+def epoch_state(session: Session, number: int) -> tuple[str, str] | None:
+    row = session.execute(
+        text("SELECT status, asset FROM epochs WHERE number = :n"), {"n": number}
+    ).first()
+    return None if row is None else (str(row[0]), str(row[1]))

@@ -36,7 +36,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ubc.envelopes.payloads import MAX_AMOUNT
+from ubc.rules.payload import MAX_AMOUNT
 
 LOCAL_MODEL_ID = "all-minilm-l6-v2"
 

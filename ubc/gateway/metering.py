@@ -26,17 +26,19 @@ from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.db import run_unit_of_work
+from ubc.db.driver import Driver
 from ubc.dbtypes import utcnow
-from ubc.envelopes import rules
-from ubc.envelopes.payloads import HoldExpire, Usage, format_timestamp
 from ubc.envelopes.service import LedgerContext, Prechecked, sign_internal, submit
 from ubc.errors import Forbidden, UbcError, Unauthenticated
 from ubc.gateway.models import ApiKeySpend, GatewayHold
 from ubc.ledger import service as ledger
-from ubc.ledger._sql import Driver
 from ubc.ledger.models import Transfer
 from ubc.ledger.service import LedgerRequest, Leg
 from ubc.members.models import ApiKey, Member
+from ubc.metering import rules
+from ubc.metering.payloads import HoldExpire, Usage
+from ubc.metering.store import spend_epoch_query
+from ubc.rules.payload import format_timestamp
 
 apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
 members_t = Member.__table__  # type: ignore[attr-defined]
@@ -96,7 +98,7 @@ def place_holds(
             apikeys_t.c.expires_at,
             apikeys_t.c.spend_cap_per_epoch,
             members_t.c.status,
-            rules.spend_epoch_query(),
+            spend_epoch_query(),
         )
         .select_from(
             apikeys_t.outerjoin(
@@ -212,7 +214,7 @@ def usage_envelope(
     now: datetime,
 ) -> Prechecked:
     """The ledger-signed ``usage`` entry of a finished call (``cost``: see
-    :func:`ubc.envelopes.rules.call_cost`)."""
+    :func:`ubc.metering.rules.call_cost`)."""
     payload = Usage.model_validate(
         {
             "ledger": ctx.origin,

@@ -24,7 +24,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.dbtypes import utcnow
-from ubc.envelopes import rules
 from ubc.envelopes.service import LedgerContext, Prechecked
 from ubc.envelopes.writer import GroupCommitWriter
 from ubc.errors import UbcError
@@ -38,6 +37,7 @@ from ubc.gateway.metering import (
 from ubc.gateway.ratelimit import Limit, RateLimited, RateLimiter
 from ubc.gateway.upstream import UpstreamPool
 from ubc.members.models import ApiKey
+from ubc.metering import rules
 
 log = logging.getLogger("ubc.gateway")
 apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]

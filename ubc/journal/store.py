@@ -17,7 +17,7 @@ from typing import Any, cast
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from ubc.envelopes.payloads import format_timestamp
+from ubc.db.driver import Driver
 from ubc.journal.checkpoint import format_checkpoint
 from ubc.journal.merkle import (
     EMPTY_ROOT,
@@ -28,7 +28,7 @@ from ubc.journal.merkle import (
     root_from_frontier,
 )
 from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
-from ubc.ledger._sql import Driver
+from ubc.rules.payload import format_timestamp
 from ubc.signing import NoteSigner
 
 entries_t = JournalEntry.__table__  # type: ignore[attr-defined]

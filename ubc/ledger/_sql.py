@@ -1,4 +1,4 @@
-"""The write path's statements, sent straight through the driver of each engine.
+"""The group commit's statements, sent straight through the driver of each engine.
 
 The core computes balances in memory under row locks, so what reaches the database is a
 fixed set of statements per group commit. Sending them through SQLAlchemy's per-row
@@ -11,10 +11,10 @@ for the writes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy.orm import Session
+from ubc.db.driver import COPY_THRESHOLD, Driver, execute_all
 
 TransferRow = tuple[str, int, int, str, int, str, str, str | None, str | None, Any, str | None, Any]
 PostingRow = tuple[int, str, str, int, int, int, int, Any]
@@ -35,24 +35,10 @@ _POSTING_COLUMNS = (
     "account_id, transfer_id, side, posted, pending, balance_after, available_after, created_at"
 )
 _REQUEST_COLUMNS = "id, payload_hash, status, result, created_at"
-# Below this many rows a pipelined executemany beats COPY's extra round trip.
-_COPY_THRESHOLD = 64
 
 
-class Driver:
-    """Statements of the group commit for the session's engine."""
-
-    def __init__(self, session: Session) -> None:
-        connection = session.connection()
-        self.postgres = connection.dialect.name == "postgresql"
-        self.raw: Any = connection.connection.driver_connection
-        self.mark = "%s" if self.postgres else "?"
-
-    def timestamp(self, moment: datetime) -> Any:
-        """``moment`` as the engine stores a UTC timestamp column."""
-        if self.postgres:
-            return moment
-        return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+class LedgerDriver(Driver):
+    """Statements of the ledger's group commit for the session's engine."""
 
     def lock_holds(self, ids: Sequence[str]) -> list[HoldRow]:
         """Pending transfers by id, locked in id order."""
@@ -145,11 +131,11 @@ class Driver:
         if not self.postgres:
             cursor = self.raw.cursor()
             try:
-                _execute_all(cursor, statements)
+                execute_all(cursor, statements)
             finally:
                 cursor.close()
             return
-        big = max(len(transfers), len(postings), len(requests)) >= _COPY_THRESHOLD
+        big = max(len(transfers), len(postings), len(requests)) >= COPY_THRESHOLD
         with self.raw.cursor() as cursor:
             if big:
                 self._copy(cursor, "transfers", _TRANSFER_COLUMNS, transfers)
@@ -167,60 +153,4 @@ class Driver:
                     cursor.executemany(update_holds, holds)
                 return
             with self.raw.pipeline():
-                _execute_all(cursor, statements)
-
-    def insert(self, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        """Insert ``rows`` into ``table``: ``COPY`` for large batches on PostgreSQL."""
-        if not rows:
-            return
-        if self.postgres and len(rows) >= _COPY_THRESHOLD:
-            with self.raw.cursor() as cursor:
-                self._copy(cursor, table, columns, rows)
-            return
-        count = columns.count(",") + 1
-        cursor = self.raw.cursor()
-        try:
-            cursor.executemany(self._insert(table, columns, count), rows)
-        finally:
-            cursor.close()
-
-    # -- helpers --
-
-    def _marks(self, count: int) -> str:
-        return ", ".join([self.mark] * count)
-
-    def _insert(self, table: str, columns: str, count: int) -> str:
-        return f"INSERT INTO {table} ({columns}) VALUES ({self._marks(count)})"
-
-    def _fetch(self, sql: str, params: list[Any]) -> list[Any]:
-        cursor = (
-            self.raw.execute(sql, params, prepare=False)
-            if self.postgres
-            else self.raw.execute(sql, params)
-        )
-        try:
-            return list(cursor.fetchall())
-        finally:
-            cursor.close()
-
-    @staticmethod
-    def _copy(cursor: Any, table: str, columns: str, rows: Sequence[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-
-    def _read_timestamp(self, value: Any) -> datetime | None:
-        if value is None:
-            return None
-        if isinstance(value, str):
-            return datetime.fromisoformat(value).replace(tzinfo=UTC)
-        assert isinstance(value, datetime)
-        return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-def _execute_all(cursor: Any, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
-    for sql, rows in statements:
-        if rows:
-            cursor.executemany(sql, rows)
+                execute_all(cursor, statements)

@@ -129,3 +129,17 @@ class Request(SQLModel, table=True):
     status: str = Field(sa_column=Column(String(8), nullable=False))
     result: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+
+
+class LedgerConfigRow(SQLModel, table=True):
+    """One row per journal entry that set the configuration; the highest ``id`` is in force.
+
+    ``body`` is that payload's JSON (prices per model, market fee, CU price), so the rules
+    read the prices of their own moment in the journal, live and in an auditor's replay.
+    """
+
+    __tablename__ = "ledger_config"
+
+    id: int | None = Field(default=None, sa_column=Column(BigIntPK, primary_key=True))
+    envelope_id: str = Field(sa_column=Column(String(36), nullable=False, unique=True))
+    body: str = Field(sa_column=Column(Text, nullable=False))

@@ -40,8 +40,12 @@ from ubc.errors import (
     TransferNotFound,
     UbcError,
 )
-from ubc.ledger._sql import Driver, PostingRow, RequestRow, TransferRow
+from ubc.ledger._sql import LedgerDriver, PostingRow, RequestRow, TransferRow
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
+from ubc.rules.effects import Leg as Leg
+from ubc.rules.effects import Operation as Operation
+from ubc.rules.effects import Post as Post
+from ubc.rules.effects import Void as Void
 
 MAX_COUNTER = 2**63 - 1
 MAX_MEMO = 256
@@ -89,44 +93,6 @@ class HoldState(StrEnum):
     posted = "posted"
     voided = "voided"
     expired = "expired"
-
-
-@dataclass(frozen=True, slots=True)
-class Leg:
-    """A new transfer. With ``timeout`` it is a hold (pending) that expires by itself.
-
-    A hold with ``min_amount`` reserves as much of ``amount`` as the debit account can
-    afford, and fails only when that is less than ``min_amount`` (the model endpoint
-    clamps a call's ``max_tokens`` to it); its effect records the amount held.
-    """
-
-    debit: str
-    credit: str
-    asset: str
-    amount: int
-    kind: str
-    memo: str | None = None
-    timeout: timedelta | None = None
-    min_amount: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Post:
-    """Post a hold for ``amount`` (default: all of it); the rest is released."""
-
-    pending_id: str
-    amount: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Void:
-    """Release a hold. ``expired`` marks the release done by the expiry sweeper."""
-
-    pending_id: str
-    expired: bool = False
-
-
-Operation = Leg | Post | Void
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +152,8 @@ class Effect:
 class Applied:
     request_id: str
     effects: tuple[Effect, ...]
-    replayed: bool = False
+    # The request id was applied before with the same payload (idempotency).
+    repeated: bool = False
 
 
 Outcome = Applied | UbcError
@@ -437,7 +404,7 @@ def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 
         for pending_id in due
     ]
     outcomes = apply_many(session, requests, now=now)
-    return sum(1 for o in outcomes if isinstance(o, Applied) and not o.replayed)
+    return sum(1 for o in outcomes if isinstance(o, Applied) and not o.repeated)
 
 
 def record(
@@ -541,7 +508,7 @@ class _Batch:
     def __init__(self, session: Session, now: datetime) -> None:
         self.session = session
         self.now = now
-        self.driver = Driver(session)
+        self.driver = LedgerDriver(session)
         self.stamp = self.driver.timestamp(now)
         self.accounts: dict[tuple[str, str], _AccountState] = {}
         self.accounts_by_id: dict[int, _AccountState] = {}
@@ -606,7 +573,7 @@ class _Batch:
                     detail={"id": request.id},
                 )
             if isinstance(outcome, Applied):
-                return Applied(outcome.request_id, outcome.effects, replayed=True)
+                return Applied(outcome.request_id, outcome.effects, repeated=True)
             return outcome
         scratch = _Scratch()
         try:
@@ -872,7 +839,7 @@ class _Batch:
 
     def _remember(self, request_id: str, fingerprint: bytes, status: str, outcome: Outcome) -> None:
         if isinstance(outcome, UbcError):
-            # A later replay in this batch answers like one from the database would.
+            # A later repeat in this batch answers like one from the database would.
             self.done[request_id] = (
                 fingerprint,
                 StoredError(
@@ -911,7 +878,7 @@ def _check_amount(amount: int) -> None:
 
 def _encode_outcome(outcome: Outcome) -> str:
     """A failure's error; for an applied request its number of legs, whose transfers are
-    ``<id>:0`` … ``<id>:<n-1>`` (the effects are read back from them on a replay)."""
+    ``<id>:0`` … ``<id>:<n-1>`` (the effects are read back from them on a repeat)."""
     if isinstance(outcome, Applied):
         return json.dumps({"legs": len(outcome.effects)})
     return json.dumps(

@@ -31,43 +31,39 @@ close's last posting: the same on the live ledger and in the auditor's replay.
 
 **Batches.** The writer plans every envelope of a batch before applying its ledger
 operations in one group commit. An envelope on an offer that an earlier envelope of the
-same batch touched first has the writer apply what is planned (``state.flush``), then
-reads the offer as that left it: a fill after a failed fill of the same offer is planned
-on the offer as it really is. Batches are serialised by the journal head lock, so
+same batch touched first is read as that envelope left it once applied (the write
+path's lookup applies what is planned first): a fill after a failed fill of the same
+offer is planned on the offer as it really is. Batches are serialised by the journal head lock, so
 concurrent buyers on any number of processes never oversell; escrow, a non-negative
 account, is the last guard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Protocol
 
-from sqlalchemy import insert, select, text, update
-
-from ubc.envelopes.payloads import (
-    OfferCancel,
-    OfferCreate,
-    OfferExpire,
-    OfferFill,
-    Payload,
-    parse_timestamp,
-)
-from ubc.envelopes.rules import Plan, Signers, State, _active_member, _ledger_signed
 from ubc.errors import BadRequest, Forbidden, NotFound, StateConflict
-from ubc.ledger.service import Leg, Operation
-from ubc.market.models import Fill, Offer
-
-offers_t = Offer.__table__  # type: ignore[attr-defined]
-fills_t = Fill.__table__  # type: ignore[attr-defined]
+from ubc.market.payloads import OfferCancel, OfferCreate, OfferExpire, OfferFill
+from ubc.rules import (
+    Change,
+    Leg,
+    Lookup,
+    Operation,
+    Plan,
+    RuleContext,
+    RuleSpec,
+    Signers,
+    active_member,
+    require_ledger,
+)
+from ubc.rules.payload import parse_timestamp
 
 ESCROW = "market:escrow"
 FEES = "system:fees"
 EXPIRED = "system:expired"
 BPS = 10_000
-_BATCH_KEY = "ubc.market.offers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +83,59 @@ class OfferView:
     closes_seen: int
 
 
+class MarketLookup(Lookup, Protocol):
+    def offer(self, offer_id: str) -> OfferView | None:
+        """The offer as the envelopes before this one left it, once applied."""
+        ...
+
+    def capped_closes(self, asset: str) -> int:
+        """How many closed epochs of ``asset`` had a carryover cap."""
+        ...
+
+    def capped_close_list(self, asset: str) -> list[tuple[int, int]]:
+        """Those closes' (cap, last posting), in the order they closed."""
+        ...
+
+    def posted_balance_at(self, address: str, asset: str, last_posting: int) -> int:
+        """The account's posted balance right after posting ``last_posting``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class OfferCreated(Change):
+    offer: OfferView
+    created_at: datetime
+
+    @property
+    def offer_id(self) -> str:
+        return self.offer.id
+
+
+@dataclass(frozen=True, slots=True)
+class OfferUpdated(Change):
+    """What is left of an offer and its status; closed by ``envelope_id`` unless open."""
+
+    offer: OfferView
+    envelope_id: str
+
+    @property
+    def offer_id(self) -> str:
+        return self.offer.id
+
+
+@dataclass(frozen=True, slots=True)
+class FillRecorded(Change):
+    id: str
+    offer_id: str
+    seller: str
+    buyer: str
+    sell_asset: str
+    amount: int
+    price_asset: str
+    payment: int
+    fee: int
+
+
 def fill_payment(remaining_amount: int, remaining_price: int, amount: int) -> int:
     """What ``amount`` of the ``remaining_amount`` units costs: ``ceil(p × a / r)``."""
     if not 1 <= amount <= remaining_amount:
@@ -102,9 +151,10 @@ def fill_fee(payment: int, fee_bps: int) -> int:
 # --- the rules ----------------------------------------------------------------------------
 
 
-def offer_create(state: State, payload: Payload, signers: Signers) -> Plan:
-    assert isinstance(payload, OfferCreate)
-    handle = _active_member(state, payload.actor, signers)
+def offer_create(
+    look: MarketLookup, ctx: RuleContext, payload: OfferCreate, signers: Signers
+) -> Plan:
+    handle = active_member(look, payload.actor, signers)
     seller = f"member:{handle}"
     if payload.sell_asset == payload.price_asset:
         raise BadRequest(
@@ -112,10 +162,10 @@ def offer_create(state: State, payload: Payload, signers: Signers) -> Plan:
             detail={"asset": payload.sell_asset},
         )
     for asset in (payload.sell_asset, payload.price_asset):
-        if asset not in state.ctx.assets:
+        if asset not in ctx.assets:
             raise BadRequest(f"unknown asset {asset}", detail={"asset": asset})
     expires = parse_timestamp(payload.expires_at) if payload.expires_at else None
-    if expires is not None and expires <= state.now:
+    if expires is not None and expires <= ctx.now:
         raise BadRequest(
             "expires_at must be in the future", detail={"expires_at": payload.expires_at}
         )
@@ -130,40 +180,23 @@ def offer_create(state: State, payload: Payload, signers: Signers) -> Plan:
         remaining_price=payload.price_amount,
         status="open",
         expires_at=expires,
-        closes_seen=_capped_closes(state, payload.sell_asset),
+        closes_seen=look.capped_closes(payload.sell_asset),
     )
     leg = Leg(seller, ESCROW, payload.sell_asset, payload.sell_amount, "trade", _memo(payload.id))
-
-    def after() -> None:
-        state.session.execute(
-            insert(offers_t).values(
-                id=view.id,
-                seller=view.seller,
-                sell_asset=view.sell_asset,
-                sell_amount=view.sell_amount,
-                price_asset=view.price_asset,
-                price_amount=view.price_amount,
-                remaining_amount=view.remaining_amount,
-                remaining_price=view.remaining_price,
-                status=view.status,
-                expires_at=view.expires_at,
-                closes_seen=view.closes_seen,
-                created_at=state.now,
-            )
-        )
-
-    _batch(state)[view.id] = view
-    return Plan(operations=(leg,), accounts=frozenset({seller}), after=after)
+    return Plan(
+        operations=(leg,),
+        accounts=frozenset({seller}),
+        changes=(OfferCreated(view, ctx.now),),
+    )
 
 
-def offer_fill(state: State, payload: Payload, signers: Signers) -> Plan:
-    assert isinstance(payload, OfferFill)
-    handle = _active_member(state, payload.actor, signers)
+def offer_fill(look: MarketLookup, ctx: RuleContext, payload: OfferFill, signers: Signers) -> Plan:
+    handle = active_member(look, payload.actor, signers)
     buyer = f"member:{handle}"
-    view, before = _load(state, payload.offer_id)
+    view = _load(look, payload.offer_id)
     if view.seller == buyer:
         raise Forbidden("a member may not fill its own offer", detail={"offer_id": view.id})
-    _require_open(state, view)
+    _require_open(ctx, view)
     if payload.amount > view.remaining_amount:
         raise StateConflict(
             f"offer {view.id} has {view.remaining_amount} {view.sell_asset} left, "
@@ -175,7 +208,7 @@ def offer_fill(state: State, payload: Payload, signers: Signers) -> Plan:
             },
         )
     payment = fill_payment(view.remaining_amount, view.remaining_price, payload.amount)
-    fee = fill_fee(payment, int(state.config().get("market_fee_bps", 0)))
+    fee = fill_fee(payment, int(look.config().get("market_fee_bps", 0)))
     memo = _memo(view.id)
     legs: list[Operation] = []
     if payment - fee > 0:
@@ -190,51 +223,44 @@ def offer_fill(state: State, payload: Payload, signers: Signers) -> Plan:
         remaining_price=view.remaining_price - payment,
         status="open" if left else "filled",
     )
-
-    def after() -> None:
-        _store(state, new, payload.id)
-        state.session.execute(
-            insert(fills_t).values(
-                id=payload.id,
-                offer_id=view.id,
-                seller=view.seller,
-                buyer=buyer,
-                sell_asset=view.sell_asset,
-                amount=payload.amount,
-                price_asset=view.price_asset,
-                payment=payment,
-                fee=fee,
-                created_at=state.now,
-            )
-        )
-
-    _batch(state)[view.id] = new
+    fill = FillRecorded(
+        payload.id,
+        view.id,
+        view.seller,
+        buyer,
+        view.sell_asset,
+        payload.amount,
+        view.price_asset,
+        payment,
+        fee,
+    )
     return Plan(
         operations=tuple(legs),
         accounts=frozenset({buyer, view.seller}),
-        after=after,
-        before=before,
+        changes=(OfferUpdated(new, payload.id), fill),
     )
 
 
-def offer_cancel(state: State, payload: Payload, signers: Signers) -> Plan:
-    assert isinstance(payload, OfferCancel)
-    handle = _active_member(state, payload.actor, signers)
-    view, before = _load(state, payload.offer_id)
+def offer_cancel(
+    look: MarketLookup, ctx: RuleContext, payload: OfferCancel, signers: Signers
+) -> Plan:
+    handle = active_member(look, payload.actor, signers)
+    view = _load(look, payload.offer_id)
     if view.seller != f"member:{handle}":
         raise Forbidden(
             f"only the seller {view.seller} may cancel this offer", detail={"offer_id": view.id}
         )
-    _require_open(state, view, allow_expired=True)
-    return _close(state, view, payload.id, "cancelled", before)
+    _require_open(ctx, view, allow_expired=True)
+    return _close(look, view, payload.id, "cancelled")
 
 
-def offer_expire(state: State, payload: Payload, signers: Signers) -> Plan:
-    assert isinstance(payload, OfferExpire)
-    _ledger_signed(payload, signers)
-    view, before = _load(state, payload.offer_id)
-    _require_open(state, view, allow_expired=True)
-    if view.expires_at is None or view.expires_at > state.now:
+def offer_expire(
+    look: MarketLookup, ctx: RuleContext, payload: OfferExpire, signers: Signers
+) -> Plan:
+    require_ledger(payload, signers)
+    view = _load(look, payload.offer_id)
+    _require_open(ctx, view, allow_expired=True)
+    if view.expires_at is None or view.expires_at > ctx.now:
         raise StateConflict(
             f"offer {view.id} has not expired yet",
             detail={
@@ -242,7 +268,15 @@ def offer_expire(state: State, payload: Payload, signers: Signers) -> Plan:
                 "expires_at": None if view.expires_at is None else view.expires_at.isoformat(),
             },
         )
-    return _close(state, view, payload.id, "expired", before)
+    return _close(look, view, payload.id, "expired")
+
+
+RULES = (
+    RuleSpec("offer.create", OfferCreate, offer_create),
+    RuleSpec("offer.fill", OfferFill, offer_fill),
+    RuleSpec("offer.cancel", OfferCancel, offer_cancel),
+    RuleSpec("offer.expire", OfferExpire, offer_expire, submit="ledger"),
+)
 
 
 # --- internals --------------------------------------------------------------------------
@@ -252,67 +286,29 @@ def _memo(offer_id: str) -> str:
     return f"offer {offer_id}"
 
 
-def _batch(state: State) -> dict[str, OfferView]:
-    """Offers as the envelopes planned so far in this batch left them."""
-    info = state.session.info
-    held = info.get(_BATCH_KEY)
-    if held is None or held[0] is not state:
-        held = (state, {})
-        info[_BATCH_KEY] = held
-    offers: dict[str, OfferView] = held[1]
-    return offers
-
-
-def _read(state: State, offer_id: str) -> OfferView | None:
-    row = state.session.execute(
-        select(
-            offers_t.c.id,
-            offers_t.c.seller,
-            offers_t.c.sell_asset,
-            offers_t.c.sell_amount,
-            offers_t.c.price_asset,
-            offers_t.c.price_amount,
-            offers_t.c.remaining_amount,
-            offers_t.c.remaining_price,
-            offers_t.c.status,
-            offers_t.c.expires_at,
-            offers_t.c.closes_seen,
-        ).where(offers_t.c.id == offer_id)
-    ).first()
-    return None if row is None else OfferView(*row)
-
-
-Before = Callable[[], None] | None
-
-
-def _load(state: State, offer_id: str) -> tuple[OfferView, Before]:
-    """The offer as it is now. If an earlier envelope of this batch touched it, what is
-    planned is applied first (``state.flush``), so this one is planned on its result."""
-    if offer_id in _batch(state):
-        state.flush()
-        _batch(state).clear()
-    view = _read(state, offer_id)
+def _load(look: MarketLookup, offer_id: str) -> OfferView:
+    view = look.offer(offer_id)
     if view is None:
         raise NotFound(f"no offer {offer_id}", detail={"offer_id": offer_id})
-    return view, None
+    return view
 
 
-def _require_open(state: State, view: OfferView, *, allow_expired: bool = False) -> None:
+def _require_open(ctx: RuleContext, view: OfferView, *, allow_expired: bool = False) -> None:
     if view.status != "open":
         raise StateConflict(
             f"offer {view.id} is {view.status}",
             detail={"offer_id": view.id, "status": view.status},
         )
-    if not allow_expired and view.expires_at is not None and view.expires_at <= state.now:
+    if not allow_expired and view.expires_at is not None and view.expires_at <= ctx.now:
         raise StateConflict(
             f"offer {view.id} has expired",
             detail={"offer_id": view.id, "status": "expired"},
         )
 
 
-def _close(state: State, view: OfferView, envelope_id: str, status: str, before: Before) -> Plan:
+def _close(look: MarketLookup, view: OfferView, envelope_id: str, status: str) -> Plan:
     """Return what is left of ``view`` from escrow (as the epoch-close rule says)."""
-    kept = _kept_after_closes(state, view)
+    kept = _kept_after_closes(look, view)
     memo = _memo(view.id)
     legs: list[Operation] = []
     if kept:
@@ -322,63 +318,20 @@ def _close(state: State, view: OfferView, envelope_id: str, status: str, before:
             Leg(ESCROW, EXPIRED, view.sell_asset, view.remaining_amount - kept, "expiry", memo)
         )
     new = replace(view, status=status)
-
-    def after() -> None:
-        _store(state, new, envelope_id)
-
-    _batch(state)[view.id] = new
     return Plan(
-        operations=tuple(legs), accounts=frozenset({view.seller}), after=after, before=before
+        operations=tuple(legs),
+        accounts=frozenset({view.seller}),
+        changes=(OfferUpdated(new, envelope_id),),
     )
 
 
-def _store(state: State, view: OfferView, envelope_id: str) -> None:
-    values: dict[str, Any] = {
-        "remaining_amount": view.remaining_amount,
-        "remaining_price": view.remaining_price,
-        "status": view.status,
-    }
-    if view.status != "open":
-        values.update(closed_at=state.now, closed_by=envelope_id)
-    state.session.execute(update(offers_t).where(offers_t.c.id == view.id).values(**values))
-
-
-def _capped_closes(state: State, asset: str) -> int:
-    return int(
-        state.session.execute(
-            text(
-                "SELECT count(*) FROM epochs WHERE asset = :asset AND status = 'closed' "
-                "AND carryover_cap IS NOT NULL"
-            ),
-            {"asset": asset},
-        ).scalar_one()
-    )
-
-
-def _kept_after_closes(state: State, view: OfferView) -> int:
+def _kept_after_closes(look: MarketLookup, view: OfferView) -> int:
     """How much of the remainder the seller keeps under the epoch-close rule."""
     kept = view.remaining_amount
-    if _capped_closes(state, view.sell_asset) <= view.closes_seen:
+    if look.capped_closes(view.sell_asset) <= view.closes_seen:
         return kept
-    closes = state.session.execute(
-        text(
-            "SELECT carryover_cap, last_posting FROM epochs WHERE asset = :asset "
-            "AND status = 'closed' AND carryover_cap IS NOT NULL "
-            "ORDER BY last_posting, number"
-        ),
-        {"asset": view.sell_asset},
-    ).all()
-    account = state.session.execute(
-        text("SELECT id FROM accounts WHERE address = :address AND asset = :asset"),
-        {"address": view.seller, "asset": view.sell_asset},
-    ).scalar_one()
+    closes = look.capped_close_list(view.sell_asset)
     for cap, last_posting in closes[view.closes_seen :]:
-        balance = state.session.execute(
-            text(
-                "SELECT balance_after FROM postings WHERE account_id = :account "
-                "AND id <= :last ORDER BY id DESC LIMIT 1"
-            ),
-            {"account": account, "last": int(last_posting or 0)},
-        ).scalar_one_or_none()
-        kept = min(kept, max(0, int(cap) - int(balance or 0)))
+        balance = look.posted_balance_at(view.seller, view.sell_asset, last_posting)
+        kept = min(kept, max(0, cap - balance))
     return kept

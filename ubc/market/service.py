@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import insert, or_, select
 from sqlalchemy.orm import Session
 
-from ubc.envelopes.payloads import OfferExpire, Withdrawal, check_text, format_timestamp
 from ubc.envelopes.service import (
     Accepted,
     LedgerContext,
@@ -31,9 +30,12 @@ from ubc.errors import (
 )
 from ubc.journal.models import JournalEntry
 from ubc.ledger.models import Request
+from ubc.ledger.payloads import Withdrawal
 from ubc.market.models import Fill, Offer, WithdrawalRequest
+from ubc.market.payloads import OfferExpire
 from ubc.members.models import ExternalRef, MemberKey
 from ubc.params import parse_cursor
+from ubc.rules.payload import check_text, format_timestamp
 
 offers_t = Offer.__table__  # type: ignore[attr-defined]
 fills_t = Fill.__table__  # type: ignore[attr-defined]
@@ -84,7 +86,7 @@ def expire_due_offers(session: Session, ctx: LedgerContext, *, now: datetime) ->
         )
         envelopes.append(sign_payload(payload, "offer.expire", [ctx.ledger_key]).to_json())
     outcomes = submit(session, ctx, envelopes, now=now, internal=True)
-    return sum(1 for o in outcomes if isinstance(o, Accepted) and not o.replayed)
+    return sum(1 for o in outcomes if isinstance(o, Accepted) and not o.repeated)
 
 
 # --- reads --------------------------------------------------------------------------------
