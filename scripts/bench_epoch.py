@@ -237,7 +237,7 @@ def _show(conn: psycopg.Connection[tuple[object, ...]], setting: str) -> str:
 
 
 def stamp(db: Database, moment: datetime) -> Any:
-    """``moment`` as the engine stores a UTC timestamp column (as ``ubc.ledger._sql``)."""
+    """``moment`` as the engine stores a UTC timestamp column (as ``ubc.db.driver``)."""
     if db.sqlite_path is None:
         return moment
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")

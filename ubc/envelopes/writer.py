@@ -121,7 +121,7 @@ class GroupCommitWriter:
         # ``idempotent``: if the connection is lost while committing, the batch runs again
         # on a new connection. That is safe because every envelope is keyed by its id: had
         # the first commit happened, the second run finds each id in ``requests`` (and the
-        # journal) with the same payload hash and answers the recorded outcome as a replay,
+        # journal) with the same payload hash and answers the recorded outcome as a repeat,
         # applying and journaling nothing twice. The server's own envelopes were built and
         # signed above, once, so a second run sees the same ids too.
         return run_unit_of_work(
