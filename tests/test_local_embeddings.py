@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,14 @@ from ubc.gateway.local import (
     MAX_TOKENS,
     MODEL_ID,
     TOKENIZER_PATH,
+    VOCAB_SIZE,
     DimensionsNotSupportedError,
     LocalEmbedder,
     decode_base64,
     encode_base64,
     encode_float_list,
     get_local_embedder,
+    token_bound,
 )
 
 REFERENCE = Path(__file__).parent / "testdata" / "minilm_reference.json"
@@ -209,3 +213,108 @@ def test_constructor_validation() -> None:
     with pytest.raises(ValueError, match="intra_op_threads"):
         LocalEmbedder(intra_op_threads=-1)
     assert not LocalEmbedder().loaded  # construction loads nothing
+
+
+# -- the bound held before tokenizing, and long texts (issue 12) ----------------------------
+
+
+def _plain_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer.from_file(str(TOKENIZER_PATH))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=MAX_TOKENS)
+    return tokenizer
+
+
+def _code_points() -> list[str]:
+    return [chr(c) for c in range(1, 0x110000) if not 0xD800 <= c <= 0xDFFF]
+
+
+def test_normalizing_never_makes_more_characters_than_utf8_bytes() -> None:
+    """The lemma of token_bound: with WordPiece's tokens of at least one character each,
+    a text's tokens are at most its UTF-8 bytes, plus [CLS] and [SEP]."""
+    normalizer = _plain_tokenizer().normalizer
+    assert normalizer is not None
+    for char in _code_points():
+        assert len(normalizer.normalize_str(char)) <= len(char.encode()), repr(char)
+
+
+def _random_text(rng: random.Random, size: int) -> str:
+    pieces = [
+        "word",
+        "Ünïcödé",
+        "東京",
+        "🚀",
+        "İ",
+        "ﬁ",
+        "각",
+        "ΐ",
+        "\u0301",
+        "[MASK]",
+        "[UNK]",
+        "!",
+        "...",
+        "x" * 120,
+        "antidisestablishmentarianism",
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\u00a0",
+        "\u3000",
+        "\x00",
+        "\ufffd",
+        "\u200b",
+    ]
+    return "".join(rng.choice(pieces) for _ in range(size))
+
+
+def test_token_bound_holds_for_random_texts(embedder: LocalEmbedder) -> None:
+    rng = random.Random(12)
+    texts = [_random_text(rng, rng.randrange(0, 60)) for _ in range(3000)]
+    texts += _code_points()[::97]
+    for text, count in zip(texts, embedder.count_tokens(texts), strict=True):
+        assert count <= token_bound(len(text.encode())), repr(text)
+    assert token_bound(0) == 2
+    assert token_bound(10**9) == MAX_TOKENS
+
+
+def test_long_texts_give_the_ids_of_the_whole_text(embedder: LocalEmbedder) -> None:
+    """encode tokenizes only a prefix of a long text: the ids are those of the whole."""
+    rng = random.Random(7)
+    tokenizer = _plain_tokenizer()
+    texts = [_random_text(rng, rng.randrange(500, 20_000)) for _ in range(40)]
+    texts += [
+        "no-whitespace-at-all" * 3000,
+        " " * 50_000 + "late words " * 10,
+        "x" * 4095 + " " + "tail " * 300,
+        "\u00a0".join(["nbsp"] * 5000),  # no ASCII whitespace: the whole text
+        "a " * 2000 + "b" * 100_000,
+        "[MASK] " * 3000,
+    ]
+    for text in texts:
+        assert embedder.encode([text]) == [tokenizer.encode(text).ids], repr(text[:80])
+
+
+def test_a_long_text_is_not_tokenized_whole(embedder: LocalEmbedder) -> None:
+    text = "compute for everyone " * 200_000  # 4.2 MB: about 4 s to tokenize whole
+    started = time.perf_counter()
+    assert embedder.count_tokens([text]) == [MAX_TOKENS]
+    assert time.perf_counter() - started < 0.5
+
+
+# -- token-id inputs (issue 15) -------------------------------------------------------------
+
+
+def test_token_ids_are_the_tokenizers_and_embed_as_given() -> None:
+    """VOCAB_SIZE is the tokenizer's (the endpoint refuses ids outside it: onnxruntime
+    fails on them); the ids of a text, [CLS] and [SEP] in, embed to the text's vector."""
+    assert _plain_tokenizer().get_vocab_size() == VOCAB_SIZE
+    embedder = get_local_embedder()
+    assert embedder.embed_ids([[0, 101, VOCAB_SIZE - 1]]).shape == (1, DIMENSIONS)
+    with pytest.raises(Exception, match="out of"):
+        embedder.embed_ids([[101, VOCAB_SIZE]])
+    vectors, counts = embedder.embed(["a cat sat on the mat"])
+    [ids] = embedder.encode(["a cat sat on the mat"])
+    assert (ids[0], ids[-1], counts) == (101, 102, [len(ids)])  # [CLS] ... [SEP]
+    np.testing.assert_allclose(embedder.embed_ids([ids]), vectors, atol=1e-6)

