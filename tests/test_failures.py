@@ -362,3 +362,36 @@ def test_a_full_disk_is_503_and_not_ready_on_postgres(
             with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 conn.execute(f'DROP TABLESPACE IF EXISTS "{space}"')
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_model_call_while_the_database_is_unreachable_is_503_in_openai_shape(
+    live_server: LiveServer,
+) -> None:
+    p = people(live_server, "alice")
+    secret, _ = p["alice"].grant_api_key("calls", scopes=["models"])
+
+    def embed() -> httpx.Response:
+        return httpx.post(
+            live_server.url + "/v1/embeddings",
+            json={"model": "all-minilm-l6-v2", "input": "a cat"},
+            headers={"authorization": f"Bearer {secret}"},
+            timeout=60,
+        )
+
+    assert embed().status_code == 200  # the key and the model are warm in the caches
+    database = str(make_url(live_server.db_url).database)
+    with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+    try:
+        _terminate_backends(database)
+        refused = embed()
+        assert refused.status_code == 503, refused.text
+        assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+        assert refused.json()["error"]["code"] == "database_unavailable"
+        assert int(refused.headers["retry-after"]) > 0
+    finally:
+        with psycopg.connect(_admin_conninfo(), autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    assert embed().status_code == 200

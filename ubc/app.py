@@ -39,6 +39,7 @@ from ubc.epochs import service as epochs
 from ubc.errors import BadRequest, UbcError
 from ubc.gateway import metering
 from ubc.gateway import routes as gateway_routes
+from ubc.gateway import schemas as gateway_schemas
 from ubc.gateway import usage as gateway_usage
 from ubc.gateway.metering import HoldWriter
 from ubc.gateway.service import Gateway, GatewayError
@@ -298,6 +299,7 @@ def _document(app: FastAPI) -> None:
                 envelope_routes.openapi_components()
             )
             api_schemas.document(schema)
+            gateway_schemas.document(schema)  # the /v1 routes and their bearer key
             app.openapi_schema = schema
         return app.openapi_schema
 

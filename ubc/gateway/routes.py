@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -17,19 +18,42 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ubc.config import Settings
+from ubc.db import as_unavailable
+from ubc.gateway import schemas
 from ubc.gateway.catalog import ModelSpec
-from ubc.gateway.local import encode_base64, encode_float_list, get_local_embedder
+from ubc.gateway.local import (
+    MAX_TOKENS,
+    VOCAB_SIZE,
+    DimensionsNotSupportedError,
+    check_dimensions,
+    encode_base64,
+    encode_float_list,
+    get_local_embedder,
+    token_bound,
+)
 from ubc.gateway.service import (
     Call,
     Gateway,
     GatewayError,
+    check_chat_fields,
     estimate_tokens,
     max_output_tokens,
     prompt_bound,
 )
 from ubc.gateway.upstream import UPSTREAM_ERRORS
+from ubc.metering import rules
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+log = logging.getLogger("ubc.gateway")
+
+#: The fields of an embeddings request (OpenAI's schema); any other is refused.
+EMBEDDING_FIELDS = frozenset(("model", "input", "encoding_format", "dimensions", "user"))
+# Every local embedding input is at least [CLS] and [SEP]: the least an input can cost.
+LOCAL_MIN_TOKENS = 2
+# Per text input of an upstream embedding model: a BPE token covers at least one byte, a
+# WordPiece token at least one character, plus begin/end tokens (at most 2).
+UPSTREAM_SPECIAL_TOKENS = 2
 
 
 def _gateway(request: Request) -> Gateway:
@@ -41,10 +65,15 @@ def error_response(error: GatewayError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
 async def _body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(await request.body())
-    except ValueError:
+    except (ValueError, RecursionError):
         raise GatewayError(400, "The request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise GatewayError(400, "The request body must be a JSON object")
@@ -73,16 +102,48 @@ def _model_entry(spec: ModelSpec, gateway: Gateway) -> dict[str, Any]:
     }
 
 
-@router.get("/models", summary="The models this ledger meters, with their prices")
+async def _check_presented_key(gateway: Gateway, request: Request) -> None:
+    """401 for a key that is sent and not valid (as OpenAI answers on every endpoint).
+    Without an Authorization header the model listing is public (``ubc models`` and
+    the console read it so): the models and prices are in the public journal anyway."""
+    authorization = request.headers.get("authorization")
+    if authorization is not None:
+        await gateway.identify(authorization)
+
+
+@router.get(
+    "/models",
+    summary="The models this ledger meters, with their prices",
+    description="Public: no key is needed, but a key that is sent must be valid (401).",
+    response_model=None,
+    responses={200: {"model": schemas.ModelList}, **schemas.UNAUTHORIZED},
+)
 async def list_models(request: Request) -> JSONResponse:
     gateway = _gateway(request)
+    try:
+        await _check_presented_key(gateway, request)
+    except GatewayError as error:
+        return error_response(error)
     data = [_model_entry(spec, gateway) for _, spec in sorted(gateway.catalog.items())]
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.get("/models/{model_id:path}", summary="One model")
-async def get_model(model_id: str, request: Request) -> JSONResponse:
+@router.get(
+    "/models/{model_id:path}",
+    summary="One model",
+    description="Public: no key is needed, but a key that is sent must be valid (401).",
+    response_model=None,
+    responses={200: {"model": schemas.Model}, **schemas.UNAUTHORIZED, **schemas.NOT_FOUND},
+    # The id is read from the path as it is (no FastAPI parameter, so no 422 to document).
+    openapi_extra=schemas.MODEL_ID_PARAMETER,
+)
+async def get_model(request: Request) -> JSONResponse:
+    model_id: str = request.path_params["model_id"]
     gateway = _gateway(request)
+    try:
+        await _check_presented_key(gateway, request)
+    except GatewayError as error:
+        return error_response(error)
     spec = gateway.catalog.get(model_id)
     if spec is None:
         return error_response(
@@ -93,14 +154,23 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
     return JSONResponse(_model_entry(spec, gateway))
 
 
-@router.post("/chat/completions", summary="Chat completions, metered (streaming with SSE)")
+@router.post(
+    "/chat/completions",
+    summary="Chat completions, metered (streaming with SSE)",
+    response_model=None,
+    responses=schemas.chat_responses(),
+    openapi_extra=schemas.request_body(schemas.ChatCompletionRequest),
+)
 async def chat_completions(request: Request) -> Response:
     gateway = _gateway(request)
     call: Call | None = None
     try:
+        # The key first, from the headers: nothing of the body is read for a bad key.
+        grant = await gateway.authenticate(request.headers.get("authorization"))
         body = await _body(request)
+        check_chat_fields(body)
         spec = gateway.model(body.get("model"), "chat")
-        grant = await gateway.authorize(request.headers.get("authorization"), spec)
+        gateway.permit(grant, spec)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise GatewayError(400, "'messages' must be a non-empty array", param="messages")
@@ -137,11 +207,59 @@ async def chat_completions(request: Request) -> Response:
             **(options if isinstance(options, dict) else {}),
             "include_usage": True,
         }
-        return await _chat_stream(gateway, call, spec, forwarded, bound, include_usage)
+        response = await _chat_stream(gateway, call, spec, forwarded, bound, include_usage)
+        call = None  # the stream bills it when it ends
+        return response
     except GatewayError as error:
+        return error_response(error)
+    except Exception as exc:
+        return error_response(_unexpected(exc, call, upstream=True))
+    finally:
+        # Every way out after the hold (an error, an exception, cancellation) releases it
+        # at once; after the call was billed this does nothing.
         if call is not None:
             gateway.finish(call, 0, 0)
-        return error_response(error)
+
+
+def _unexpected(exc: Exception, call: Call | None, *, upstream: bool) -> GatewayError:
+    """The OpenAI-shaped answer to an exception no step expected: 503 with Retry-After
+    while the database is unreachable or full, 502 once an upstream call was under way,
+    else 500."""
+    unavailable = as_unavailable(exc)
+    if unavailable is not None:
+        log.warning("a model call found the database unavailable: %s", exc)
+        return GatewayError(
+            503,
+            unavailable.message,
+            type_="server_error",
+            code="database_unavailable",
+            headers=unavailable.headers,
+        )
+    if call is not None and upstream:
+        log.error(
+            "call %s (%s): the upstream call failed unexpectedly",
+            call.request_id,
+            call.spec.id,
+            exc_info=exc,
+        )
+        return _upstream_failed(call, "The model's server failed to answer", "upstream")
+    if call is not None:
+        log.error("call %s (%s) failed unexpectedly", call.request_id, call.spec.id, exc_info=exc)
+        return GatewayError(
+            500,
+            "The server failed to answer the call",
+            type_="server_error",
+            headers={"x-request-id": call.request_id},
+        )
+    log.error("a model call failed unexpectedly", exc_info=exc)
+    return GatewayError(500, "The server failed to answer the call", type_="server_error")
+
+
+def _upstream_failed(call: Call, message: str, code: str) -> GatewayError:
+    """A 502 in plain words, with the request id the operator's log names."""
+    return GatewayError(
+        502, message, type_="upstream_error", code=code, headers={"x-request-id": call.request_id}
+    )
 
 
 async def _chat_once(
@@ -153,16 +271,14 @@ async def _chat_once(
         raise _failed(gateway, call, exc) from None
     if status != 200:
         gateway.finish(call, 0, 0)
-        raise _upstream_error(status, content)
+        raise _upstream_error(call, status, content)
     try:
         data = json.loads(content)
         if not isinstance(data, dict):
             raise ValueError("not an object")
     except ValueError:
         gateway.finish(call, 0, 0)
-        raise GatewayError(
-            502, "The model's server answered no JSON", type_="upstream_error", code="upstream"
-        ) from None
+        raise _no_json(call, content) from None
     usage = data.get("usage") if isinstance(data, dict) else None
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
         input_tokens = usage["prompt_tokens"]
@@ -175,7 +291,7 @@ async def _chat_once(
         input_tokens, output_tokens = estimate_tokens(bound), estimate_tokens(len(text.encode()))
     gateway.finish(call, input_tokens, output_tokens)
     data["model"] = spec.id
-    return JSONResponse(data, headers={"x-request-id": call.request_id})
+    return JSONResponse(data, headers=call.headers())
 
 
 async def _chat_stream(
@@ -197,10 +313,15 @@ async def _chat_stream(
             content = await upstream.read()
         except UPSTREAM_ERRORS:
             content = b""
-        upstream.release()
+        finally:
+            upstream.release()
         gateway.finish(call, 0, 0)
-        raise _upstream_error(upstream.status, content)
-    return MeteredStream(gateway, call, spec, upstream, bound, include_usage)
+        raise _upstream_error(call, upstream.status, content)
+    try:
+        return MeteredStream(gateway, call, spec, upstream, bound, include_usage)
+    except BaseException:
+        upstream.close()
+        raise
 
 
 class MeteredStream(Response):
@@ -223,7 +344,7 @@ class MeteredStream(Response):
         super().__init__(
             status_code=200,
             media_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-request-id": call.request_id},
+            headers={"cache-control": "no-cache", **call.headers()},
         )
         # A stream has no length: it is sent chunked.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
@@ -269,14 +390,22 @@ class MeteredStream(Response):
                 self.gateway.finish(self.call, input_tokens, output_tokens)
 
     async def _relay(self, send: Send) -> None:
-        try:
-            async for raw in self.upstream.content:
-                out = self._line(raw.decode("utf-8", "replace"))
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-            self.complete = True
-        except UPSTREAM_ERRORS:
-            pass  # a cut stream: the caller gets what came; it is billed as received
+        lines = aiter(self.upstream.content)
+        while True:
+            try:
+                raw = await anext(lines)
+            except StopAsyncIteration:
+                self.complete = True
+                break
+            except UPSTREAM_ERRORS:
+                break  # a cut stream: the caller gets what came; it is billed as received
+            except Exception:
+                # Anything else from the upstream's side ends the stream the same way.
+                log.exception("call %s: the upstream stream failed", self.call.request_id)
+                break
+            out = self._line(raw.decode("utf-8", "replace"))
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _line(self, line: str) -> bytes | None:
@@ -287,7 +416,7 @@ class MeteredStream(Response):
             return b"data: [DONE]\n\n"
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         if not isinstance(chunk, dict):
             return None
@@ -310,91 +439,249 @@ class MeteredStream(Response):
 
 
 def _failed(gateway: Gateway, call: Call, exc: BaseException) -> GatewayError:
-    """The upstream could not be reached or broke off: the call is released unbilled."""
+    """The upstream could not be reached or broke off: the call is released unbilled, the
+    caller told in a sentence, the detail logged with the request id."""
     gateway.finish(call, 0, 0)
-    return GatewayError(
-        502, f"The model's server failed: {exc!r}", type_="upstream_error", code="upstream"
+    if isinstance(exc, _UNREACHABLE):
+        message, code = "The model's server is unavailable", "upstream_unavailable"
+    elif isinstance(exc, asyncio.TimeoutError):
+        message, code = "The model's server did not answer in time", "upstream_timeout"
+    else:
+        message, code = "The model's server broke off the answer", "upstream_disconnected"
+    log.warning(
+        "call %s (%s at %s): %s: %r", call.request_id, call.spec.id, call.spec.url, message, exc
     )
+    return _upstream_failed(call, message, code)
 
 
-def _upstream_error(status: int, content: bytes) -> GatewayError:
-    message = "The model's server refused the request"
+#: Failures to connect at all (refused, no route, DNS, TLS, connect timeout).
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    aiohttp.ClientConnectorError,
+    ConnectionRefusedError,
+    *((aiohttp.ConnectionTimeoutError,) if hasattr(aiohttp, "ConnectionTimeoutError") else ()),
+)
+
+
+def _no_json(call: Call, content: bytes) -> GatewayError:
+    log.warning(
+        "call %s (%s): the model's server answered no JSON object: %r",
+        call.request_id,
+        call.spec.id,
+        content[:200],
+    )
+    return _upstream_failed(call, "The model's server sent an answer that is not JSON", "upstream")
+
+
+def _upstream_error(call: Call, status: int, content: bytes) -> GatewayError:
+    """An upstream's refusal. One of the caller's request (a 4xx but 401, 403, 429) is
+    passed on with the upstream's message; the others (the operator's key or limits, the
+    upstream's failures) are a 502 in a plain sentence, their detail logged."""
+    detail = ""
     try:
         error = json.loads(content).get("error", {})
         if isinstance(error, dict) and error.get("message"):
-            message = f"The model's server: {error['message']}"
-    except (ValueError, AttributeError):
+            detail = str(error["message"])
+    except (ValueError, AttributeError, RecursionError):
         pass
     if 400 <= status < 500 and status not in (401, 403, 429):
-        # The caller's request was bad; the upstream's key or limits are the operator's.
-        return GatewayError(status, message, code="upstream_rejected")
-    return GatewayError(502, message, type_="upstream_error", code=f"upstream_{status}")
+        message = (
+            f"The model's server: {detail}" if detail else "The model's server refused the request"
+        )
+        return GatewayError(
+            status, message, code="upstream_rejected", headers={"x-request-id": call.request_id}
+        )
+    if status in (401, 403):
+        message = "The model's server refused this ledger's credentials"
+    elif status == 429:
+        message = "The model's server is over its capacity: retry later"
+    else:
+        message = f"The model's server failed to answer (HTTP {status})"
+    log.warning(
+        "call %s (%s at %s): upstream HTTP %s: %s",
+        call.request_id,
+        call.spec.id,
+        call.spec.url,
+        status,
+        detail or repr(content[:200]),
+    )
+    return _upstream_failed(call, message, f"upstream_{status}")
 
 
-@router.post("/embeddings", summary="Embeddings, metered (float or base64)")
+@router.post(
+    "/embeddings",
+    summary="Embeddings, metered (float or base64)",
+    response_model=None,
+    responses=schemas.embedding_responses(),
+    openapi_extra=schemas.request_body(schemas.EmbeddingRequest),
+)
 async def embeddings(request: Request) -> Response:
     gateway = _gateway(request)
+    settings = _settings(request)
     call: Call | None = None
+    local = False
     try:
+        # The key first, from the headers: nothing of the body is read for a bad key.
+        grant = await gateway.authenticate(request.headers.get("authorization"))
         body = await _body(request)
+        for name in body:
+            if name not in EMBEDDING_FIELDS:
+                raise GatewayError(
+                    400,
+                    f"Unrecognized request argument supplied: {name}",
+                    code="unknown_parameter",
+                    param=name,
+                )
         spec = gateway.model(body.get("model"), "embeddings")
-        grant = await gateway.authorize(request.headers.get("authorization"), spec)
-        inputs = body.get("input")
-        if isinstance(inputs, str):
-            inputs = [inputs]
+        gateway.permit(grant, spec)
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise GatewayError(
                 400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format"
             )
         dimensions = _positive_int(body, "dimensions")
-        if spec.backend == "local":
-            if (
-                not isinstance(inputs, list)
-                or not inputs
-                or not all(isinstance(i, str) for i in inputs)
-            ):
-                raise GatewayError(
-                    400, "'input' must be a string or a non-empty array of strings", param="input"
-                )
-            if len(inputs) > 2048:
-                raise GatewayError(400, "at most 2048 inputs per request", param="input")
-            texts: list[str] = inputs
-            embedder = get_local_embedder()
-            counts = await asyncio.to_thread(embedder.count_tokens, texts)
-            tokens = sum(counts)
-            call = await gateway.begin(grant, spec, input_bound=tokens, output_cap=0)
-            try:
-                vectors, _ = await asyncio.to_thread(embedder.embed, texts, dimensions)
-            except ValueError as exc:
-                raise GatewayError(400, str(exc), param="dimensions") from None
-            gateway.finish(call, tokens, 0)
-            encode = encode_base64 if encoding == "base64" else encode_float_list
-            data = [
-                {"object": "embedding", "index": i, "embedding": encode(vector)}
-                for i, vector in enumerate(vectors)
-            ]
-            return JSONResponse(
-                {
-                    "object": "list",
-                    "data": data,
-                    "model": spec.id,
-                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-                },
-                headers={"x-request-id": call.request_id},
+        local = spec.backend == "local"
+        texts, arrays = _embedding_inputs(
+            body.get("input"), settings.embedding_max_inputs, VOCAB_SIZE if local else None
+        )
+        if not local:
+            bound = _input_bound(texts, arrays, settings.embedding_max_input_bytes)
+            call = await gateway.begin(grant, spec, input_bound=bound, output_cap=0)
+            return await _upstream_embeddings(gateway, call, spec, body, bound)
+        if texts is not None:
+            # O(bytes) checks, no tokenizing, before anything is held: held is up to the
+            # inputs' token bound (bytes + 2 each, 256 at most), at least their least cost
+            # (2 tokens each): an account that cannot pay even that is refused before any
+            # tokenizing.
+            sizes = _text_sizes(texts, settings.embedding_max_input_bytes)
+            bound = sum(token_bound(size) for size in sizes)
+            floor = LOCAL_MIN_TOKENS * len(texts)
+            given: list[list[int]] | None = None
+        else:
+            # Token ids are the model's input as given (cut at 256 like a text's tokens):
+            # their count is known before the hold.
+            assert arrays is not None
+            given = [ids[:MAX_TOKENS] for ids in arrays]
+            bound = floor = sum(len(ids) for ids in given)
+        try:
+            check_dimensions(dimensions)
+        except DimensionsNotSupportedError as exc:
+            raise GatewayError(400, str(exc), param="dimensions") from None
+        embedder = get_local_embedder()
+        async with gateway.cpu.key(grant.key_hash, settings.gateway_cpu_slots_per_key) as cpu:
+            call = await gateway.begin(
+                grant, spec, input_bound=bound, input_floor=floor, output_cap=0
             )
-        return await _upstream_embeddings(gateway, grant, spec, body, inputs)
+            ids = given if given is not None else await cpu.run(embedder.encode, texts or [])
+            tokens = sum(len(x) for x in ids)
+            if rules.usage_cost(tokens, 0, call.price) > call.held:
+                raise GatewayError(
+                    402,
+                    f"You exceeded your current quota: these inputs are {tokens} tokens, "
+                    f"more than the {call.held} CU left pay for",
+                    type_="insufficient_quota",
+                    code="insufficient_quota",
+                )
+            vectors = await cpu.run(embedder.embed_ids, ids, dimensions)
+        gateway.finish(call, tokens, 0)
+        encode = encode_base64 if encoding == "base64" else encode_float_list
+        data = [
+            {"object": "embedding", "index": i, "embedding": encode(vector)}
+            for i, vector in enumerate(vectors)
+        ]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": data,
+                "model": spec.id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+            headers=call.headers(),
+        )
     except GatewayError as error:
-        if call is not None:
-            gateway.finish(call, 0, 0)
         return error_response(error)
+    except Exception as exc:
+        return error_response(_unexpected(exc, call, upstream=not local))
+    finally:
+        if call is not None:
+            gateway.finish(call, 0, 0)  # nothing once billed
+
+
+_INPUT_SHAPES = (
+    "'input' must be a string, an array of strings, an array of token ids or an array of "
+    "token-id arrays"
+)
+
+
+def _embedding_inputs(
+    value: object, max_inputs: int, vocabulary: int | None
+) -> tuple[list[str], None] | tuple[None, list[list[int]]]:
+    """The inputs of an embeddings call in OpenAI's four shapes: a string, strings, token
+    ids (one input) or arrays of them. 400 naming ``input`` for another shape, an empty
+    string or array (OpenAI refuses them too), more than ``max_inputs`` inputs, or a
+    token id that is not an int of ``[0, vocabulary)`` (``None``: any id ≥ 0, the
+    upstream checks its vocabulary)."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise GatewayError(400, f"{_INPUT_SHAPES} (not empty)", param="input")
+    if isinstance(value[0], str):
+        if not all(isinstance(item, str) for item in value):
+            raise GatewayError(400, _INPUT_SHAPES, param="input")
+        if "" in value:
+            raise GatewayError(400, "'input' must not be an empty string", param="input")
+        if len(value) > max_inputs:
+            raise GatewayError(400, f"at most {max_inputs} inputs per request", param="input")
+        return value, None
+    arrays: list[Any] = [value] if _is_token_ids(value[0]) else value
+    if len(arrays) > max_inputs:
+        raise GatewayError(400, f"at most {max_inputs} inputs per request", param="input")
+    for ids in arrays:
+        if not isinstance(ids, list) or not ids:
+            raise GatewayError(400, f"{_INPUT_SHAPES} (not empty)", param="input")
+        if not all(type(token) is int and token >= 0 for token in ids):
+            raise GatewayError(400, f"{_INPUT_SHAPES}; token ids are integers ≥ 0", param="input")
+        if vocabulary is not None and max(ids) >= vocabulary:
+            raise GatewayError(
+                400,
+                f"'input' holds the token id {max(ids)}, not in the model's vocabulary "
+                f"(0 to {vocabulary - 1})",
+                param="input",
+            )
+    return None, arrays
+
+
+def _is_token_ids(item: object) -> bool:
+    """Whether an item of ``input`` is a token id (an int, not a bool)."""
+    return type(item) is int
+
+
+def _text_sizes(texts: list[str], max_bytes: int) -> list[int]:
+    """The UTF-8 size of each text; 400 when they are more than ``max_bytes`` in all or
+    one is not valid Unicode (a lone surrogate, which JSON allows)."""
+    sizes: list[int] = []
+    total = 0
+    for text in texts:
+        if text.isascii():
+            size = len(text)
+        else:
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise GatewayError(
+                    400, "'input' holds a lone surrogate (not Unicode text)", param="input"
+                ) from None
+        total += size
+        if total > max_bytes:
+            raise GatewayError(
+                400, f"'input' is more than {max_bytes} bytes of text in all", param="input"
+            )
+        sizes.append(size)
+    return sizes
 
 
 async def _upstream_embeddings(
-    gateway: Gateway, grant: Any, spec: ModelSpec, body: dict[str, Any], inputs: Any
+    gateway: Gateway, call: Call, spec: ModelSpec, body: dict[str, Any], bound: int
 ) -> Response:
-    bound = _input_bound(inputs)
-    call = await gateway.begin(grant, spec, input_bound=bound, output_cap=0)
     forwarded = dict(body)
     forwarded["model"] = spec.upstream_model
     try:
@@ -407,33 +694,30 @@ async def _upstream_embeddings(
     if status != 200 or not isinstance(data, dict):
         gateway.finish(call, 0, 0)
         if status == 200:
-            raise GatewayError(
-                502, "The model's server answered no JSON", type_="upstream_error", code="upstream"
-            )
-        raise _upstream_error(status, content)
+            raise _no_json(call, content)
+        raise _upstream_error(call, status, content)
     usage = data.get("usage") or {}
     tokens = usage.get("prompt_tokens")
     gateway.finish(call, tokens if isinstance(tokens, int) else estimate_tokens(bound), 0)
     data["model"] = spec.id
-    return JSONResponse(data, headers={"x-request-id": call.request_id})
+    return JSONResponse(data, headers=call.headers())
 
 
-def _input_bound(inputs: Any) -> int:
-    """Tokens an embeddings input can be at most: bytes of text, or the ids given."""
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if not isinstance(inputs, list) or not inputs:
-        raise GatewayError(400, "'input' must be a string or a non-empty array", param="input")
-    if all(isinstance(i, int) for i in inputs):
-        return len(inputs)
+def _input_bound(texts: list[str] | None, arrays: list[list[int]] | None, max_bytes: int) -> int:
+    """Tokens an upstream embeddings input can be at most: per text its UTF-8 bytes plus
+    the begin/end tokens, or the ids given; 400 past ``max_bytes`` of text in all."""
+    if arrays is not None:
+        return sum(len(ids) for ids in arrays)
     total = 0
-    for item in inputs:
-        if isinstance(item, str):
-            total += max(1, len(item.encode()))
-        elif isinstance(item, list) and all(isinstance(t, int) for t in item):
-            total += len(item)
-        else:
-            raise GatewayError(400, "'input' items must be strings or token arrays", param="input")
+    text_bytes = 0
+    for item in texts or []:
+        size = len(item.encode("utf-8", "surrogatepass"))
+        text_bytes += size
+        if text_bytes > max_bytes:
+            raise GatewayError(
+                400, f"'input' is more than {max_bytes} bytes of text in all", param="input"
+            )
+        total += size + UPSTREAM_SPECIAL_TOKENS
     return total
 
 
