@@ -33,7 +33,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.app import create_app
-from ubc.config import Settings
+from ubc.config import Settings, get_settings
 from ubc.db import make_engine, make_session_factory
 from ubc.migrations import upgrade
 from ubc.signing import generate_signing_key, load_signing_key, write_signing_key, write_token
@@ -44,6 +44,16 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile("ubc")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    """Settings are cached per process (``get_settings``): each test reads its own
+    environment, whatever ran before it."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
 
 POSTGRES_URL = os.environ.get(
     "UBC_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
