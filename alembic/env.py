@@ -15,8 +15,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
+from ubc.config import configured_database_url
 from ubc.db import make_engine
-from ubc.dburl import configured_database_url, normalise_database_url
+from ubc.dburl import normalise_database_url
 from ubc.models import metadata
 
 config = context.config

@@ -73,27 +73,12 @@ def _broken_today(reason: str) -> pytest.MarkDecorator:
 
 # Contract ids of .importlinter, each with its marker while the code still breaks it.
 CONTRACT_IDS = [
-    pytest.param(
-        "acyclic",
-        marks=_broken_today(
-            "issue 13: package cycles (market.service/routes -> envelopes, "
-            "ledger.routes -> epochs.service, members.store -> ledger.service while "
-            "ledger.routes -> deps -> auth -> members, "
-            "deps -> auth -> members -> deps, config <-> dburl), and the module cycle "
-            "cli.member <-> cli._errors"
-        ),
-    ),
+    pytest.param("acyclic"),
     pytest.param("signing"),
     pytest.param("audit"),
     pytest.param("client"),
     pytest.param("rules-without-fastapi"),
-    pytest.param(
-        "layers",
-        marks=_broken_today(
-            "issue 13: the gateway's and the market's services and routes submit through "
-            "the write path ubc.envelopes (service, writer, routes)"
-        ),
-    ),
+    pytest.param("layers"),
 ]
 
 

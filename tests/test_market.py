@@ -464,7 +464,9 @@ def test_expiry_returns_what_is_left_after_expires_at(book: Book) -> None:
     assert isinstance(early, UbcError)
     assert early.status_code == 409
     with unit_of_work(book.sessions) as session:
-        assert market.expire_due_offers(session, book.ctx, now=utcnow()) == 0
+        assert (
+            market.expire_due_offers(session, book.ctx, submit=envelopes.submit, now=utcnow()) == 0
+        )
     # A member cannot write the ledger's envelope type.
     book.refused(book.envelope("offer.expire", "alice", offer_id=offer_id), 403)
     later = now + timedelta(seconds=31)
@@ -474,11 +476,11 @@ def test_expiry_returns_what_is_left_after_expires_at(book: Book) -> None:
     assert late.status_code == 409
     assert "expired" in late.message
     with unit_of_work(book.sessions) as session:
-        assert market.expire_due_offers(session, book.ctx, now=later) == 1
+        assert market.expire_due_offers(session, book.ctx, submit=envelopes.submit, now=later) == 1
     assert book.offer_row(offer_id)["status"] == "expired"
     assert book.available(alice) == 95
     with unit_of_work(book.sessions) as session:
-        assert market.expire_due_offers(session, book.ctx, now=later) == 0
+        assert market.expire_due_offers(session, book.ctx, submit=envelopes.submit, now=later) == 0
     book.check_invariants()
     assert book.audit().findings == []
 

@@ -83,7 +83,7 @@ def _step(world: World, step: tuple[Any, ...]) -> None:
     elif kind == "wait":
         world.now += timedelta(seconds=step[1])
         with unit_of_work(book.sessions) as session:
-            market.expire_due_offers(session, book.ctx, now=world.now)
+            market.expire_due_offers(session, book.ctx, submit=envelopes.submit, now=world.now)
     elif kind == "epoch":
         world.epoch += 1
         for item in (

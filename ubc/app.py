@@ -33,6 +33,7 @@ from ubc.db import (
 )
 from ubc.dbtypes import utcnow
 from ubc.envelopes import routes as envelope_routes
+from ubc.envelopes import service as write_path
 from ubc.envelopes.writer import GroupCommitWriter
 from ubc.epochs import routes as epoch_routes
 from ubc.epochs import service as epochs
@@ -46,9 +47,11 @@ from ubc.gateway.service import Gateway, GatewayError
 from ubc.journal import routes as journal_routes
 from ubc.ledger import routes as ledger_routes
 from ubc.ledger import service as ledger
+from ubc.ledger.routes import EpochReads
 from ubc.market import routes as market_routes
 from ubc.market import service as market
 from ubc.members import routes as member_routes
+from ubc.members.auth import api_key_principal
 from ubc.migrations import current_revision, head_revision
 from ubc.runtime import Runtime, load_runtime
 from ubc.schemas import ErrorBody, Health, Readiness, error_responses
@@ -119,6 +122,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.read_sessions = make_session_factory(read_engine, retry_reads=True)
+    # What the layers below use of the ones beside or above them, handed over here, at the
+    # top (DESIGN section 2: no cycle, each layer imports only the ones below it): the
+    # read routes' API-key lookup (the members' tables), the ledger's reads of the epochs,
+    # and the write path's precheck for the market's stored withdrawals.
+    app.state.api_key_principal = api_key_principal
+    epoch_reads: EpochReads = epochs
+    app.state.epoch_reads = epoch_reads
+    app.state.precheck = write_path.precheck
     for router in (
         envelope_routes.router,
         ledger_routes.router,
@@ -349,12 +360,16 @@ def _sweep_once(app: FastAPI) -> None:
         # Model calls' holds first: each journaled as a ledger-signed hold.expire.
         calls = run_unit_of_work(
             app.state.sessions,
-            lambda session: metering.expire_due_holds(session, ctx, now=utcnow()),
+            lambda session: metering.expire_due_holds(
+                session, ctx, now=utcnow(), submit=write_path.submit
+            ),
         )
         released = calls + run_unit_of_work(app.state.sessions, ledger.expire_holds)
         expired = run_unit_of_work(
             app.state.sessions,
-            lambda session: market.expire_due_offers(session, ctx, now=utcnow()),
+            lambda session: market.expire_due_offers(
+                session, ctx, now=utcnow(), submit=write_path.submit
+            ),
         )
         if released == 0 and expired == 0:
             return

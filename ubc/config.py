@@ -89,3 +89,12 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def configured_database_url() -> str:
+    """``$UBC_DATABASE_URL`` (normalised), else the default ``sqlite:///ubc.db``.
+
+    Read afresh (not through the cached :func:`get_settings`). It lives here, beside the
+    settings, rather than in ``ubc.dburl``, which the settings use: one direction only.
+    """
+    return Settings().database_url  # normalised by the field's validator

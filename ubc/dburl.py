@@ -12,7 +12,6 @@ from __future__ import annotations
 
 __all__ = [
     "POSTGRES_DRIVER",
-    "configured_database_url",
     "missing_sqlite_file",
     "normalise_database_url",
 ]
@@ -35,13 +34,6 @@ def normalise_database_url(url: str) -> str:
     if sep and scheme.lower() in _BARE_POSTGRES:
         return f"{POSTGRES_DRIVER}://{rest}"
     return url
-
-
-def configured_database_url() -> str:
-    """``$UBC_DATABASE_URL`` (normalised), else the default ``sqlite:///ubc.db``."""
-    from ubc.config import Settings
-
-    return normalise_database_url(Settings().database_url)
 
 
 def missing_sqlite_file(url: str) -> str | None:

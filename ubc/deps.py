@@ -1,9 +1,11 @@
-"""FastAPI dependencies: a read session per request, and the reader's principal."""
+"""FastAPI dependencies: a read session per request, the reader's principal, and a
+request body read as strict JSON."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -11,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from ubc.auth import Principal, authenticate_bearer
 from ubc.dbtypes import utcnow
-from ubc.errors import Forbidden
+from ubc.errors import BadRequest, Forbidden, PayloadTooLarge
 from ubc.schemas import BEARER_SCHEME
 
 
@@ -44,6 +46,7 @@ def principal(request: Request, session: ReadSession, _bearer: Bearer) -> Princi
         request.headers.get("authorization"),
         tokens=request.app.state.tokens,
         now=utcnow(),
+        api_keys=request.app.state.api_key_principal,
     )
 
 
@@ -53,3 +56,20 @@ Reader = Annotated[Principal, Depends(principal)]
 def require_read(reader: Principal, address: str) -> None:
     if not reader.may_read(address):
         raise Forbidden(f"this key may not read {address}", detail={"address": address})
+
+
+#: The largest body a route reading JSON itself accepts (the HTTP guard of ubc.app
+#: refuses larger ones earlier, at its own configurable limit).
+MAX_BODY = 16 * 1024 * 1024
+
+
+async def json_body(request: Request) -> Any:
+    """The request body as JSON (400 if it is not; 413 beyond :data:`MAX_BODY`), for the
+    routes that take an envelope as it was signed (the write path, withdrawals)."""
+    data = await request.body()
+    if len(data) > MAX_BODY:
+        raise PayloadTooLarge(f"request body over {MAX_BODY} bytes")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequest(f"request body is not JSON: {exc}") from None

@@ -20,9 +20,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-__all__ = ["explain", "run"]
+__all__ = ["CliError", "explain", "run"]
 
 DEBUG_VARIABLE = "UBC_DEBUG"
+
+
+class CliError(Exception):
+    """A problem on this side (missing key, no handle); printed in red, exit status 1.
+
+    Defined here, below the commands that raise it (``ubc.cli.member`` and the others
+    import it from there), so that explaining an error imports no command module.
+    """
 
 
 def run(app: typer.Typer, args: Sequence[str] | None = None) -> NoReturn:
@@ -54,7 +62,6 @@ def explain(exc: BaseException) -> str | None:
     import pydantic
     from sqlalchemy import exc as sa
 
-    from ubc.cli.member import CliError
     from ubc.client import UbcApiError
 
     if isinstance(exc, CliError):

@@ -32,8 +32,9 @@ from ubc.audit.verify import (
     verify_journal,
 )
 from ubc.cli.member import saved_api_key
+from ubc.config import configured_database_url
 from ubc.db import make_engine
-from ubc.dburl import configured_database_url, missing_sqlite_file
+from ubc.dburl import missing_sqlite_file
 from ubc.files import open_private
 from ubc.journal.checkpoint import format_tlog_proof, parse_checkpoint, parse_tlog_proof
 from ubc.journal.merkle import ProofError, leaf_hash, verify_inclusion

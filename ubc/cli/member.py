@@ -42,6 +42,8 @@ from nacl.signing import SigningKey
 from rich.console import Console
 from rich.markup import escape
 
+from ubc.cli._errors import CliError as CliError
+from ubc.cli._errors import explain
 from ubc.cli._output import (
     Column,
     JsonFlag,
@@ -495,10 +497,6 @@ def deposit(
 # --- settings -----------------------------------------------------------------------------
 
 
-class CliError(Exception):
-    """A problem on this side (missing key, no handle); printed in red, exit status 1."""
-
-
 @dataclass
 class CliConfig:
     """``config.json`` in the config directory; paths are absolute or relative to it."""
@@ -885,8 +883,6 @@ def _reported() -> Iterator[None]:
     except CliError as exc:
         _fail(str(exc))
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        from ubc.cli._errors import explain
-
         _fail(explain(exc) or f"cannot reach the ledger: {exc}")
 
 

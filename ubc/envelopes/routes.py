@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ubc.deps import json_body
 from ubc.envelopes.payloads import PAYLOAD_MODELS
 from ubc.envelopes.schemas import BatchResults, Receipt
 from ubc.envelopes.service import Accepted, Outcome
 from ubc.envelopes.writer import GroupCommitWriter
-from ubc.errors import BadRequest, PayloadTooLarge, UbcError
+from ubc.errors import BadRequest, UbcError
 from ubc.schemas import ErrorBody, error_responses
 
 router = APIRouter(tags=["envelopes"])
 
 MAX_BATCH = 1000
-MAX_BODY = 16 * 1024 * 1024
 
 _ENVELOPE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -103,7 +102,7 @@ _BATCH_ERRORS_DOC = error_responses(
     },
 )
 async def post_envelope(request: Request) -> JSONResponse:
-    raw = await _json_body(request)
+    raw = await json_body(request)
     writer: GroupCommitWriter = request.app.state.writer
     [outcome] = await writer.submit([raw])
     status, body = _answer(outcome)
@@ -145,7 +144,7 @@ async def post_envelope(request: Request) -> JSONResponse:
     responses={200: {"description": "one result per envelope"}, **_BATCH_ERRORS_DOC},
 )
 async def post_batch(request: Request) -> JSONResponse:
-    body = await _json_body(request)
+    body = await json_body(request)
     if not isinstance(body, dict) or set(body) - {"atomic", "envelopes"}:
         raise BadRequest('a batch is {"atomic": bool, "envelopes": [...]}')
     atomic = body.get("atomic", False)
@@ -186,13 +185,3 @@ def _answer(outcome: Outcome) -> tuple[int, dict[str, Any]]:
         return outcome.status_code, outcome.receipt.body()
     assert isinstance(outcome, UbcError)
     return outcome.status_code, outcome.to_body()
-
-
-async def _json_body(request: Request) -> Any:
-    data = await request.body()
-    if len(data) > MAX_BODY:
-        raise PayloadTooLarge(f"request body over {MAX_BODY} bytes")
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"request body is not JSON: {exc}") from None

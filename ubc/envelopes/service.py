@@ -22,7 +22,6 @@ Services flush; the caller commits.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -64,18 +63,23 @@ from ubc.ledger.models import Request
 from ubc.members.models import MemberKey
 from ubc.metering.store import spend_epoch_query
 from ubc.rules import Change, Plan, Recorded, RuleContext, actor_handle, authenticate, new_id
+from ubc.rules.writing import Accepted as Accepted
+from ubc.rules.writing import Decoded as _Decoded
+from ubc.rules.writing import LedgerContext as LedgerContext
+from ubc.rules.writing import Outcome as Outcome
+from ubc.rules.writing import Prechecked as Prechecked
+from ubc.rules.writing import Receipt as Receipt
+from ubc.rules.writing import payload_hash as _payload_hash
+from ubc.rules.writing import sign_internal as sign_internal
+from ubc.rules.writing import sign_payload as sign_payload
 from ubc.signing import (
     Envelope,
     EnvelopeFormatError,
-    NoteSigner,
     PayloadError,
-    canonical_json,
     decode_public_key,
     encode_public_key,
     key_id,
     parse_payload,
-    payload_type_for,
-    sign_envelope,
     type_name,
     verified_keyids,
 )
@@ -84,92 +88,6 @@ requests_t = Request.__table__  # type: ignore[attr-defined]
 member_keys_t = MemberKey.__table__  # type: ignore[attr-defined]
 
 DEFAULT_ASSETS = {"CU": 0, "USD": 2}
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerContext:
-    """What the write path needs to know about this ledger."""
-
-    origin: str
-    ledger_public_key: bytes
-    operator_keys: dict[str, bytes]
-    enrollment: str
-    skew: timedelta
-    assets: tuple[str, ...]
-    # The server signs with it; an auditor replaying a journal has only the public key.
-    ledger_key: SigningKey | None = None
-    # How long a member-signed withdrawal may wait for the operator's countersignature.
-    withdrawal_window: timedelta = timedelta(days=7)
-
-    @property
-    def ledger_keyid(self) -> str:
-        return key_id(self.ledger_public_key)
-
-    @property
-    def note_signer(self) -> NoteSigner:
-        if self.ledger_key is None:
-            raise RuntimeError("this context has no ledger signing key")
-        return NoteSigner(self.origin, self.ledger_key)
-
-
-@dataclass(slots=True)
-class Receipt:
-    """The answer to an accepted envelope: ``{seq, id, type, effects}``."""
-
-    id: str
-    type: str
-    effects: list[dict[str, Any]]
-    seq: int = -1
-    actor: str = ""
-    # Accounts the entry concerns: their owners may read it.
-    accounts: frozenset[str] = frozenset()
-    # Instead of effects, for an epoch over many members (count and total per tier).
-    summary: dict[str, Any] | None = None
-
-    def body(self) -> dict[str, Any]:
-        body = {"seq": self.seq, "id": self.id, "type": self.type, "effects": self.effects}
-        if self.summary is not None:
-            body["summary"] = self.summary
-        return body
-
-
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    """An accepted envelope; ``repeated`` when its id was accepted before (idempotency)."""
-
-    receipt: Receipt
-    repeated: bool
-
-    @property
-    def status_code(self) -> int:
-        return 200 if self.repeated else 201
-
-
-Outcome = Accepted | UbcError
-
-
-@dataclass(frozen=True, slots=True)
-class Prechecked:
-    """An envelope decoded and its signatures verified before the write transaction.
-
-    ``internal`` marks the server's own ledger-signed envelopes (usage, expiries).
-    """
-
-    decoded: _Decoded | UbcError
-    verified: frozenset[str]
-    internal: bool = False
-
-
-def sign_internal(ctx: LedgerContext, payload: Payload, type_: str) -> Prechecked:
-    """The server's own envelope: ``payload`` signed with the ledger key, ready to submit
-    (its signature is not checked again: it was made just now)."""
-    assert ctx.ledger_key is not None
-    envelope = sign_payload(payload, type_, [ctx.ledger_key])
-    return Prechecked(
-        _Decoded(-1, envelope, type_, payload, _payload_hash(envelope.payload)),
-        frozenset({ctx.ledger_keyid}),
-        internal=True,
-    )
 
 
 # keyid → public key of member keys seen. A key's bytes never change (only whether it is
@@ -343,22 +261,7 @@ def context_from_genesis(
     )
 
 
-def sign_payload(payload: Payload, type_: str, keys: Sequence[SigningKey]) -> Envelope:
-    """The DSSE envelope of ``payload`` (RFC 8785 canonical bytes) signed by ``keys``."""
-    body = canonical_json(payload_json(payload))
-    return sign_envelope(payload_type_for(type_), body, keys)
-
-
 # --- internals ------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Decoded:
-    index: int
-    envelope: Envelope
-    type: str
-    payload: Payload
-    payload_hash: bytes
 
 
 @dataclass(slots=True)
@@ -730,10 +633,6 @@ def _decode(index: int, raw: object) -> _Decoded:
     except (PayloadError, ValueError) as exc:
         raise InvalidPayload(str(exc)) from None
     return _Decoded(index, envelope, name, payload, _payload_hash(envelope.payload))
-
-
-def _payload_hash(payload: bytes) -> bytes:
-    return hashlib.sha256(payload).digest()
 
 
 def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:

@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from ubc.db import run_unit_of_work
 from ubc.db.driver import Driver
 from ubc.dbtypes import utcnow
-from ubc.envelopes.service import LedgerContext, Prechecked, sign_internal, submit
 from ubc.errors import Forbidden, UbcError, Unauthenticated
 from ubc.gateway.models import ApiKeySpend, GatewayHold
 from ubc.ledger import service as ledger
@@ -39,6 +38,7 @@ from ubc.metering import rules
 from ubc.metering.payloads import HoldExpire, Usage
 from ubc.metering.store import spend_epoch_query
 from ubc.rules.payload import format_timestamp
+from ubc.rules.writing import LedgerContext, Prechecked, Submit, sign_internal
 
 apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
 members_t = Member.__table__  # type: ignore[attr-defined]
@@ -235,9 +235,15 @@ def usage_envelope(
 
 
 def expire_due_holds(
-    session: Session, ctx: LedgerContext, *, now: datetime | None = None, limit: int = 500
+    session: Session,
+    ctx: LedgerContext,
+    *,
+    submit: Submit,
+    now: datetime | None = None,
+    limit: int = 500,
 ) -> int:
-    """Journal a ``hold.expire`` for every model-call hold past its timeout (unbilled)."""
+    """Journal a ``hold.expire`` for every model-call hold past its timeout (unbilled),
+    through the write path's ``submit`` (``ubc.envelopes.service.submit``)."""
     now = now or utcnow()
     due = [
         row[0]

@@ -27,8 +27,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.dbtypes import utcnow
-from ubc.envelopes.service import LedgerContext, Prechecked
-from ubc.envelopes.writer import GroupCommitWriter
 from ubc.errors import UbcError
 from ubc.gateway.catalog import ModelSpec
 from ubc.gateway.metering import (
@@ -41,6 +39,7 @@ from ubc.gateway.ratelimit import Limit, RateLimited, RateLimiter
 from ubc.gateway.upstream import UpstreamPool
 from ubc.members.models import ApiKey
 from ubc.metering import rules
+from ubc.rules.writing import InternalWriter, LedgerContext, Prechecked
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -391,7 +390,7 @@ class Gateway:
         prices: dict[str, dict[str, int]],
         read_sessions: sessionmaker[Session],
         holds: HoldWriter,
-        writer: GroupCommitWriter,
+        writer: InternalWriter,
     ) -> None:
         self.ctx = ctx
         self.catalog = catalog

@@ -204,7 +204,11 @@ def _principal(request: Request, session: Any, authorization: str | None) -> Pri
     if authorization is None:
         return None
     return authenticate_bearer(
-        session, authorization, tokens=request.app.state.tokens, now=utcnow()
+        session,
+        authorization,
+        tokens=request.app.state.tokens,
+        now=utcnow(),
+        api_keys=request.app.state.api_key_principal,
     )
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import Session, aliased
 
 from ubc.deps import Reader, ReadSession, require_read
-from ubc.epochs import service as epochs
 from ubc.errors import Forbidden, TransferNotFound
 from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Transfer
@@ -24,6 +23,21 @@ accounts_t = Account.__table__  # type: ignore[attr-defined]
 transfers_t = Transfer.__table__  # type: ignore[attr-defined]
 
 
+class EpochReads(Protocol):
+    """What these reads show of the epochs: ``ubc.epochs.service``, which ``ubc.app``
+    hands over as ``app.state.epoch_reads`` (the epochs use the ledger's bulk moves, so
+    the ledger does not import them)."""
+
+    def current_epoch(self, session: Session) -> int | None: ...
+
+    def leg_ids(self, session: Session, envelope_id: str) -> list[str]: ...
+
+
+def _epochs(request: Request) -> EpochReads:
+    reads: EpochReads = request.app.state.epoch_reads
+    return reads
+
+
 @router.get(
     "/api/ledger",
     summary="Public facts of this ledger",
@@ -33,7 +47,7 @@ transfers_t = Transfer.__table__  # type: ignore[attr-defined]
 )
 def get_ledger(request: Request, session: ReadSession) -> dict[str, Any]:
     info: dict[str, Any] = dict(request.app.state.ledger_info)
-    info["current_epoch"] = epochs.current_epoch(session)
+    info["current_epoch"] = _epochs(request).current_epoch(session)
     return info
 
 
@@ -145,7 +159,9 @@ def get_history(
         401, 403, 404, notes={404: "transfer_not_found, also when the reader may see no leg"}
     ),
 )
-def get_transfer(transfer_id: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
+def get_transfer(
+    request: Request, transfer_id: str, session: ReadSession, reader: Reader
+) -> dict[str, Any]:
     debit = aliased(accounts_t)
     credit = aliased(accounts_t)
     stmt = (
@@ -168,7 +184,9 @@ def get_transfer(transfer_id: str, session: ReadSession, reader: Reader) -> dict
     if ":" in transfer_id:
         stmt = stmt.where(transfers_t.c.id == transfer_id)
     else:
-        legs = ledger.leg_ids(session, transfer_id) or epochs.leg_ids(session, transfer_id)
+        legs = ledger.leg_ids(session, transfer_id) or _epochs(request).leg_ids(
+            session, transfer_id
+        )
         stmt = stmt.where(transfers_t.c.id.in_(legs))
     rows = sorted(session.execute(stmt).all(), key=lambda r: int(r[0].rsplit(":", 1)[1]))
     visible = [r for r in rows if reader.may_read(r[3]) or reader.may_read(r[4])]

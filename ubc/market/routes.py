@@ -12,8 +12,7 @@ from sqlalchemy.orm import Session
 
 from ubc.db import run_unit_of_work
 from ubc.dbtypes import utcnow
-from ubc.deps import Reader, ReadSession, require_read
-from ubc.envelopes.routes import _json_body
+from ubc.deps import Reader, ReadSession, json_body, require_read
 from ubc.errors import Forbidden, NotFound
 from ubc.market import service
 from ubc.market.schemas import (
@@ -23,6 +22,7 @@ from ubc.market.schemas import (
     WithdrawalList,
     WithdrawalRequest,
 )
+from ubc.rules.writing import Precheck
 from ubc.schemas import error_responses
 
 router = APIRouter(tags=["market"])
@@ -119,11 +119,13 @@ def list_trades(
     },
 )
 async def post_withdrawal(request: Request) -> JSONResponse:
-    raw = await _json_body(request)
+    raw = await json_body(request)
     ctx = request.app.state.ctx
+    # The write path's precheck, handed over by ubc.app (the market is below the write path).
+    precheck: Precheck = request.app.state.precheck
 
     def work(session: Session) -> tuple[dict[str, Any], bool]:
-        return service.store_withdrawal(session, ctx, raw, now=utcnow())
+        return service.store_withdrawal(session, ctx, raw, now=utcnow(), precheck=precheck)
 
     item, new = await asyncio.to_thread(run_unit_of_work, request.app.state.sessions, work)
     return JSONResponse(item, status_code=201 if new else 200)

@@ -13,13 +13,6 @@ from typing import Any
 from sqlalchemy import insert, or_, select
 from sqlalchemy.orm import Session
 
-from ubc.envelopes.service import (
-    Accepted,
-    LedgerContext,
-    precheck,
-    sign_payload,
-    submit,
-)
 from ubc.errors import (
     BadRequest,
     Forbidden,
@@ -36,6 +29,7 @@ from ubc.market.payloads import OfferExpire
 from ubc.members.models import ExternalRef, MemberKey
 from ubc.params import parse_cursor
 from ubc.rules.payload import check_text, format_timestamp
+from ubc.rules.writing import Accepted, LedgerContext, Precheck, Submit, sign_payload
 
 offers_t = Offer.__table__  # type: ignore[attr-defined]
 fills_t = Fill.__table__  # type: ignore[attr-defined]
@@ -53,8 +47,11 @@ MAX_LIST = 1000
 # --- expiry -------------------------------------------------------------------------------
 
 
-def expire_due_offers(session: Session, ctx: LedgerContext, *, now: datetime) -> int:
-    """Journal a ledger-signed ``offer.expire`` for each open offer past its expiry.
+def expire_due_offers(
+    session: Session, ctx: LedgerContext, *, now: datetime, submit: Submit
+) -> int:
+    """Journal a ledger-signed ``offer.expire`` for each open offer past its expiry,
+    through the write path's ``submit`` (``ubc.envelopes.service.submit``).
 
     Runs in the server's sweeper, in its own unit of work; returns how many expired. An
     offer filled or cancelled meanwhile (another process) simply fails its expiry.
@@ -248,13 +245,14 @@ def trades(
 
 
 def store_withdrawal(
-    session: Session, ctx: LedgerContext, raw: object, *, now: datetime
+    session: Session, ctx: LedgerContext, raw: object, *, now: datetime, precheck: Precheck
 ) -> tuple[dict[str, Any], bool]:
     """Keep a withdrawal envelope signed by its owner until the operator countersigns it.
 
-    Checks what can be checked now: the envelope and payload, the ledger origin and time
-    window, and that the owner's current key signed it. Returns the item and whether it
-    is new (the same envelope again is answered as stored).
+    Checks what can be checked now: the envelope and payload (decoded, and signatures
+    verified, by the write path's ``precheck``: ``ubc.envelopes.service.precheck``), the
+    ledger origin and time window, and that the owner's current key signed it. Returns
+    the item and whether it is new (the same envelope again is answered as stored).
     """
     [checked] = precheck(session, ctx, [raw])
     decoded = checked.decoded
