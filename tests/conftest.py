@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.app import create_app
+from ubc.clock import Clock, ManualClock
 from ubc.config import Settings, get_settings
 from ubc.db import make_engine, make_session_factory
 from ubc.migrations import upgrade
@@ -158,6 +159,13 @@ class LiveServer:
     app: FastAPI
 
     @property
+    def clock(self) -> ManualClock:
+        """The server's clock, when it was started with a :class:`ManualClock`."""
+        clock = self.app.state.clock
+        assert isinstance(clock, ManualClock), "this server reads the wall clock"
+        return clock
+
+    @property
     def operator_key(self) -> SigningKey:
         return load_signing_key(self.data_dir / "operator.key")
 
@@ -190,14 +198,18 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_server(db_url: str, data_dir: Path, **overrides: object) -> Iterator[LiveServer]:
+def run_server(
+    db_url: str, data_dir: Path, *, clock: Clock | None = None, **overrides: object
+) -> Iterator[LiveServer]:
+    """A served ledger in a thread; ``clock``: its time (a ManualClock moves only when
+    the test moves it), else the wall clock; ``overrides``: settings."""
     settings = Settings(
         database_url=db_url,
         data_dir=data_dir,
         origin="test.ubc/ledger",
         **overrides,  # type: ignore[arg-type]
     )
-    app = create_app(settings)
+    app = create_app(settings, clock=clock)
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)

@@ -16,7 +16,6 @@ import base64
 import itertools
 import json
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from tests.conftest import (
     run_server,
 )
 from ubc.auth import hash_secret
+from ubc.clock import ManualClock
 from ubc.db import make_engine
 from ubc.envelopes.payloads import MAX_PAYLOAD_BYTES, format_timestamp, validate_payload
 from ubc.envelopes.service import sign_payload
@@ -1108,16 +1108,17 @@ def test_authenticated_refusals_are_remembered_and_unauthenticated_ones_are_not(
 
 def test_replay_is_answered_after_the_skew_window(db_url: str, tmp_path: Path) -> None:
     data = make_data_dir(tmp_path / "data")
+    clock = ManualClock()
     with (
-        run_server(db_url, data, created_at_skew_seconds=2) as server,
+        run_server(db_url, data, clock=clock, created_at_skew_seconds=2) as server,
         httpx.Client(base_url=server.url, timeout=30) as client,
     ):
+        # Signed at the ledger's time, which moves only when the test moves it.
+        signed_at = format_timestamp(clock.now())
         key = generate_signing_key()
         fields = {"actor": "member:erin", "handle": "erin", "public_key": public(key)}
-        assert (
-            client.post("/api/envelopes", json=seal("member.register", fields, (key,))).status_code
-            == 201
-        )
+        register = seal("member.register", fields, (key,), created_at=signed_at)
+        assert client.post("/api/envelopes", json=register).status_code == 201
         deposit = {
             "actor": "operator",
             "to": "member:erin",
@@ -1125,11 +1126,11 @@ def test_replay_is_answered_after_the_skew_window(db_url: str, tmp_path: Path) -
             "amount": 10,
             "external_ref": "late-1",
         }
-        envelope = seal("deposit", deposit, (server.operator_key,))
+        envelope = seal("deposit", deposit, (server.operator_key,), created_at=signed_at)
         first = client.post("/api/envelopes", json=envelope)
         assert first.status_code == 201, first.text
         size = client.get("/journal/checkpoint").text.splitlines()[1]
-        time.sleep(3)
+        clock.advance(3)  # past the window of ±2 s
         again = client.post("/api/envelopes", json=envelope)
         assert again.status_code == 200, again.text
         assert again.json() == first.json()

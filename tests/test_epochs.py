@@ -46,6 +46,7 @@ from tests.conftest import (
 from ubc.audit.source import from_database, from_export, write_export
 from ubc.audit.verify import Report, compare_with_database, verify_journal
 from ubc.client import UbcApiError, UbcClient
+from ubc.clock import SYSTEM_CLOCK
 from ubc.config import Settings
 from ubc.db import make_engine, make_session_factory, unit_of_work
 from ubc.dbtypes import utcnow
@@ -594,7 +595,7 @@ def test_monkeypatching_chunk_sets_the_background_batch(
     small_epoch(book, ["alice", "bob", "carol", "dave", "erin"])
     book.accept(book.open_(1, {"basic": 100}, None))
     assert book.epoch(1).applied == 0
-    app = SimpleNamespace(state=SimpleNamespace(sessions=book.sessions))
+    app = SimpleNamespace(state=SimpleNamespace(sessions=book.sessions, clock=SYSTEM_CLOCK))
     assert ubc.app._advance_once(app)  # type: ignore[arg-type]  # one background round
     assert book.epoch(1).applied == 2
 

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -31,10 +30,12 @@ from typer.testing import CliRunner
 
 import ubc.models
 from tests.conftest import POSTGRES_URL, LiveServer, _admin_conninfo, make_data_dir, run_server
+from ubc.app import sweep_once
 from ubc.audit.source import from_database, from_export, write_export
 from ubc.audit.verify import Report, compare_with_database, verify_journal
 from ubc.cli import app as cli
 from ubc.client import UbcApiError, UbcClient
+from ubc.clock import ManualClock
 from ubc.config import Settings
 from ubc.db import make_engine, make_session_factory, unit_of_work
 from ubc.dbtypes import utcnow
@@ -183,10 +184,17 @@ class Book:
     def one(self, item: dict[str, Any], **kwargs: Any) -> envelopes.Receipt:
         return self.accept(item, **kwargs)[0]
 
-    def refused(self, item: dict[str, Any], status: int, type_: str | None = None) -> UbcError:
-        """``item`` is refused with ``status`` and changes nothing at all."""
+    def refused(
+        self,
+        item: dict[str, Any],
+        status: int,
+        type_: str | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> UbcError:
+        """``item`` is refused with ``status`` (at ``now``) and changes nothing at all."""
         before = self.state()
-        [outcome] = self.submit(item)
+        [outcome] = self.submit(item, now=now)
         assert isinstance(outcome, UbcError), outcome
         assert outcome.status_code == status, outcome.to_body()
         if type_ is not None:
@@ -508,8 +516,9 @@ def test_bad_fills_are_refused_and_change_nothing(book: Book) -> None:
     book.one(book.envelope("member.update", "operator", handle="dave", status="suspended"))
     book.refused(book.fill("dave", offer_id, 1), 403, "forbidden")
 
-    time.sleep(max(0.0, (soon - utcnow()).total_seconds()) + 0.01)
-    book.refused(book.fill("bob", expiring, 1), 409, "state_conflict")
+    # Just past its expiry, on the ledger's time.
+    after = soon + timedelta(milliseconds=10)
+    book.refused(book.fill("bob", expiring, 1), 409, "state_conflict", now=after)
     book.check_invariants()
 
 
@@ -984,7 +993,8 @@ def sqlite_server(sqlite_template: Path, tmp_path: Path) -> Iterator[LiveServer]
     HTTP tests above run on both)."""
     path = tmp_path / "cli.db"
     shutil.copyfile(sqlite_template, path)
-    with run_server(f"sqlite:///{path}", make_data_dir(tmp_path / "data")) as server:
+    data = make_data_dir(tmp_path / "data")
+    with run_server(f"sqlite:///{path}", data, clock=ManualClock()) as server:
         yield server
 
 
@@ -1022,10 +1032,11 @@ def test_the_market_from_the_command_line(sqlite_server: LiveServer, tmp_path: P
     assert "sell" in run("market", "trades")
     out = run("market", "cancel", offer_id)
     assert "20 CU came back to you" in out
-    # The one-second offer is expired by the server's sweeper (once a second).
-    deadline = time.monotonic() + 20
-    while "No open offers" not in run("market", "list") and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # The one-second offer's time passes (the server's clock moves to 2 s after now), and
+    # one round of the server's sweeper journals its expiry.
+    live_server.clock.set(utcnow() + timedelta(seconds=2))
+    sweep_once(live_server.app)
+    assert p["operator"].offer(short_lived)["status"] == "expired"
     assert "No open offers" in run("market", "list")
     assert short_lived not in run("market", "list")
     assert "is cancelled" in run("market", "cancel", offer_id, ok=False)
@@ -1042,11 +1053,9 @@ def test_the_market_from_the_command_line(sqlite_server: LiveServer, tmp_path: P
     withdrawal_id = out.rsplit("approve ", 1)[1].strip()
     assert "Paid out $0.60 from member:alice" in run("withdrawals", "approve", withdrawal_id)
     assert "No withdrawals are waiting" in run("withdrawals", "pending")
-    # The server's sweeper journaled the short-lived offer's expiry by itself.
-    deadline = time.monotonic() + 10
-    while p["operator"].offer(short_lived)["status"] != "expired" or _open_in(live_server):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    # The sweeper journaled the short-lived offer's expiry.
+    assert p["operator"].offer(short_lived)["status"] == "expired"
+    assert not _open_in(live_server)
     assert p["operator"].offer(short_lived)["closed_by"] is not None
     cu = [b for b in p["operator"].balance("alice")["balances"] if b["asset"] == "CU"]
     assert cu[0]["available"] == 100 - 10  # 10 sold; the 20 cancelled and the 5 expired back

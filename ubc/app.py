@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ubc import __version__, apikey_routes, http_guard
 from ubc import schemas as api_schemas
 from ubc.causes import routes as cause_routes
+from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.config import Settings, get_settings
 from ubc.db import (
     DATABASE_ERRORS,
@@ -31,7 +32,6 @@ from ubc.db import (
     run_unit_of_work,
     unit_of_work,
 )
-from ubc.dbtypes import utcnow
 from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes import service as write_path
 from ubc.envelopes.writer import GroupCommitWriter
@@ -59,8 +59,11 @@ from ubc.schemas import ErrorBody, Health, Readiness, error_responses
 log = logging.getLogger("ubc")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> FastAPI:
+    """The application; ``clock`` is the ledger's time (default: the wall clock; tests
+    give a :class:`ubc.clock.ManualClock` and move it instead of sleeping)."""
     settings = settings or get_settings()
+    ledger_clock: Clock = clock or SYSTEM_CLOCK
     engine = make_engine(settings.database_url)
     read_engine = make_engine(settings.database_url, readonly=True)
     # Holds of model calls commit without waiting for the disk (see make_engine).
@@ -69,16 +72,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await asyncio.to_thread(_load_runtime, sessions, settings)
+        runtime = await asyncio.to_thread(_load_runtime, sessions, settings, ledger_clock)
         app.state.ctx = runtime.ctx
         app.state.tokens = runtime.tokens
         app.state.ledger_info = runtime.info
-        writer = GroupCommitWriter(sessions, runtime.ctx, read_sessions=app.state.read_sessions)
+        writer = GroupCommitWriter(
+            sessions, runtime.ctx, read_sessions=app.state.read_sessions, clock=ledger_clock
+        )
         app.state.writer = writer
         writer.start()
         holds = HoldWriter(
             make_session_factory(hold_engine),
             timeout=timedelta(seconds=settings.gateway_hold_timeout_seconds),
+            clock=ledger_clock,
         )
         holds.start()
         gateway = Gateway(
@@ -88,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             read_sessions=app.state.read_sessions,
             holds=holds,
             writer=writer,
+            clock=ledger_clock,
         )
         app.state.gateway = gateway
         stop = asyncio.Event()
@@ -119,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.clock = ledger_clock
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.read_sessions = make_session_factory(read_engine, retry_reads=True)
@@ -293,9 +301,9 @@ def http_error_response(request: Request, error: StarletteHTTPException) -> JSON
     return JSONResponse(body, status_code=status, headers=error.headers)
 
 
-def _load_runtime(sessions: sessionmaker[Session], settings: Settings) -> Runtime:
+def _load_runtime(sessions: sessionmaker[Session], settings: Settings, clock: Clock) -> Runtime:
     with unit_of_work(sessions) as session:
-        return load_runtime(settings, session)
+        return load_runtime(settings, session, now=clock.now())
 
 
 def _document(app: FastAPI) -> None:
@@ -321,7 +329,7 @@ async def _sweep_holds(app: FastAPI, interval: float, stop: asyncio.Event) -> No
     """Release expired holds now and every ``interval`` seconds, also after a restart."""
     while not stop.is_set():
         try:
-            await asyncio.to_thread(_sweep_once, app)
+            await asyncio.to_thread(sweep_once, app)
         except Exception:  # keep sweeping; the next round retries
             log.exception("hold sweep failed")
         await _pause(stop, interval)
@@ -345,8 +353,10 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
 
 
 def _advance_once(app: FastAPI) -> bool:
+    clock: Clock = app.state.clock
+
     def work(session: Session) -> bool:
-        now = utcnow()
+        now = clock.now()
         return any(
             epochs.apply_allocations(session, n, now=now) for n in epochs.pending_epochs(session)
         )
@@ -354,21 +364,27 @@ def _advance_once(app: FastAPI) -> bool:
     return run_unit_of_work(app.state.sessions, work)
 
 
-def _sweep_once(app: FastAPI) -> None:
+def sweep_once(app: FastAPI) -> None:
+    """One round of the sweeper: expired holds of model calls (journaled ``hold.expire``),
+    other expired holds, and expired offers (journaled ``offer.expire``), until none is
+    due. Each unit of work reads the ledger's clock once."""
     ctx = app.state.ctx
+    clock: Clock = app.state.clock
     while True:
         # Model calls' holds first: each journaled as a ledger-signed hold.expire.
         calls = run_unit_of_work(
             app.state.sessions,
             lambda session: metering.expire_due_holds(
-                session, ctx, now=utcnow(), submit=write_path.submit
+                session, ctx, now=clock.now(), submit=write_path.submit
             ),
         )
-        released = calls + run_unit_of_work(app.state.sessions, ledger.expire_holds)
+        released = calls + run_unit_of_work(
+            app.state.sessions, lambda session: ledger.expire_holds(session, now=clock.now())
+        )
         expired = run_unit_of_work(
             app.state.sessions,
             lambda session: market.expire_due_offers(
-                session, ctx, now=utcnow(), submit=write_path.submit
+                session, ctx, now=clock.now(), submit=write_path.submit
             ),
         )
         if released == 0 and expired == 0:

@@ -39,4 +39,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def utcnow() -> datetime:
+    """The wall clock, for scripts and tests. The server reads the ledger's time from its
+    clock (:mod:`ubc.clock`, ``app.state.clock``) and passes ``now`` down instead."""
     return datetime.now(UTC)

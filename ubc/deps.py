@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from ubc.auth import Principal, authenticate_bearer
-from ubc.dbtypes import utcnow
+from ubc.clock import Clock
 from ubc.errors import BadRequest, Forbidden, PayloadTooLarge
 from ubc.schemas import BEARER_SCHEME
 
@@ -40,12 +40,18 @@ bearer = HTTPBearer(
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
+def clock(request: Request) -> Clock:
+    """The ledger's clock (``app.state.clock``): read once per request."""
+    held: Clock = request.app.state.clock
+    return held
+
+
 def principal(request: Request, session: ReadSession, _bearer: Bearer) -> Principal:
     return authenticate_bearer(
         session,
         request.headers.get("authorization"),
         tokens=request.app.state.tokens,
-        now=utcnow(),
+        now=clock(request).now(),
         api_keys=request.app.state.api_key_principal,
     )
 

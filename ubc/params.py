@@ -31,18 +31,23 @@ def parse_cursor(value: str | None, *, name: str = "cursor") -> int | None:
 
 
 def day_range(
-    since: date | None, until: date | None, *, default_days: int = 30
+    since: date | None,
+    until: date | None,
+    *,
+    default_days: int = 30,
+    today: date | None = None,
 ) -> tuple[date, date]:
-    """``since`` ≤ ``until``, each defaulted (``until`` today, ``since`` ``default_days``
-    days back, both included) and within :data:`FIRST_DAY`…:data:`LAST_DAY`; 400 naming
-    the parameter otherwise."""
+    """``since`` ≤ ``until``, each defaulted (``until`` ``today``, which is the caller's
+    clock's day, else the wall clock's; ``since`` ``default_days`` days back, both
+    included) and within :data:`FIRST_DAY`…:data:`LAST_DAY`; 400 naming the parameter
+    otherwise."""
     for name, day in (("since", since), ("until", until)):
         if day is not None and not FIRST_DAY <= day <= LAST_DAY:
             raise BadRequest(
                 f"{name} must be a day from {FIRST_DAY} to {LAST_DAY}",
                 detail={name: str(day), "first": str(FIRST_DAY), "last": str(LAST_DAY)},
             )
-    until = until or datetime.now(UTC).date()
+    until = until or today or datetime.now(UTC).date()
     since = since or max(FIRST_DAY, until - timedelta(days=default_days - 1))
     if since > until:
         raise BadRequest("since is after until", detail={"since": str(since), "until": str(until)})

@@ -11,14 +11,14 @@ import re
 import secrets
 import socket
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from ubc.clock import SYSTEM_CLOCK
 from ubc.config import Settings
-from ubc.dbtypes import utcnow
 from ubc.envelopes.payloads import LedgerConfig, LedgerGenesis, format_timestamp
 from ubc.envelopes.service import (
     LedgerContext,
@@ -163,8 +163,13 @@ class Runtime:
     prices: dict[str, dict[str, int]]
 
 
-def load_runtime(settings: Settings, session: Session) -> Runtime:
-    """Load keys, write the genesis entry on first start, and read the ledger's config back."""
+def load_runtime(settings: Settings, session: Session, *, now: datetime | None = None) -> Runtime:
+    """Load keys, write the genesis entry on first start, and read the ledger's config back.
+
+    ``now`` is the ledger's time of this start (default: the wall clock): the moment of
+    the genesis entry, or of a ``ledger.config`` publishing new prices.
+    """
+    now = now or SYSTEM_CLOCK.now()
     current, head = current_revision(session.get_bind()), head_revision()  # type: ignore[arg-type]
     if current != head:
         raise SetupError(
@@ -198,7 +203,13 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         catalog = load_catalog(settings.models_file)
     except ModelsFileError as exc:
         raise SetupError(str(exc)) from None
-    write_genesis(session, ctx, models=prices(catalog), market_fee_bps=settings.market_fee_bps or 0)
+    write_genesis(
+        session,
+        ctx,
+        now=now,
+        models=prices(catalog),
+        market_fee_bps=settings.market_fee_bps or 0,
+    )
     check_genesis_origin(session, origin)
     genesis = genesis_payload(session)
     if genesis["ledger_public_key"] != encode_public_key(ctx.ledger_public_key):
@@ -214,7 +225,7 @@ def load_runtime(settings: Settings, session: Session) -> Runtime:
         log.warning(
             "UBC_ENROLLMENT=%s ignored: the journal says %s", settings.enrollment, ctx.enrollment
         )
-    config = _publish_config(session, ctx, catalog, settings.market_fee_bps, data_dir)
+    config = _publish_config(session, ctx, catalog, settings.market_fee_bps, data_dir, now=now)
     tokens = {}
     for role in ("operator", "auditor"):
         path = data_dir / f"{role}.token"
@@ -241,6 +252,8 @@ def _publish_config(
     catalog: dict[str, ModelSpec],
     market_fee_bps: int | None,
     data_dir: Path,
+    *,
+    now: datetime,
 ) -> dict[str, Any]:
     """Journal a ``ledger.config`` when the models file's prices or the market fee differ
     from those in force.
@@ -267,7 +280,7 @@ def _publish_config(
     body.update(
         {
             "id": new_id(),
-            "created_at": format_timestamp(utcnow()),
+            "created_at": format_timestamp(now),
             "actor": "ledger",
             "models": wanted,
             "market_fee_bps": market_fee_bps,
@@ -276,7 +289,7 @@ def _publish_config(
     payload = LedgerConfig.model_validate(body)
     assert ctx.ledger_key is not None
     envelope = sign_payload(payload, "ledger.config", [ctx.ledger_key, operator_key])
-    outcome = submit(session, ctx, [envelope.to_json()], internal=True)[0]
+    outcome = submit(session, ctx, [envelope.to_json()], now=now, internal=True)[0]
     if isinstance(outcome, UbcError):
         raise SetupError(f"publishing the configuration failed: {outcome.message}")
     log.info("published prices and market fee as journal entry %d", outcome.receipt.seq)

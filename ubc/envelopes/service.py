@@ -31,7 +31,7 @@ from nacl.signing import SigningKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ubc.dbtypes import utcnow
+from ubc.clock import SYSTEM_CLOCK
 from ubc.envelopes.lookup import PROCESS_CACHES, Caches, DatabaseLookup
 from ubc.envelopes.payloads import (
     MAX_PAYLOAD_BYTES,
@@ -171,7 +171,7 @@ def submit(
     once, no process cache is used and nothing is journaled: the caller compares or
     stores the entries.
     """
-    writer = _Writer(session, ctx, now or utcnow(), atomic, replay, internal=internal)
+    writer = _Writer(session, ctx, now or SYSTEM_CLOCK.now(), atomic, replay, internal=internal)
     return writer.run(raws)
 
 
@@ -188,7 +188,7 @@ def write_genesis(
 
     ``models`` are the prices (CU per 1K input and output tokens) of the models file.
     """
-    now = now or utcnow()
+    now = now or SYSTEM_CLOCK.now()
     size = journal.lock_head(session)
     if size is None:
         journal.create_head(session)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.db import as_unavailable, run_unit_of_work
 from ubc.envelopes.service import LedgerContext, Outcome, Prechecked, precheck, submit
 
@@ -34,8 +35,10 @@ class GroupCommitWriter:
         *,
         read_sessions: sessionmaker[Session] | None = None,
         max_batch: int = 1000,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.sessions = sessions
+        self.clock = clock
         self.read_sessions = read_sessions or sessions
         self.ctx = ctx
         self.max_batch = max_batch
@@ -126,6 +129,7 @@ class GroupCommitWriter:
         # signed above, once, so a second run sees the same ids too.
         return run_unit_of_work(
             self.sessions,
-            lambda session: submit(session, self.ctx, raws, atomic=atomic),
+            # The ledger's time, read once per batch (each attempt of the unit of work).
+            lambda session: submit(session, self.ctx, raws, atomic=atomic, now=self.clock.now()),
             idempotent=True,
         )

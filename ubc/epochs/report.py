@@ -40,7 +40,7 @@ from typing import Any, TextIO
 from sqlalchemy import BigInteger, and_, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
-from ubc.dbtypes import utcnow
+from ubc.clock import SYSTEM_CLOCK
 from ubc.epochs import service as epochs
 from ubc.ledger.models import Account, Posting, Transfer
 
@@ -185,7 +185,7 @@ def utilization(
         status=info.status,
         cu_price_usd=cu_price_usd,
         window_start=info.opened_at,
-        window_end=info.closed_at or now or utcnow(),
+        window_end=info.closed_at or now or SYSTEM_CLOCK.now(),
         members=members,
         totals=totals,
         below=below,

@@ -68,4 +68,7 @@ def utilization_report(
         raise Forbidden("only the operator and auditors read the utilization report")
     price: str = request.app.state.ledger_info["cu_price_usd"]
     threshold = None if below is None else Decimal(below)
-    return report.utilization(session, epoch, cu_price_usd=price, below=threshold).to_json()
+    now = request.app.state.clock.now()
+    return report.utilization(
+        session, epoch, cu_price_usd=price, below=threshold, now=now
+    ).to_json()

@@ -25,9 +25,9 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.db import run_unit_of_work
 from ubc.db.driver import Driver
-from ubc.dbtypes import utcnow
 from ubc.errors import Forbidden, UbcError, Unauthenticated
 from ubc.gateway.models import ApiKeySpend, GatewayHold
 from ubc.ledger import service as ledger
@@ -244,7 +244,7 @@ def expire_due_holds(
 ) -> int:
     """Journal a ``hold.expire`` for every model-call hold past its timeout (unbilled),
     through the write path's ``submit`` (``ubc.envelopes.service.submit``)."""
-    now = now or utcnow()
+    now = now or SYSTEM_CLOCK.now()
     due = [
         row[0]
         for row in session.execute(
@@ -295,8 +295,10 @@ class HoldWriter:
         *,
         timeout: timedelta,
         max_batch: int = 500,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.sessions = sessions
+        self.clock = clock
         self.timeout = timeout
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_HoldJob] = asyncio.Queue()
@@ -341,5 +343,7 @@ class HoldWriter:
     def _apply(self, requests: list[HoldRequest]) -> list[Held | UbcError]:
         return run_unit_of_work(
             self.sessions,
-            lambda session: place_holds(session, requests, now=utcnow(), timeout=self.timeout),
+            lambda session: place_holds(
+                session, requests, now=self.clock.now(), timeout=self.timeout
+            ),
         )

@@ -26,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ubc.dbtypes import utcnow
+from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.errors import UbcError
 from ubc.gateway.catalog import ModelSpec
 from ubc.gateway.metering import (
@@ -391,7 +391,9 @@ class Gateway:
         read_sessions: sessionmaker[Session],
         holds: HoldWriter,
         writer: InternalWriter,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self.clock = clock
         self.ctx = ctx
         self.catalog = catalog
         self.prices = prices
@@ -440,7 +442,7 @@ class Gateway:
         grant = await self._grant(key_hash)
         if grant is None or grant.revoked:
             raise GatewayError(401, "Incorrect API key provided", code="invalid_api_key")
-        if grant.expires_at is not None and grant.expires_at <= utcnow():
+        if grant.expires_at is not None and grant.expires_at <= self.clock.now():
             raise GatewayError(401, "This API key has expired", code="invalid_api_key")
         return grant
 
@@ -535,7 +537,7 @@ class Gateway:
         if call.settled:
             return 0
         call.settled = True
-        now = utcnow()
+        now = self.clock.now()
         cost = rules.call_cost(input_tokens, output_tokens, call.price, call.held)
 
         def item() -> Prechecked:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import ColumnElement, func, literal_column, select
 from sqlalchemy.orm import Session
 
@@ -67,6 +67,7 @@ def spend_by_day(session: Session, account: str, since: date, until: date) -> li
     responses=error_responses(401, 403, 422, notes={400: "a day out of range"}),
 )
 def get_usage(
+    request: Request,
     address: str,
     session: ReadSession,
     reader: Reader,
@@ -74,7 +75,8 @@ def get_usage(
     until: Annotated[date | None, Query(description="last UTC day (default: today)")] = None,
 ) -> dict[str, Any]:
     require_read(reader, address)
-    since, until = day_range(since, until)  # 400 for days out of range, not an overflow
+    today = request.app.state.clock.now().date()  # the ledger's time
+    since, until = day_range(since, until, today=today)  # 400 out of range, not an overflow
     rows = spend_by_day(session, address, since, until)
     return {
         "address": address,

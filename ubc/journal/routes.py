@@ -14,7 +14,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from ubc.auth import Principal, authenticate_bearer
-from ubc.dbtypes import utcnow
 from ubc.deps import Bearer, ReadSession
 from ubc.errors import BadRequest, Forbidden, NotFound
 from ubc.journal import store
@@ -207,7 +206,7 @@ def _principal(request: Request, session: Any, authorization: str | None) -> Pri
         session,
         authorization,
         tokens=request.app.state.tokens,
-        now=utcnow(),
+        now=request.app.state.clock.now(),
         api_keys=request.app.state.api_key_principal,
     )
 

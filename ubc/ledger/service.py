@@ -28,7 +28,7 @@ from sqlalchemy import insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
-from ubc.dbtypes import utcnow
+from ubc.clock import SYSTEM_CLOCK
 from ubc.errors import (
     AccountNotFound,
     BadRequest,
@@ -226,7 +226,7 @@ def open_accounts(
     session: Session, pairs: Iterable[tuple[str, str]], *, now: datetime | None = None
 ) -> None:
     """Create (address, asset) accounts that do not exist yet; existing ones are kept."""
-    created_at = now or utcnow()
+    created_at = now or SYSTEM_CLOCK.now()
     rows = []
     for address, asset in sorted(set(pairs)):
         kind, _ = parse_address(address)
@@ -362,7 +362,7 @@ def apply_many(
     """
     if not requests:
         return []
-    batch = _Batch(session, now or utcnow())
+    batch = _Batch(session, now or SYSTEM_CLOCK.now())
     batch.load(requests)
     outcomes: list[Outcome] = []
     for index, request in enumerate(requests):
@@ -380,7 +380,7 @@ def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 
     Runs in the server's background loop and at start-up, so holds left by a crash
     release by themselves.
     """
-    now = now or utcnow()
+    now = now or SYSTEM_CLOCK.now()
     stmt = (
         select(transfers_t.c.id)
         # A literal predicate, so that PostgreSQL uses the partial index of open holds.
@@ -422,7 +422,7 @@ def record(
             payload_hash=payload_hash,
             status="applied" if isinstance(outcome, Applied) else "failed",
             result=_encode_outcome(outcome),
-            created_at=now or utcnow(),
+            created_at=now or SYSTEM_CLOCK.now(),
         )
     )
 

@@ -11,8 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from ubc.db import run_unit_of_work
-from ubc.dbtypes import utcnow
-from ubc.deps import Reader, ReadSession, json_body, require_read
+from ubc.deps import Reader, ReadSession, clock, json_body, require_read
 from ubc.errors import Forbidden, NotFound
 from ubc.market import service
 from ubc.market.schemas import (
@@ -36,13 +35,14 @@ router = APIRouter(tags=["market"])
     responses=error_responses(422),
 )
 def list_offers(
+    request: Request,
     session: ReadSession,
     sell_asset: str | None = None,
     price_asset: str | None = None,
     seller: str | None = None,
     limit: Annotated[int, Query(ge=1, le=service.MAX_LIST)] = 100,
 ) -> dict[str, Any]:
-    now = utcnow()
+    now = clock(request).now()
     offers = service.open_offers(
         session,
         now=now,
@@ -61,8 +61,8 @@ def list_offers(
     response_model_exclude_unset=True,
     responses=error_responses(404),
 )
-def get_offer(offer_id: str, session: ReadSession) -> dict[str, Any]:
-    return service.get_offer(session, offer_id).to_json(utcnow())
+def get_offer(request: Request, offer_id: str, session: ReadSession) -> dict[str, Any]:
+    return service.get_offer(session, offer_id).to_json(clock(request).now())
 
 
 @router.get(
@@ -123,9 +123,11 @@ async def post_withdrawal(request: Request) -> JSONResponse:
     ctx = request.app.state.ctx
     # The write path's precheck, handed over by ubc.app (the market is below the write path).
     precheck: Precheck = request.app.state.precheck
+    ledger_clock = clock(request)
 
     def work(session: Session) -> tuple[dict[str, Any], bool]:
-        return service.store_withdrawal(session, ctx, raw, now=utcnow(), precheck=precheck)
+        now = ledger_clock.now()
+        return service.store_withdrawal(session, ctx, raw, now=now, precheck=precheck)
 
     item, new = await asyncio.to_thread(run_unit_of_work, request.app.state.sessions, work)
     return JSONResponse(item, status_code=201 if new else 200)
