@@ -136,10 +136,12 @@ def place_holds(
     for index, request in enumerate(requests):
         grant = grants.get(request.key_hash)
         try:
-            if grant is None or grant[2]:
+            refusal = "revoked" if grant is None else rules.key_refusal(grant[2], grant[3], now)
+            if refusal == "revoked":
                 raise Unauthenticated("unknown or revoked API key")
-            if grant[3] is not None and grant[3] <= now:
+            if refusal == "expired":
                 raise Unauthenticated("this API key has expired")
+            assert grant is not None
             if grant[1] != request.account:
                 raise Forbidden("the key is granted on another account")
             if grant[1].startswith("member:") and status.get(grant[1][7:]) != "active":

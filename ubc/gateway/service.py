@@ -440,9 +440,12 @@ class Gateway:
         whatever its scopes), from the headers alone (and the 2 s cache of grants)."""
         key_hash = key_hash_of(authorization)
         grant = await self._grant(key_hash)
-        if grant is None or grant.revoked:
+        if grant is None:
             raise GatewayError(401, "Incorrect API key provided", code="invalid_api_key")
-        if grant.expires_at is not None and grant.expires_at <= self.clock.now():
+        refusal = rules.key_refusal(grant.revoked, grant.expires_at, self.clock.now())
+        if refusal == "revoked":
+            raise GatewayError(401, "Incorrect API key provided", code="invalid_api_key")
+        if refusal == "expired":
             raise GatewayError(401, "This API key has expired", code="invalid_api_key")
         return grant
 
@@ -450,7 +453,7 @@ class Gateway:
         """The key's grant (401, 403 without the ``models`` scope): from the headers alone,
         before the body is read."""
         grant = await self.identify(authorization)
-        if "models" not in grant.scopes:
+        if rules.grant_refusal(grant.scopes, grant.models, None) == "scope":
             raise GatewayError(
                 403,
                 "This API key has no `models` scope",
@@ -460,8 +463,9 @@ class Gateway:
         return grant
 
     def permit(self, grant: Grant, spec: ModelSpec) -> None:
-        """403 unless the grant allows the model."""
-        if grant.models is not None and spec.id not in grant.models:
+        """403 unless the grant allows the model (its scope was checked by
+        :meth:`authenticate`)."""
+        if rules.grant_refusal(grant.scopes, grant.models, spec.id) == "model":
             raise GatewayError(
                 403,
                 f"This API key may not use the model '{spec.id}'",
@@ -469,11 +473,6 @@ class Gateway:
                 code="model_not_allowed",
                 param="model",
             )
-
-    async def authorize(self, authorization: str | None, spec: ModelSpec) -> Grant:
-        grant = await self.authenticate(authorization)
-        self.permit(grant, spec)
-        return grant
 
     async def begin(
         self,

@@ -10,9 +10,10 @@ asks for it to be placed first (:class:`ubc.rules.HoldPlacement`).
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ubc.errors import BadRequest, Forbidden, NotFound
 from ubc.metering.payloads import HoldExpire, Usage
@@ -92,6 +93,37 @@ class CallSettled(Change):
     request_id: str
 
 
+#: The scope an API key needs for metered model calls.
+MODELS_SCOPE = "models"
+
+
+def grant_refusal(
+    scopes: Collection[str], models: Collection[str] | None, model: str | None
+) -> Literal["scope", "model"] | None:
+    """Why a grant may not call ``model`` (``None``: not checked yet, the scope only):
+    ``"scope"`` without the ``models`` scope, ``"model"`` when its model list leaves the
+    model out; ``None`` when it may. The endpoint (before the hold) and the ``usage``
+    rule (server and auditor) both ask this."""
+    if MODELS_SCOPE not in scopes:
+        return "scope"
+    if model is not None and models is not None and model not in models:
+        return "model"
+    return None
+
+
+def key_refusal(
+    revoked: bool, expires_at: datetime | None, now: datetime
+) -> Literal["revoked", "expired"] | None:
+    """Why a key cannot be used at ``now`` (revoked, or past its expiry); ``None`` when it
+    can. The endpoint (from its 2 s cache of grants) and the hold (under the grant's row
+    lock) both ask this."""
+    if revoked:
+        return "revoked"
+    if expires_at is not None and expires_at <= now:
+        return "expired"
+    return None
+
+
 def usage_cost(input_tokens: int, output_tokens: int, price: dict[str, int]) -> int:
     """``ceil((input × in_price + output × out_price) / 1000)`` CU (DESIGN section 4)."""
     return -(-(input_tokens * price["input"] + output_tokens * price["output"]) // 1000)
@@ -119,9 +151,11 @@ def usage(look: MeteringLookup, ctx: RuleContext, payload: Usage, signers: Signe
             f"the key is granted on {grant.account}, not {payload.account}",
             detail={"account": payload.account, "granted": grant.account},
         )
-    if "models" not in grant.scopes.split(","):
+    models = json.loads(grant.models) if grant.models is not None else None
+    refusal = grant_refusal(grant.scopes.split(","), models, payload.model)
+    if refusal == "scope":
         raise Forbidden("the key has no `models` scope")
-    if grant.models is not None and payload.model not in json.loads(grant.models):
+    if refusal == "model":
         raise Forbidden(f"the key may not use model {payload.model}")
     price = look.config().get("models", {}).get(payload.model)
     if price is None:
