@@ -36,13 +36,11 @@ from ubc.gateway.service import (
     Call,
     Gateway,
     GatewayError,
+    Metered,
     check_chat_fields,
-    estimate_tokens,
-    max_output_tokens,
     prompt_bound,
 )
 from ubc.gateway.upstream import UPSTREAM_ERRORS
-from ubc.metering import rules
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 log = logging.getLogger("ubc.gateway")
@@ -163,7 +161,7 @@ async def get_model(request: Request) -> JSONResponse:
 )
 async def chat_completions(request: Request) -> Response:
     gateway = _gateway(request)
-    call: Call | None = None
+    metered: Metered | None = None
     try:
         # The key first, from the headers: nothing of the body is read for a bad key.
         grant = await gateway.authenticate(request.headers.get("authorization"))
@@ -181,44 +179,38 @@ async def chat_completions(request: Request) -> Response:
             raise GatewayError(400, "'n' must be at most 16", param="n")
         output_cap = min(asked or spec.max_output_tokens, spec.max_output_tokens)
         bound = prompt_bound(body)
-        call = await gateway.begin(grant, spec, input_bound=bound, output_cap=output_cap * choices)
-        allowed = max_output_tokens(call.held, bound, call.price, output_cap * choices) // choices
-        if allowed < 1:
-            raise GatewayError(
-                402,
-                "You exceeded your current quota: not enough left for one token per choice",
-                type_="insufficient_quota",
-                code="insufficient_quota",
-            )
-        forwarded = dict(body)
-        forwarded["model"] = spec.upstream_model
-        # The clamped limit, under the name the caller used (newer models want
-        # max_completion_tokens; max_tokens is the default).
-        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        forwarded.pop("max_tokens", None)
-        forwarded.pop("max_completion_tokens", None)
-        forwarded[name] = allowed
-        stream = body.get("stream") is True
-        if not stream:
-            return await _chat_once(gateway, call, spec, forwarded, bound)
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        forwarded["stream_options"] = {
-            **(options if isinstance(options, dict) else {}),
-            "include_usage": True,
-        }
-        response = await _chat_stream(gateway, call, spec, forwarded, bound, include_usage)
-        call = None  # the stream bills it when it ends
-        return response
+        metered = gateway.metered(grant, spec, input_bound=bound, output_cap=output_cap * choices)
+        # Every way out of the block by an error (or cancellation) releases the hold at
+        # once; leaving it bills what was recorded; a stream takes the call over.
+        async with metered as m:
+            forwarded = dict(body)
+            forwarded["model"] = spec.upstream_model
+            # The clamped limit, under the name the caller used (newer models want
+            # max_completion_tokens; max_tokens is the default).
+            name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+            forwarded.pop("max_tokens", None)
+            forwarded.pop("max_completion_tokens", None)
+            forwarded[name] = m.output_allowed(choices)
+            if body.get("stream") is not True:
+                data = await _chat_once(gateway, m, spec, forwarded, bound)
+            else:
+                options = body.get("stream_options")
+                include_usage = isinstance(options, dict) and options.get("include_usage") is True
+                forwarded["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
+                return await _chat_stream(gateway, m, spec, forwarded, bound, include_usage)
+        return JSONResponse(data, headers=m.headers())
     except GatewayError as error:
         return error_response(error)
     except Exception as exc:
-        return error_response(_unexpected(exc, call, upstream=True))
-    finally:
-        # Every way out after the hold (an error, an exception, cancellation) releases it
-        # at once; after the call was billed this does nothing.
-        if call is not None:
-            gateway.finish(call, 0, 0)
+        return error_response(_unexpected(exc, _call(metered), upstream=True))
+
+
+def _call(metered: Metered | None) -> Call | None:
+    """The call a metered block held, if it got that far."""
+    return metered.call if metered is not None else None
 
 
 def _unexpected(exc: Exception, call: Call | None, *, upstream: bool) -> GatewayError:
@@ -263,51 +255,42 @@ def _upstream_failed(call: Call, message: str, code: str) -> GatewayError:
 
 
 async def _chat_once(
-    gateway: Gateway, call: Call, spec: ModelSpec, forwarded: dict[str, Any], bound: int
-) -> Response:
+    gateway: Gateway, m: Metered, spec: ModelSpec, forwarded: dict[str, Any], bound: int
+) -> dict[str, Any]:
+    """The upstream's JSON answer, its usage recorded on ``m``."""
+    call = m.held
     try:
         status, content = await gateway.upstreams.post(spec, "/chat/completions", forwarded)
     except UPSTREAM_ERRORS as exc:
-        raise _failed(gateway, call, exc) from None
+        raise _failed(call, exc) from None
     if status != 200:
-        gateway.finish(call, 0, 0)
         raise _upstream_error(call, status, content)
     try:
         data = json.loads(content)
         if not isinstance(data, dict):
             raise ValueError("not an object")
     except ValueError:
-        gateway.finish(call, 0, 0)
         raise _no_json(call, content) from None
-    usage = data.get("usage") if isinstance(data, dict) else None
-    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-        input_tokens = usage["prompt_tokens"]
-        output_tokens = int(usage.get("completion_tokens") or 0)
-    else:
-        text = "".join(
-            str((choice.get("message") or {}).get("content") or "")
-            for choice in data.get("choices", [])
-        )
-        input_tokens, output_tokens = estimate_tokens(bound), estimate_tokens(len(text.encode()))
-    gateway.finish(call, input_tokens, output_tokens)
+    m.usage_from(data.get("usage"), bound, answer=data)
     data["model"] = spec.id
-    return JSONResponse(data, headers=call.headers())
+    return data
 
 
 async def _chat_stream(
     gateway: Gateway,
-    call: Call,
+    m: Metered,
     spec: ModelSpec,
     forwarded: dict[str, Any],
     bound: int,
     include_usage: bool,
 ) -> Response:
+    call = m.held
     try:
         upstream = await gateway.upstreams.session(spec).post(
             gateway.upstreams.url(spec, "/chat/completions"), json=forwarded
         )
     except UPSTREAM_ERRORS as exc:
-        raise _failed(gateway, call, exc) from None
+        raise _failed(call, exc) from None
     if upstream.status != 200:
         try:
             content = await upstream.read()
@@ -315,10 +298,9 @@ async def _chat_stream(
             content = b""
         finally:
             upstream.release()
-        gateway.finish(call, 0, 0)
         raise _upstream_error(call, upstream.status, content)
     try:
-        return MeteredStream(gateway, call, spec, upstream, bound, include_usage)
+        return MeteredStream(m, spec, upstream, bound, include_usage)
     except BaseException:
         upstream.close()
         raise
@@ -334,8 +316,7 @@ class MeteredStream(Response):
 
     def __init__(
         self,
-        gateway: Gateway,
-        call: Call,
+        metered: Metered,
         spec: ModelSpec,
         upstream: aiohttp.ClientResponse,
         bound: int,
@@ -344,12 +325,11 @@ class MeteredStream(Response):
         super().__init__(
             status_code=200,
             media_type="text/event-stream",
-            headers={"cache-control": "no-cache", **call.headers()},
+            headers={"cache-control": "no-cache", **metered.headers()},
         )
         # A stream has no length: it is sent chunked.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
-        self.gateway = gateway
-        self.call = call
+        self.request_id = metered.held.request_id
         self.spec = spec
         self.upstream = upstream
         self.bound = bound
@@ -357,6 +337,8 @@ class MeteredStream(Response):
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
         self.complete = False
+        # Built: the stream owns the call now and settles it when it ends.
+        self.metered = metered.detach()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -381,13 +363,8 @@ class MeteredStream(Response):
                     # Closing drops the connection: the upstream sees the caller go away
                     # and stops generating.
                     self.upstream.close()
-                usage = self.usage
-                if usage is not None and isinstance(usage.get("prompt_tokens"), int):
-                    input_tokens = usage["prompt_tokens"]
-                    output_tokens = int(usage.get("completion_tokens") or 0)
-                else:
-                    input_tokens, output_tokens = estimate_tokens(self.bound), self.chunks
-                self.gateway.finish(self.call, input_tokens, output_tokens)
+                self.metered.usage_from(self.usage, self.bound, self.chunks)
+                self.metered.settle()
 
     async def _relay(self, send: Send) -> None:
         lines = aiter(self.upstream.content)
@@ -401,7 +378,7 @@ class MeteredStream(Response):
                 break  # a cut stream: the caller gets what came; it is billed as received
             except Exception:
                 # Anything else from the upstream's side ends the stream the same way.
-                log.exception("call %s: the upstream stream failed", self.call.request_id)
+                log.exception("call %s: the upstream stream failed", self.request_id)
                 break
             out = self._line(raw.decode("utf-8", "replace"))
             if out:
@@ -438,10 +415,10 @@ class MeteredStream(Response):
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _failed(gateway: Gateway, call: Call, exc: BaseException) -> GatewayError:
-    """The upstream could not be reached or broke off: the call is released unbilled, the
-    caller told in a sentence, the detail logged with the request id."""
-    gateway.finish(call, 0, 0)
+def _failed(call: Call, exc: BaseException) -> GatewayError:
+    """The upstream could not be reached or broke off: the caller is told in a sentence
+    (the metered block releases the call as the error leaves it), the detail logged with
+    the request id."""
     if isinstance(exc, _UNREACHABLE):
         message, code = "The model's server is unavailable", "upstream_unavailable"
     elif isinstance(exc, asyncio.TimeoutError):
@@ -517,7 +494,7 @@ def _upstream_error(call: Call, status: int, content: bytes) -> GatewayError:
 async def embeddings(request: Request) -> Response:
     gateway = _gateway(request)
     settings = _settings(request)
-    call: Call | None = None
+    metered: Metered | None = None
     local = False
     try:
         # The key first, from the headers: nothing of the body is read for a bad key.
@@ -545,8 +522,10 @@ async def embeddings(request: Request) -> Response:
         )
         if not local:
             bound = _input_bound(texts, arrays, settings.embedding_max_input_bytes)
-            call = await gateway.begin(grant, spec, input_bound=bound, output_cap=0)
-            return await _upstream_embeddings(gateway, call, spec, body, bound)
+            metered = gateway.metered(grant, spec, input_bound=bound, output_cap=0)
+            async with metered as m:
+                answer = await _upstream_embeddings(gateway, m, spec, body, bound)
+            return JSONResponse(answer, headers=m.headers())
         if texts is not None:
             # O(bytes) checks, no tokenizing, before anything is held: held is up to the
             # inputs' token bound (bytes + 2 each, 256 at most), at least their least cost
@@ -567,22 +546,16 @@ async def embeddings(request: Request) -> Response:
         except DimensionsNotSupportedError as exc:
             raise GatewayError(400, str(exc), param="dimensions") from None
         embedder = get_local_embedder()
-        async with gateway.cpu.key(grant.key_hash, settings.gateway_cpu_slots_per_key) as cpu:
-            call = await gateway.begin(
-                grant, spec, input_bound=bound, input_floor=floor, output_cap=0
-            )
+        metered = gateway.metered(grant, spec, input_bound=bound, input_floor=floor, output_cap=0)
+        async with (
+            gateway.cpu.key(grant.key_hash, settings.gateway_cpu_slots_per_key) as cpu,
+            metered as m,
+        ):
             ids = given if given is not None else await cpu.run(embedder.encode, texts or [])
             tokens = sum(len(x) for x in ids)
-            if rules.usage_cost(tokens, 0, call.price) > call.held:
-                raise GatewayError(
-                    402,
-                    f"You exceeded your current quota: these inputs are {tokens} tokens, "
-                    f"more than the {call.held} CU left pay for",
-                    type_="insufficient_quota",
-                    code="insufficient_quota",
-                )
+            m.require_covered(tokens)
             vectors = await cpu.run(embedder.embed_ids, ids, dimensions)
-        gateway.finish(call, tokens, 0)
+            m.bill(tokens, 0)
         encode = encode_base64 if encoding == "base64" else encode_float_list
         data = [
             {"object": "embedding", "index": i, "embedding": encode(vector)}
@@ -595,15 +568,12 @@ async def embeddings(request: Request) -> Response:
                 "model": spec.id,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             },
-            headers=call.headers(),
+            headers=m.headers(),
         )
     except GatewayError as error:
         return error_response(error)
     except Exception as exc:
-        return error_response(_unexpected(exc, call, upstream=not local))
-    finally:
-        if call is not None:
-            gateway.finish(call, 0, 0)  # nothing once billed
+        return error_response(_unexpected(exc, _call(metered), upstream=not local))
 
 
 _INPUT_SHAPES = (
@@ -680,27 +650,26 @@ def _text_sizes(texts: list[str], max_bytes: int) -> list[int]:
 
 
 async def _upstream_embeddings(
-    gateway: Gateway, call: Call, spec: ModelSpec, body: dict[str, Any], bound: int
-) -> Response:
+    gateway: Gateway, m: Metered, spec: ModelSpec, body: dict[str, Any], bound: int
+) -> dict[str, Any]:
+    """The upstream's JSON answer, its usage recorded on ``m``."""
+    call = m.held
     forwarded = dict(body)
     forwarded["model"] = spec.upstream_model
     try:
         status, content = await gateway.upstreams.post(spec, "/embeddings", forwarded)
         data = json.loads(content) if status == 200 else None
     except UPSTREAM_ERRORS as exc:
-        raise _failed(gateway, call, exc) from None
+        raise _failed(call, exc) from None
     except ValueError:
         data = None
     if status != 200 or not isinstance(data, dict):
-        gateway.finish(call, 0, 0)
         if status == 200:
             raise _no_json(call, content)
         raise _upstream_error(call, status, content)
-    usage = data.get("usage") or {}
-    tokens = usage.get("prompt_tokens")
-    gateway.finish(call, tokens if isinstance(tokens, int) else estimate_tokens(bound), 0)
+    m.usage_from(data.get("usage"), bound, completion=False)
     data["model"] = spec.id
-    return JSONResponse(data, headers=call.headers())
+    return data
 
 
 def _input_bound(texts: list[str] | None, arrays: list[list[int]] | None, max_bytes: int) -> int:

@@ -277,6 +277,31 @@ def estimate_tokens(bound: int) -> int:
     return math.ceil(bound / 4)
 
 
+def usage_tokens(
+    usage: object,
+    bound: int,
+    delivered: int = 0,
+    *,
+    answer: dict[str, Any] | None = None,
+    completion: bool = True,
+) -> tuple[int, int]:
+    """The input and output tokens a call is billed: the upstream's ``usage`` (a JSON
+    answer's, or a stream's last usage chunk) when it reports ``prompt_tokens``, else
+    estimates: the prompt's byte ``bound`` (:func:`estimate_tokens`) and what was
+    ``delivered`` (a stream's content chunks), or the estimate of a JSON ``answer``'s
+    text. ``completion=False`` (embeddings): no output tokens."""
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        output = int(usage.get("completion_tokens") or 0) if completion else 0
+        return usage["prompt_tokens"], output
+    if answer is not None:
+        text = "".join(
+            str((choice.get("message") or {}).get("content") or "")
+            for choice in answer.get("choices", [])
+        )
+        delivered = estimate_tokens(len(text.encode()))
+    return estimate_tokens(bound), delivered
+
+
 def max_output_tokens(held: int, input_tokens: int, price: dict[str, int], cap: int) -> int:
     """The most output tokens ``held`` CU pays for after the prompt, at most ``cap``."""
     if price["output"] == 0:
@@ -379,6 +404,143 @@ class KeyCpu:
 
         job.add_done_callback(done)
         return await asyncio.shield(job)
+
+
+class Metered:
+    """One metered call as a service call: ``async with gateway.metered(...) as m:``.
+
+    Entering rate-limits and holds (:meth:`Gateway.begin`; 429, 402...). The route records
+    what the call used (:meth:`bill`, :meth:`usage_from`); leaving the block bills
+    exactly that, once, and leaving it by any exception or cancellation releases the hold
+    unbilled. A stream takes the call over with :meth:`detach` and settles it itself
+    (:meth:`settle`) when it ends. One object per call: it is its own context manager.
+    """
+
+    __slots__ = (
+        "gateway",
+        "grant",
+        "spec",
+        "input_bound",
+        "output_cap",
+        "input_floor",
+        "call",
+        "input_tokens",
+        "output_tokens",
+        "detached",
+    )
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        grant: Grant,
+        spec: ModelSpec,
+        input_bound: int,
+        output_cap: int,
+        input_floor: int | None,
+    ) -> None:
+        self.gateway = gateway
+        self.grant = grant
+        self.spec = spec
+        self.input_bound = input_bound
+        self.output_cap = output_cap
+        self.input_floor = input_floor
+        #: The call once held (``None`` before, or when the hold was refused).
+        self.call: Call | None = None
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.detached = False
+
+    async def __aenter__(self) -> Metered:
+        self.call = await self.gateway.begin(
+            self.grant,
+            self.spec,
+            input_bound=self.input_bound,
+            output_cap=self.output_cap,
+            input_floor=self.input_floor,
+        )
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self.detached:
+            return
+        if exc_type is not None:
+            self.release()
+        else:
+            self.settle()
+
+    @property
+    def held(self) -> Call:
+        """The call in flight (inside the block)."""
+        assert self.call is not None, "used outside its block"
+        return self.call
+
+    def headers(self) -> dict[str, str]:
+        """The headers of a successful answer (:meth:`Call.headers`)."""
+        return self.held.headers()
+
+    def output_allowed(self, choices: int = 1) -> int:
+        """The output tokens per choice that what was held pays for after the prompt
+        bound, at most the cap; 402 when not even one per choice."""
+        call = self.held
+        allowed = (
+            max_output_tokens(call.held, self.input_bound, call.price, self.output_cap) // choices
+        )
+        if allowed < 1:
+            raise GatewayError(
+                402,
+                "You exceeded your current quota: not enough left for one token per choice",
+                type_="insufficient_quota",
+                code="insufficient_quota",
+            )
+        return allowed
+
+    def require_covered(self, input_tokens: int) -> None:
+        """402 unless what was held pays for ``input_tokens`` counted after the hold."""
+        call = self.held
+        if rules.usage_cost(input_tokens, 0, call.price) > call.held:
+            raise GatewayError(
+                402,
+                f"You exceeded your current quota: these inputs are {input_tokens} tokens, "
+                f"more than the {call.held} CU left pay for",
+                type_="insufficient_quota",
+                code="insufficient_quota",
+            )
+
+    def bill(self, input_tokens: int, output_tokens: int) -> None:
+        """Record what the call used: billed when the block (or the stream) ends."""
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+
+    def usage_from(
+        self,
+        usage: object,
+        bound: int,
+        delivered: int = 0,
+        *,
+        answer: dict[str, Any] | None = None,
+        completion: bool = True,
+    ) -> None:
+        """Record the upstream's ``usage``, or the estimates without it
+        (:func:`usage_tokens`)."""
+        self.input_tokens, self.output_tokens = usage_tokens(
+            usage, bound, delivered, answer=answer, completion=completion
+        )
+
+    def detach(self) -> Metered:
+        """Hand the call over (to a stream): leaving the block no longer settles it; the
+        new owner calls :meth:`settle`."""
+        self.detached = True
+        return self
+
+    def settle(self) -> None:
+        """Bill what was recorded (nothing once settled)."""
+        if self.call is not None:
+            self.gateway.finish(self.call, self.input_tokens, self.output_tokens)
+
+    def release(self) -> None:
+        """Release the hold unbilled (nothing once settled)."""
+        if self.call is not None:
+            self.gateway.finish(self.call, 0, 0)
 
 
 class Gateway:
@@ -529,6 +691,19 @@ class Gateway:
         return Call(
             request.request_id, grant, spec, price, outcome.amount, limits, reserved, rate_headers
         )
+
+    def metered(
+        self,
+        grant: Grant,
+        spec: ModelSpec,
+        *,
+        input_bound: int,
+        output_cap: int,
+        input_floor: int | None = None,
+    ) -> Metered:
+        """A metered call, to be used as ``async with gateway.metered(...) as m:``
+        (:class:`Metered`; the hold is as :meth:`begin` places it)."""
+        return Metered(self, grant, spec, input_bound, output_cap, input_floor)
 
     def finish(self, call: Call, input_tokens: int, output_tokens: int) -> int:
         """Bill the call (0 tokens: release it unbilled); returns its cost. The usage
