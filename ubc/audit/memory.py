@@ -366,10 +366,12 @@ class MemoryState:
         now: datetime,
         *,
         id_hash: int | None = None,
+        new: bool = False,
     ) -> list[dict[str, Any]] | UbcError:
-        """One linked request: all its operations, or none (then its error)."""
+        """One linked request: all its operations, or none (then its error). ``new``: the
+        caller knows the id is not taken."""
         hashed = _id_hash(request_id) if id_hash is None else id_hash
-        seen = self.ids.get_hash(hashed)
+        seen = None if new else self.ids.get_hash(hashed)
         if seen is not None:
             if seen != fingerprint_value(fingerprint):
                 return IdempotencyConflict(

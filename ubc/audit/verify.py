@@ -921,7 +921,7 @@ class _MemoryReplayer:
         derived: list[dict[str, Any]] = []
         if plan.operations:
             applied = state.apply_request(
-                payload.id, plan.operations, fingerprint, now, id_hash=hashed
+                payload.id, plan.operations, fingerprint, now, id_hash=hashed, new=True
             )
             if isinstance(applied, UbcError):
                 return self._fail(hashed, fingerprint, applied, remembered=True)
