@@ -118,10 +118,12 @@ class IdTable:
     prefix collision; what is stored per id is 16 bytes, not a Python string.
     """
 
-    def __init__(self) -> None:
-        self.mask = (1 << 12) - 1
-        self.keys = array("Q", bytes(8 * (self.mask + 1)))
-        self.values = array("Q", bytes(8 * (self.mask + 1)))
+    def __init__(self, expected: int = 0) -> None:
+        # Sized once for the ids expected (at most half full), so that it never grows.
+        size = 1 << max(12, (2 * max(expected, 1) - 1).bit_length())
+        self.mask = size - 1
+        self.keys = array("Q", bytes(8 * size))
+        self.values = array("Q", bytes(8 * size))
         self.count = 0
 
     def get(self, key: str) -> int | None:
@@ -157,14 +159,15 @@ class IdTable:
         self.values[i] = value
 
     def _grow(self) -> None:
-        old = [(k, v) for k, v in zip(self.keys, self.values, strict=True) if k]
+        keys, values = self.keys, self.values
         size = (self.mask + 1) * 2
         self.mask = size - 1
         self.keys = array("Q", bytes(8 * size))
         self.values = array("Q", bytes(8 * size))
         self.count = 0
-        for k, v in old:
-            self._put(k, v)
+        for i, k in enumerate(keys):
+            if k:
+                self._put(k, values[i])
 
 
 def fingerprint_value(fingerprint: bytes) -> int:

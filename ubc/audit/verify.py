@@ -27,7 +27,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.audit import workers
-from ubc.audit.memory import MemoryState, fingerprint_value
+from ubc.audit.memory import IdTable, MemoryState, fingerprint_value
 from ubc.audit.source import Journal
 from ubc.db import make_engine, make_session_factory
 from ubc.envelopes import service as envelopes
@@ -140,7 +140,9 @@ def verify_journal(
         old = _checked_checkpoint(old_checkpoint, verifier, report, "old_checkpoint")
     report.checkpoint_size = checkpoint.size if checkpoint else 0
     if into is None and engine == "memory":
-        memory = _MemoryReplayer(verifier, report, keep_rows=against is not None)
+        memory = _MemoryReplayer(
+            verifier, report, keep_rows=against is not None, expected=journal.size
+        )
         memory.run(journal.entries, checkpoint, old, progress)
         memory.check_invariants()
         if against is not None:
@@ -703,10 +705,14 @@ class _MemoryReplayer:
     """The journal re-run through the same rules into :class:`MemoryState`, with decoding
     and signature checks in worker processes and everything else here, in order."""
 
-    def __init__(self, verifier: NoteVerifier, report: Report, *, keep_rows: bool) -> None:
+    def __init__(
+        self, verifier: NoteVerifier, report: Report, *, keep_rows: bool, expected: int = 0
+    ) -> None:
         self.verifier = verifier
         self.report = report
-        self.state = MemoryState(keep_rows=keep_rows)
+        # Envelope ids: sized for the journal's announced size (bounded: it is untrusted).
+        ids = IdTable(min(max(expected, 0), 1 << 26))
+        self.state = MemoryState(keep_rows=keep_rows, ids=ids)
         self.ctx: envelopes.LedgerContext | None = None
         self.failed: dict[int, tuple[int, UbcError]] = {}
         self.group_at = ""
