@@ -34,9 +34,12 @@ from typer.testing import CliRunner, Result
 
 from tests.conftest import POSTGRES_URL, _admin_conninfo, make_data_dir, run_server
 from ubc.audit import source
+from ubc.audit import verify as verify_module
+from ubc.audit.memory import MemoryState
 from ubc.audit.source import from_export, open_source
 from ubc.audit.verify import (
     Finding,
+    Replayed,
     Report,
     VerifyError,
     compare_balances,
@@ -416,6 +419,15 @@ def built(
         )
     finally:
         databases.close()
+
+
+@pytest.fixture(autouse=True, params=verify_module.ENGINES)
+def verify_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test once with the in-memory re-run (``ubc audit verify``'s) and once with the
+    write path into a scratch database: the same findings from both."""
+    engine: str = request.param
+    monkeypatch.setattr(verify_module, "DEFAULT_ENGINE", engine)
+    return engine
 
 
 def verify(source: str | Path, built: Built, *, old: str | None = None) -> Report:
@@ -933,3 +945,62 @@ def test_restore_of_a_tampered_export_fails(built: Built, tmp_path: Path) -> Non
     assert code == 1
     assert "effects.transfer" in output
     assert "do not serve" in output
+
+
+# --- the in-memory re-run ----------------------------------------------------------------
+
+
+def test_verify_creates_no_database(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verify_engine: str
+) -> None:
+    if verify_engine != "memory":
+        pytest.skip("the scratch-database engine makes one by design")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr("tempfile.tempdir", None)
+
+    def no_database(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"verify opened a database: {args}")
+
+    monkeypatch.setattr(verify_module, "make_engine", no_database)
+    monkeypatch.setattr(verify_module, "upgrade", no_database)
+    monkeypatch.chdir(scratch)
+    code, _, output = cli("audit", "verify", str(built.export), "--vkey", built.vkey)
+    assert code == 0, output
+    assert f"{built.size} entries verified" in output
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_in_memory_replay_and_a_restore_agree(
+    built: Built, tmp_path: Path, seed: int, verify_engine: str
+) -> None:
+    """For prefixes of the journal (each under a checkpoint of its size), the balances,
+    transfers and postings of the in-memory re-run are those ``ubc restore`` writes."""
+    if verify_engine != "memory":
+        pytest.skip("compares the in-memory engine with restore")
+    import random
+
+    size = random.Random(seed).randint(2, built.size)
+    export = Export.read(built.export)
+    export.entries = export.entries[:size]
+    export.resign(NoteSigner(ORIGIN, built_ledger_key(built)))
+    path = export.write(tmp_path / "prefix.jsonl")
+    target = built.databases.new(built.engine)
+    code, _, output = cli("restore", str(path), "--into", target, "--vkey", built.vkey)
+    assert code == 0, output
+    kept: list[Replayed] = []
+
+    def keep(replayed: Replayed) -> list[Finding]:
+        kept.append(replayed)
+        return compare_with_database(replayed, target)
+
+    report = verify_journal(from_export(path), built.vkey, against=keep)
+    assert report.ok, report.findings
+    [state] = kept
+    assert isinstance(state, MemoryState)
+    assert state.balances() == live_balances_from_database(target)
+    rows = verify_module._ledger_rows(target)
+    assert state.transfers == rows["transfer"]
+    assert state.postings == rows["posting"]

@@ -16,7 +16,7 @@ import base64
 import hashlib
 import json
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -26,23 +26,29 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from ubc.audit import workers
+from ubc.audit.memory import IdTable, MemoryState, fingerprint_value
 from ubc.audit.source import Journal
 from ubc.db import make_engine, make_session_factory
 from ubc.envelopes import service as envelopes
-from ubc.envelopes.payloads import LedgerGenesis, parse_timestamp, validate_payload
+from ubc.envelopes.payloads import LedgerGenesis, parse_timestamp, payload_json, validate_payload
+from ubc.envelopes.registry import REGISTRY
+from ubc.errors import IdempotencyConflict, InvalidPayload, MissingSignature, UbcError
 from ubc.journal import store as journal_store
 from ubc.journal.checkpoint import Checkpoint, parse_checkpoint
-from ubc.journal.merkle import append_leaves, leaf_hash, root_from_frontier
+from ubc.journal.merkle import append_leaves, leaf_hash, node_hash, root_from_frontier
 from ubc.journal.models import JournalEntry
 from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Posting, Transfer
+from ubc.ledger.service import operations_fingerprint
 from ubc.migrations import upgrade
-from ubc.rules import Recorded
+from ubc.rules import Recorded, RuleContext, authenticate
 from ubc.signing import (
     Envelope,
     EnvelopeFormatError,
     NoteError,
     NoteVerifier,
+    Signature,
     parse_payload,
     verified_keyids,
 )
@@ -91,6 +97,16 @@ class Report:
 ProgressFn = Callable[[int], None]
 
 
+#: How ``verify`` re-runs a journal unless told: in memory ("memory"), or through the
+#: server's write path into a scratch database ("database").
+DEFAULT_ENGINE = "memory"
+ENGINES = ("memory", "database")
+
+#: What a comparison with a live ledger is given: the replayed database's URL
+#: (``restore``, ``engine="database"``) or the in-memory state.
+Replayed = str | MemoryState
+
+
 def verify_journal(
     journal: Journal,
     vkey: str,
@@ -98,34 +114,50 @@ def verify_journal(
     old_checkpoint: str | None = None,
     into: str | None = None,
     progress: ProgressFn | None = None,
-    against: Callable[[str], list[Finding]] | None = None,
+    against: Callable[[Replayed], list[Finding]] | None = None,
+    engine: str | None = None,
 ) -> Report:
     """Verify ``journal`` under ``vkey``.
 
-    ``into`` is the database to replay into (default: a scratch SQLite file, removed at
-    the end); ``ubc restore`` passes its target, and the journal's exact bytes are stored
-    there too. ``against`` compares the replayed database (its URL) with a live ledger.
+    By default the journal is re-run in memory (:mod:`ubc.audit.memory`), decoding and
+    signature checks in worker processes: no database. ``into`` (``ubc restore``) re-runs
+    it through the server's write path into that database instead, and stores the
+    journal's exact bytes there; ``engine="database"`` does the same into a scratch
+    SQLite file removed at the end. ``against`` compares the replayed ledger (the state,
+    or the database's URL) with a live ledger.
     """
     try:
         verifier = NoteVerifier.from_vkey(vkey)
     except (NoteError, ValueError) as exc:
         raise VerifyError(f"not a valid vkey: {exc}") from None
+    engine = engine or DEFAULT_ENGINE
+    if engine not in ENGINES:
+        raise VerifyError(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
     report = Report()
     checkpoint = _checked_checkpoint(journal.checkpoint, verifier, report, "checkpoint")
     old = None
     if old_checkpoint is not None:
         old = _checked_checkpoint(old_checkpoint, verifier, report, "old_checkpoint")
     report.checkpoint_size = checkpoint.size if checkpoint else 0
+    if into is None and engine == "memory":
+        memory = _MemoryReplayer(
+            verifier, report, keep_rows=against is not None, expected=journal.size
+        )
+        memory.run(journal.entries, checkpoint, old, progress)
+        memory.check_invariants()
+        if against is not None:
+            report.findings.extend(against(memory.state))
+        return report
     with tempfile.TemporaryDirectory(prefix="ubc-audit-") as scratch:
         url = into or f"sqlite:///{Path(scratch) / 'replay.db'}"
-        engine = make_engine(url, durable=into is not None)
+        db = make_engine(url, durable=into is not None)
         # The signature pre-check reads keys in deferred transactions: it never waits
         # behind the replay's write lock.
         reader = make_engine(url, readonly=True)
         try:
-            upgrade(engine)
+            upgrade(db)
             replayer = _Replayer(
-                make_session_factory(engine),
+                make_session_factory(db),
                 make_session_factory(reader),
                 verifier,
                 report,
@@ -137,9 +169,9 @@ def verify_journal(
                 replayer.finish()
             finally:
                 replayer.checker.shutdown(cancel_futures=True)
-            _check_invariants(engine, report)
+            _check_invariants(db, report)
         finally:
-            engine.dispose()
+            db.dispose()
             reader.dispose()
         if against is not None:
             report.findings.extend(against(url))
@@ -150,11 +182,15 @@ class VerifyError(ValueError):
     """The verification cannot start (a malformed vkey)."""
 
 
-def compare_with_database(replayed_url: str, live_url: str) -> list[Finding]:
+def compare_with_database(replayed_ledger: Replayed, live_url: str) -> list[Finding]:
     """Findings for every balance, transfer and posting of a live database that differs
     from the replayed ledger (each transfer named with its journal entry)."""
-    findings = compare_balances(replayed_url, live_balances_from_database(live_url))
-    replayed, live = _ledger_rows(replayed_url), _ledger_rows(live_url)
+    findings = compare_balances(replayed_ledger, live_balances_from_database(live_url))
+    if isinstance(replayed_ledger, MemoryState):
+        replayed = {"transfer": replayed_ledger.transfers, "posting": replayed_ledger.postings}
+    else:
+        replayed = _ledger_rows(replayed_ledger)
+    live = _ledger_rows(live_url)
     seqs = _seqs_by_envelope(live_url)
     for kind in ("transfer", "posting"):
         want, got = replayed[kind], live[kind]
@@ -172,9 +208,12 @@ def compare_with_database(replayed_url: str, live_url: str) -> list[Finding]:
     return findings
 
 
-def compare_balances(replayed_url: str, live: dict[tuple[str, str], int]) -> list[Finding]:
+def compare_balances(replayed_ledger: Replayed, live: dict[tuple[str, str], int]) -> list[Finding]:
     """Findings for every (account, asset) whose live posted balance differs from replay."""
-    replayed = live_balances_from_database(replayed_url)
+    if isinstance(replayed_ledger, MemoryState):
+        replayed = replayed_ledger.balances()
+    else:
+        replayed = live_balances_from_database(replayed_ledger)
     findings = []
     for key in sorted(set(replayed) | set(live)):
         want, got = replayed.get(key), live.get(key)
@@ -266,73 +305,15 @@ class _Replayer:
         frontier: list[bytes] = []
         position = 0
         for label, entry in entries:
-            nodes, frontier = append_leaves(position, frontier, [leaf_hash(entry)])
-            del nodes
+            _, frontier = append_leaves(position, frontier, [leaf_hash(entry)])
             position += 1
-            if checkpoint is not None and position == checkpoint.size:
-                root = root_from_frontier(position, frontier)
-                self.report.root = base64.b64encode(root).decode()
-                if root != checkpoint.root:
-                    findings.append(
-                        Finding(
-                            position - 1,
-                            "merkle.root",
-                            f"root {base64.b64encode(checkpoint.root).decode()} "
-                            f"at size {checkpoint.size}",
-                            f"root {base64.b64encode(root).decode()} from the entries",
-                        )
-                    )
-            if old is not None and position == old.size:
-                root = root_from_frontier(position, frontier)
-                if root != old.root:
-                    findings.append(
-                        Finding(
-                            position - 1,
-                            "merkle.consistency",
-                            "the earlier checkpoint's root at size "
-                            f"{old.size}: {base64.b64encode(old.root).decode()}",
-                            f"{base64.b64encode(root).decode()}: history was rewritten",
-                        )
-                    )
-            seq = position - 1
-            if checkpoint is not None and seq >= checkpoint.size:
-                findings.append(
-                    Finding(
-                        seq,
-                        "journal.unsigned",
-                        f"at most {checkpoint.size} entries under the checkpoint",
-                        f"entry {seq} beyond it",
-                    )
-                )
-            self._entry(seq, label, entry)
+            _check_position(findings, position, frontier, checkpoint, old, self.report)
+            self._entry(position - 1, label, entry)
             if progress is not None:
                 progress(1)
         self._flush()
         self.report.entries = position
-        if checkpoint is not None and position < checkpoint.size:
-            findings.append(
-                Finding(
-                    position, "journal.missing", f"{checkpoint.size} entries", f"{position} entries"
-                )
-            )
-        if old is not None and position < old.size:
-            findings.append(
-                Finding(
-                    None,
-                    "merkle.consistency",
-                    f"at least {old.size} entries",
-                    f"{position} entries",
-                )
-            )
-        if old is not None and checkpoint is not None and old.size > checkpoint.size:
-            findings.append(
-                Finding(
-                    None,
-                    "merkle.consistency",
-                    f"a checkpoint of size ≥ {old.size}",
-                    f"size {checkpoint.size}: the log shrank",
-                )
-            )
+        _check_end(findings, position, checkpoint, old)
 
     def _entry(self, seq: int, label: int, entry: bytes) -> None:
         findings = self.report.findings
@@ -515,6 +496,77 @@ class _Replayer:
                 journal_store.set_checkpoint(session, self.checkpoint)
 
 
+def _check_position(
+    findings: list[Finding],
+    position: int,
+    frontier: list[bytes],
+    checkpoint: Checkpoint | None,
+    old: Checkpoint | None,
+    report: Report,
+) -> None:
+    """The Merkle root at the checkpoints' sizes, and entries beyond the checkpoint."""
+    if checkpoint is not None and position == checkpoint.size:
+        root = root_from_frontier(position, frontier)
+        report.root = base64.b64encode(root).decode()
+        if root != checkpoint.root:
+            findings.append(
+                Finding(
+                    position - 1,
+                    "merkle.root",
+                    f"root {base64.b64encode(checkpoint.root).decode()} at size {checkpoint.size}",
+                    f"root {base64.b64encode(root).decode()} from the entries",
+                )
+            )
+    if old is not None and position == old.size:
+        root = root_from_frontier(position, frontier)
+        if root != old.root:
+            findings.append(
+                Finding(
+                    position - 1,
+                    "merkle.consistency",
+                    "the earlier checkpoint's root at size "
+                    f"{old.size}: {base64.b64encode(old.root).decode()}",
+                    f"{base64.b64encode(root).decode()}: history was rewritten",
+                )
+            )
+    seq = position - 1
+    if checkpoint is not None and seq >= checkpoint.size:
+        findings.append(
+            Finding(
+                seq,
+                "journal.unsigned",
+                f"at most {checkpoint.size} entries under the checkpoint",
+                f"entry {seq} beyond it",
+            )
+        )
+
+
+def _check_end(
+    findings: list[Finding], position: int, checkpoint: Checkpoint | None, old: Checkpoint | None
+) -> None:
+    if checkpoint is not None and position < checkpoint.size:
+        findings.append(
+            Finding(
+                position, "journal.missing", f"{checkpoint.size} entries", f"{position} entries"
+            )
+        )
+    if old is not None and position < old.size:
+        findings.append(
+            Finding(
+                None, "merkle.consistency", f"at least {old.size} entries", f"{position} entries"
+            )
+        )
+    if old is not None and checkpoint is not None and old.size > checkpoint.size:
+        findings.append(
+            Finding(
+                None,
+                "merkle.consistency",
+                f"a checkpoint of size ≥ {old.size}",
+                f"size {checkpoint.size}: the log shrank",
+            )
+        )
+
+
 def _check_invariants(engine: Engine, report: Report) -> None:
     with engine.connect() as connection:
         sums = connection.execute(
@@ -624,3 +676,362 @@ def _payload_id(body: dict[str, Any]) -> str:
 def _type_of(body: dict[str, Any]) -> str:
     payload_type = str(body.get("envelope", {}).get("payloadType", ""))
     return payload_type.removeprefix("application/vnd.ubc.").removesuffix("+json") or "unknown"
+
+
+# --- the in-memory replay (``ubc audit verify``) ------------------------------------------
+
+CHUNK = 1000
+# Chunks sent ahead per worker: enough to keep them busy, few enough to keep memory flat.
+AHEAD = 3
+
+
+class _Frontier:
+    """The Merkle tree's right edge: O(log n) hashes, one leaf at a time."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.stack: list[bytes] = []
+
+    def push(self, leaf: bytes) -> None:
+        size, stack, digest = self.size, self.stack, leaf
+        while size & 1:
+            digest = node_hash(stack.pop(), digest)
+            size >>= 1
+        stack.append(digest)
+        self.size += 1
+
+
+class _MemoryReplayer:
+    """The journal re-run through the same rules into :class:`MemoryState`, with decoding
+    and signature checks in worker processes and everything else here, in order."""
+
+    def __init__(
+        self, verifier: NoteVerifier, report: Report, *, keep_rows: bool, expected: int = 0
+    ) -> None:
+        self.verifier = verifier
+        self.report = report
+        # Envelope ids: sized for the journal's announced size (bounded: it is untrusted).
+        ids = IdTable(min(max(expected, 0), 1 << 26))
+        self.state = MemoryState(keep_rows=keep_rows, ids=ids)
+        self.ctx: envelopes.LedgerContext | None = None
+        self.failed: dict[int, tuple[int, UbcError]] = {}
+        self.group_at = ""
+        self.group_size = 0
+        self.now: datetime | None = None
+
+    def run(
+        self,
+        entries: Iterator[tuple[int, bytes]],
+        checkpoint: Checkpoint | None,
+        old: Checkpoint | None,
+        progress: ProgressFn | None,
+    ) -> None:
+        findings = self.report.findings
+        tree = _Frontier()
+        # Sizes at which the root is checked, and from where entries are unsigned.
+        watched = {c.size for c in (checkpoint, old) if c is not None}
+        signed = checkpoint.size if checkpoint is not None else None
+        first = next(entries, None)
+        if first is not None:
+            # Entry 0 here: the genesis sets the context every other entry is read in.
+            tree.push(leaf_hash(first[1]))
+            if 1 in watched or (signed is not None and 1 > signed):
+                _check_position(findings, 1, tree.stack, checkpoint, old, self.report)
+            self._first(first[0], first[1])
+        pool = workers.Pool()
+        try:
+            chunks = _chunked(entries, CHUNK)
+            ahead = AHEAD * len(pool.processes)
+            more = True
+            while True:
+                while more and pool.waiting < ahead:
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        more = False
+                        break
+                    pool.send(self.state.new_keys, chunk)
+                if not pool.waiting:
+                    break
+                items = pool.receive()
+                for label, leaf, fields in items:
+                    tree.push(leaf)
+                    position = tree.size
+                    if position in watched or (signed is not None and position > signed):
+                        _check_position(
+                            findings, position, tree.stack, checkpoint, old, self.report
+                        )
+                    self._entry(position - 1, label, fields)
+                if progress is not None:
+                    progress(len(items))
+        finally:
+            pool.close()
+        self.report.entries = tree.size
+        _check_end(findings, tree.size, checkpoint, old)
+
+    def _first(self, label: int, entry: bytes) -> None:
+        findings = self.report.findings
+        try:
+            body = json.loads(entry)
+            recorded_seq = body["seq"]
+            envelope_json = body["envelope"]
+            effects = body["effects"]
+            body["committed_at"]
+        except (ValueError, KeyError, TypeError) as exc:
+            findings.append(Finding(0, "entry.format", "a journal entry", str(exc)))
+            return
+        if recorded_seq != 0 or label != 0:
+            findings.append(
+                Finding(
+                    0,
+                    "journal.sequence",
+                    "entry 0",
+                    f"entry labelled {label} recording seq {recorded_seq}",
+                )
+            )
+        self._genesis(envelope_json, effects)
+
+    def _entry(self, seq: int, label: int, fields: Any) -> None:
+        findings = self.report.findings
+        if fields[0] == "error":
+            findings.append(Finding(seq, "entry.format", "a journal entry", fields[1]))
+            return
+        recorded_seq = fields[0]
+        if recorded_seq != seq or label != seq:
+            findings.append(
+                Finding(
+                    seq,
+                    "journal.sequence",
+                    f"entry {seq}",
+                    f"entry labelled {label} recording seq {recorded_seq}",
+                )
+            )
+        if self.ctx is None:
+            findings.append(Finding(seq, "journal.genesis", "a genesis entry first", "none"))
+            return
+        _, committed_at, effects, summary, kind, decoded = fields
+        if committed_at != self.group_at or self.group_size >= REPLAY_BATCH:
+            # The server's batches: what one planned (refs, spend) counts for the next.
+            self.state.new_group()
+            self.group_at, self.group_size = committed_at, 0
+            self.now = parse_timestamp(committed_at)
+        self.group_size += 1
+        assert self.now is not None
+        outcome = self._apply(decoded, effects, summary, self.now)
+        if isinstance(outcome, UbcError):
+            findings.append(
+                Finding(
+                    seq,
+                    f"envelope.{kind}",
+                    "accepted under the ledger's rules",
+                    f"{outcome.status_code} {outcome.error_type}: {outcome.message}",
+                )
+            )
+            return
+        if outcome is None:
+            findings.append(
+                Finding(
+                    seq,
+                    "journal.duplicate",
+                    "each envelope journaled once",
+                    f"envelope {decoded[1].id} again",
+                )
+            )
+            return
+        derived, derived_summary = outcome
+        if derived_summary != summary:
+            findings.append(
+                Finding(
+                    seq,
+                    f"summary.{kind}",
+                    json.dumps(derived_summary, sort_keys=True),
+                    json.dumps(summary, sort_keys=True),
+                )
+            )
+        if workers.effects_json(derived) != effects:
+            recorded = json.loads(effects)
+            if derived != recorded:  # equal as JSON values: as the write path compares
+                findings.append(
+                    Finding(
+                        seq,
+                        f"effects.{kind}",
+                        json.dumps(derived, sort_keys=True),
+                        json.dumps(recorded, sort_keys=True),
+                    )
+                )
+
+    def _apply(
+        self,
+        decoded: workers.Decoded | UbcError,
+        effects: str,
+        summary: Any,
+        now: datetime,
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | UbcError | None:
+        """The write path's steps for one envelope (``ubc.envelopes.service._Writer._one``
+        in a re-run), on the in-memory state: (effects, summary), an error, or None for
+        a repeat of an accepted envelope."""
+        if isinstance(decoded, UbcError):
+            return decoded
+        ctx, state = self.ctx, self.state
+        assert ctx is not None
+        type_, payload, fingerprint, payload_type, body, sigs, hashed, verified = decoded
+        value = fingerprint_value(fingerprint)
+        earlier = state.ids.get_hash(hashed)
+        failed = self.failed.get(hashed)
+        if failed is not None and failed[0] == value:
+            return failed[1]
+        if earlier is not None and earlier == value and failed is None:
+            return None
+        envelope = Envelope(payload_type, body, tuple(Signature(k, sig) for k, sig in sigs))
+        try:
+            if payload.ledger != ctx.origin:
+                raise InvalidPayload(
+                    f"envelope is for ledger {payload.ledger!r}, this is {ctx.origin!r}",
+                    detail={"ledger": payload.ledger, "expected": ctx.origin},
+                )
+            signers = authenticate(
+                state,
+                envelope,
+                payload,
+                operator_keys=ctx.operator_keys,
+                ledger_public_key=ctx.ledger_public_key,
+                preverified=frozenset(verified),
+            )
+        except UbcError as error:
+            return error
+        if earlier is not None or failed is not None:
+            return IdempotencyConflict(
+                f"id {payload.id} was already used with a different payload",
+                detail={"id": payload.id},
+            )
+        rule_ctx = RuleContext(
+            now=now,
+            enrollment=ctx.enrollment,
+            assets=ctx.assets,
+            recorded=_Record(payload.id, effects, summary),
+            allocate_at_once=None,
+        )
+        try:
+            plan = REGISTRY.plan(state, rule_ctx, type_, payload, signers, internal=True)
+        except MissingSignature as error:
+            return error
+        except UbcError as error:
+            return self._fail(hashed, fingerprint, error)
+        state.planned(plan)
+        for hold in plan.holds:
+            placed = state.apply_request(
+                hold.request_id, (hold.leg,), operations_fingerprint((hold.leg,)), hold.at
+            )
+            if isinstance(placed, UbcError):
+                return self._fail(hashed, fingerprint, placed)
+        derived_summary = None
+        derived: list[dict[str, Any]] = []
+        if plan.operations:
+            applied = state.apply_request(
+                payload.id, plan.operations, fingerprint, now, id_hash=hashed, new=True
+            )
+            if isinstance(applied, UbcError):
+                return self._fail(hashed, fingerprint, applied, remembered=True)
+            derived = applied
+        try:
+            for change in plan.changes:
+                written = state.apply_change(change, now)
+                if written is not None:
+                    derived_summary = written
+        except UbcError as error:
+            return self._fail(hashed, fingerprint, error)
+        if not plan.operations:
+            state.ids.put_hash(hashed, fingerprint)
+        return derived, derived_summary
+
+    def _fail(
+        self, hashed: int, fingerprint: bytes, error: UbcError, *, remembered: bool = False
+    ) -> UbcError:
+        if not remembered:
+            self.state.ids.put_hash(hashed, fingerprint)
+        self.failed[hashed] = (fingerprint_value(fingerprint), error)
+        return error
+
+    def _genesis(self, envelope_json: Any, effects: Any) -> None:
+        findings = self.report.findings
+        try:
+            envelope = Envelope.from_json(envelope_json)
+            payload = validate_payload("ledger.genesis", parse_payload(envelope.payload))
+        except (EnvelopeFormatError, ValueError) as exc:
+            findings.append(Finding(0, "genesis.format", "a ledger.genesis envelope", str(exc)))
+            return
+        public = self.verifier.public_key
+        if not verified_keyids(envelope, {key_id(public): public}):
+            findings.append(
+                Finding(
+                    0,
+                    "genesis.signature",
+                    "signed by the ledger key of the vkey",
+                    "no valid ledger signature",
+                )
+            )
+            return
+        assert isinstance(payload, LedgerGenesis)
+        if payload.ledger != self.verifier.name:
+            findings.append(Finding(0, "genesis.origin", self.verifier.name, payload.ledger))
+        if effects != []:
+            findings.append(Finding(0, "genesis.effects", "[]", json.dumps(effects)))
+        self.ctx = envelopes.context_from_genesis(payload, skew=timedelta(days=36500))
+        self.state.genesis(payload.id, payload_json(payload))
+        self.state.ids.put(payload.id, hashlib.sha256(envelope.payload).digest())
+        self.state.new_keys.append((self.ctx.ledger_keyid, self.ctx.ledger_public_key))
+        self.state.new_keys.extend(self.ctx.operator_keys.items())
+
+    def check_invariants(self) -> None:
+        sums, negative = self.state.invariants()
+        for asset, (posted, pending) in sums.items():
+            if posted != 0 or pending != 0:
+                self.report.findings.append(
+                    Finding(
+                        None,
+                        "double_entry",
+                        f"{asset} balances sum to 0",
+                        f"posted {posted}, pending {pending}",
+                    )
+                )
+        for address, asset in negative:
+            self.report.findings.append(
+                Finding(None, "non_negative", f"{address} {asset} ≥ 0", "below zero")
+            )
+
+
+class _Record(Mapping[str, Recorded]):
+    """What the journal recorded of one entry, for the rules that read it (decoded only
+    when one does)."""
+
+    __slots__ = ("envelope_id", "effects", "summary")
+
+    def __init__(self, envelope_id: str, effects: str, summary: Any) -> None:
+        self.envelope_id = envelope_id
+        self.effects = effects
+        self.summary = summary
+
+    def __getitem__(self, key: str) -> Recorded:
+        if key != self.envelope_id:
+            raise KeyError(key)
+        effects = json.loads(self.effects)
+        return Recorded(
+            tuple(effects) if isinstance(effects, list) else (),
+            self.summary if isinstance(self.summary, dict) else None,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self.envelope_id,))
+
+    def __len__(self) -> int:
+        return 1
+
+
+def _chunked(entries: Iterator[tuple[int, bytes]], size: int) -> Iterator[list[tuple[int, bytes]]]:
+    chunk: list[tuple[int, bytes]] = []
+    for item in entries:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -25,6 +25,7 @@ from sqlalchemy import text
 from ubc.audit.source import Journal, SourceError, open_source, write_export
 from ubc.audit.verify import (
     Finding,
+    Replayed,
     Report,
     VerifyError,
     compare_balances,
@@ -93,6 +94,14 @@ def verify(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
     token: Token = None,
+    engine: Annotated[
+        str | None,
+        typer.Option(
+            "--engine",
+            help="re-run in memory (default) or through the write path into a scratch "
+            "database (`database`)",
+        ),
+    ] = None,
 ) -> None:
     """Verify signatures, Merkle root, consistency and every rule; exit 1 on any finding."""
     journal = _open(source, token)
@@ -106,6 +115,7 @@ def verify(
                 old_checkpoint=old,
                 against=compare,
                 progress=lambda n: progress.advance(task, n),
+                engine=engine,
             )
         )
     _print_report(report, as_json)
@@ -215,7 +225,7 @@ def _run(work: Callable[[], Report]) -> Report:
         _fail(str(exc))
 
 
-def _comparison(against: str, token: str | None) -> Callable[[str], list[Finding]]:
+def _comparison(against: str, token: str | None) -> Callable[[Replayed], list[Finding]]:
     """Compare the replay with a live database (balances, transfers, postings) or server
     (balances)."""
     if not against.startswith(("http://", "https://")):

@@ -42,8 +42,9 @@ def authenticate(
     candidates: dict[str, bytes] = dict(operator_keys)
     candidates[ledger_keyid] = ledger_public_key
     payload_keys: list[bytes] = []
+    fields = payload.__dict__  # a model's field values (no attribute fallback lookups)
     for name in ("public_key", "new_public_key"):
-        value = getattr(payload, name, None)
+        value = fields.get(name)
         if isinstance(value, str):
             try:
                 payload_keys.append(decode_public_key(value))

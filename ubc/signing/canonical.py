@@ -79,8 +79,8 @@ def parse_payload(data: bytes) -> dict[str, Any]:
         raise PayloadError(f"payload is not valid UTF-8 (byte offset {e.start})") from None
     # Check nesting before parsing: the stdlib parser recurses once per level and would
     # raise RecursionError (or worse) on adversarial input long before our limit applies.
-    depth = _max_nesting(text)
-    if depth > MAX_DEPTH:
+    # (No deeper than the number of opening brackets: most payloads need no count.)
+    if text.count("{") + text.count("[") > MAX_DEPTH and _max_nesting(text) > MAX_DEPTH:
         raise PayloadError(f"payload nesting is deeper than {MAX_DEPTH} levels")
     try:
         value = json.loads(
@@ -96,7 +96,10 @@ def parse_payload(data: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(value, dict):
         raise PayloadError(f"payload must be a JSON object, got {_json_kind(value)}")
-    _check_strings(value)
+    # Valid UTF-8 holds no surrogates and JSON no raw control characters: a lone surrogate
+    # or a NUL can only come from a \u escape.
+    if "\\u" in text:
+        _check_strings(value)
     return value
 
 

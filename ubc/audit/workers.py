@@ -1,0 +1,186 @@
+"""Decoding and signature checks of journal entries, in worker processes.
+
+The main process reads the journal and applies entries in order; each worker takes a
+chunk of raw entries and returns, per entry, its Merkle leaf hash, the fields of the
+entry the replay needs, the strictly decoded envelope (or its error), and the keyids
+whose signatures verified. A worker knows the keys the main process sent it (every key
+it had learned when the chunk was sent) and the keys the chunk's own payloads introduce;
+a signature under a key it does not know yet is left for the main process to check.
+Keys are content-addressed (a keyid is the hash of its key), so any source of a key is
+as good as another: whether it may sign is the rules' business.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import queue
+from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from ubc.envelopes import service as envelopes
+from ubc.errors import UbcError
+from ubc.journal.merkle import leaf_hash
+from ubc.signing import decode_public_key, key_id, verified_keyids
+
+#: (label, leaf hash, what the entry is): ``("error", message)`` for an entry that is
+#: not a journal entry, else :data:`Fields`. Entry 0 (genesis) the main process reads.
+#: Plain tuples, strings and bytes: what is cheapest to send between processes.
+Item = tuple[int, bytes, Any]
+#: (seq, committed_at, effects as compact sorted JSON, summary, kind, decoded or the
+#: decoding error).
+Fields = tuple[Any, Any, str, Any, str, "Decoded | UbcError"]
+#: (type, payload, payload hash, payload type, payload bytes (empty when every signature
+#: was checked here), ((keyid, sig), ...), id hash, keyids verified).
+Decoded = tuple[str, Any, bytes, str, bytes, tuple[tuple[str, bytes], ...], int, tuple[str, ...]]
+
+
+def effects_json(effects: Any) -> str:
+    """The form effects are compared in (derived and recorded alike)."""
+    return json.dumps(effects, sort_keys=True, separators=(",", ":"))
+
+
+_KEYS: dict[str, bytes] = {}
+
+
+def check_chunk(entries: Sequence[tuple[int, bytes]]) -> list[Item]:
+    out: list[Item] = []
+    keys = _KEYS
+    for label, entry in entries:
+        leaf = leaf_hash(entry)
+        try:
+            body = json.loads(entry)
+            seq, committed_at, effects = body["seq"], body["committed_at"], body["effects"]
+            envelope_json = body["envelope"]
+        except (ValueError, KeyError, TypeError) as exc:
+            out.append((label, leaf, ("error", str(exc))))
+            continue
+        summary = body.get("summary")
+        kind = _type_of(envelope_json)
+        recorded = effects_json(effects)
+        try:
+            decoded = envelopes._decode(0, envelope_json)
+        except UbcError as error:
+            out.append((label, leaf, (seq, committed_at, recorded, summary, kind, error)))
+            continue
+        payload = decoded.payload
+        fields = payload.__dict__
+        for name in ("public_key", "new_public_key"):
+            value = fields.get(name)
+            if isinstance(value, str):
+                try:
+                    public = decode_public_key(value)
+                    keys[key_id(public)] = public
+                except ValueError:
+                    pass
+        envelope = decoded.envelope
+        wanted: dict[str, bytes] = {}
+        for signature in envelope.signatures:
+            known = keys.get(signature.keyid)
+            if known is not None:
+                wanted[signature.keyid] = known
+        verified = tuple(verified_keyids(envelope, wanted)) if wanted else ()
+        checked_all = len(verified) == len(envelope.signatures)
+        item: Decoded = (
+            decoded.type,
+            payload,
+            decoded.payload_hash,
+            envelope.payload_type,
+            b"" if checked_all else envelope.payload,
+            tuple((sig.keyid, sig.sig) for sig in envelope.signatures),
+            id_hash(payload.id),
+            verified,
+        )
+        out.append((label, leaf, (seq, committed_at, recorded, summary, kind, item)))
+    return out
+
+
+def id_hash(text: str) -> int:
+    """A 64-bit hash of an id, never 0 (the id table's empty slot)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") or 1
+
+
+def _type_of(envelope_json: Any) -> str:
+    payload_type = (
+        str(envelope_json.get("payloadType", "")) if isinstance(envelope_json, dict) else ""
+    )
+    return payload_type.removeprefix("application/vnd.ubc.").removesuffix("+json") or "unknown"
+
+
+def _serve(inbox: Any, outbox: Any) -> None:
+    while True:
+        task = inbox.get()
+        if task is None:
+            return
+        keys, entries = task
+        _KEYS.update(keys)
+        try:
+            outbox.put(check_chunk(entries))
+        except Exception as exc:  # the main process raises it
+            outbox.put(WorkerError(f"{type(exc).__name__}: {exc}"))
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed on a chunk, or died."""
+
+
+class Pool:
+    """Worker processes, each with its own queues, so that each is sent the keys it
+    has not had yet and results come back in the order chunks were sent."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        count = workers or max(1, len(os.sched_getaffinity(0)))
+        context = mp.get_context("fork")
+        # Queues with feeder threads: a put never blocks on a full pipe, so neither side
+        # can wait on the other while both send.
+        self.inboxes: list[Any] = [context.Queue() for _ in range(count)]
+        self.outboxes: list[Any] = [context.Queue() for _ in range(count)]
+        self.processes: list[BaseProcess] = []
+        for inbox, outbox in zip(self.inboxes, self.outboxes, strict=True):
+            process = context.Process(target=_serve, args=(inbox, outbox), daemon=True)
+            process.start()
+            self.processes.append(process)
+        self.sent_keys = [0] * count
+        self.sent = 0
+        self.received = 0
+
+    def send(self, keys: list[tuple[str, bytes]], entries: list[tuple[int, bytes]]) -> None:
+        worker = self.sent % len(self.processes)
+        delta = keys[self.sent_keys[worker] :]
+        self.sent_keys[worker] = len(keys)
+        self.inboxes[worker].put((delta, entries))
+        self.sent += 1
+
+    def receive(self) -> list[Item]:
+        worker = self.received % len(self.processes)
+        self.received += 1
+        while True:
+            try:
+                result = self.outboxes[worker].get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.processes[worker].is_alive():
+                    raise WorkerError(f"worker {worker} died") from None
+        if isinstance(result, WorkerError):
+            raise result
+        items: list[Item] = result
+        return items
+
+    @property
+    def waiting(self) -> int:
+        return self.sent - self.received
+
+    def close(self) -> None:
+        for inbox in self.inboxes:
+            inbox.put(None)
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for box in (*self.inboxes, *self.outboxes):
+            box.close()
+            box.cancel_join_thread()
