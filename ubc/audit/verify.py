@@ -349,29 +349,10 @@ class _Replayer:
         self.group.items.append((seq, body, entry))
 
     def _genesis(self, envelope_json: Any, effects: Any, entry: bytes) -> None:
-        findings = self.report.findings
-        try:
-            envelope = Envelope.from_json(envelope_json)
-            payload = validate_payload("ledger.genesis", parse_payload(envelope.payload))
-        except (EnvelopeFormatError, ValueError) as exc:
-            findings.append(Finding(0, "genesis.format", "a ledger.genesis envelope", str(exc)))
+        checked = check_genesis(envelope_json, effects, self.verifier, self.report.findings)
+        if checked is None:
             return
-        public = self.verifier.public_key
-        if not verified_keyids(envelope, {key_id(public): public}):
-            findings.append(
-                Finding(
-                    0,
-                    "genesis.signature",
-                    "signed by the ledger key of the vkey",
-                    "no valid ledger signature",
-                )
-            )
-            return
-        assert isinstance(payload, LedgerGenesis)
-        if payload.ledger != self.verifier.name:
-            findings.append(Finding(0, "genesis.origin", self.verifier.name, payload.ledger))
-        if effects != []:
-            findings.append(Finding(0, "genesis.effects", "[]", json.dumps(effects)))
+        envelope, payload = checked
         self.ctx = envelopes.context_from_genesis(payload, skew=timedelta(days=36500))
         with self.sessions() as session, session.begin():
             journal_store.create_head(session)
@@ -952,29 +933,10 @@ class _MemoryReplayer:
         return error
 
     def _genesis(self, envelope_json: Any, effects: Any) -> None:
-        findings = self.report.findings
-        try:
-            envelope = Envelope.from_json(envelope_json)
-            payload = validate_payload("ledger.genesis", parse_payload(envelope.payload))
-        except (EnvelopeFormatError, ValueError) as exc:
-            findings.append(Finding(0, "genesis.format", "a ledger.genesis envelope", str(exc)))
+        checked = check_genesis(envelope_json, effects, self.verifier, self.report.findings)
+        if checked is None:
             return
-        public = self.verifier.public_key
-        if not verified_keyids(envelope, {key_id(public): public}):
-            findings.append(
-                Finding(
-                    0,
-                    "genesis.signature",
-                    "signed by the ledger key of the vkey",
-                    "no valid ledger signature",
-                )
-            )
-            return
-        assert isinstance(payload, LedgerGenesis)
-        if payload.ledger != self.verifier.name:
-            findings.append(Finding(0, "genesis.origin", self.verifier.name, payload.ledger))
-        if effects != []:
-            findings.append(Finding(0, "genesis.effects", "[]", json.dumps(effects)))
+        envelope, payload = checked
         self.ctx = envelopes.context_from_genesis(payload, skew=timedelta(days=36500))
         self.state.genesis(payload.id, payload_json(payload))
         self.state.ids.put(payload.id, hashlib.sha256(envelope.payload).digest())
@@ -1035,3 +997,33 @@ def _chunked(entries: Iterator[tuple[int, bytes]], size: int) -> Iterator[list[t
             chunk = []
     if chunk:
         yield chunk
+
+
+def check_genesis(
+    envelope_json: Any, effects: Any, verifier: NoteVerifier, findings: list[Finding]
+) -> tuple[Envelope, LedgerGenesis] | None:
+    """Entry 0 as both engines check it: a ledger.genesis signed by the vkey's key, for
+    the vkey's origin, with no effects. None (and a finding) when it cannot be used."""
+    try:
+        envelope = Envelope.from_json(envelope_json)
+        payload = validate_payload("ledger.genesis", parse_payload(envelope.payload))
+    except (EnvelopeFormatError, ValueError) as exc:
+        findings.append(Finding(0, "genesis.format", "a ledger.genesis envelope", str(exc)))
+        return None
+    public = verifier.public_key
+    if not verified_keyids(envelope, {key_id(public): public}):
+        findings.append(
+            Finding(
+                0,
+                "genesis.signature",
+                "signed by the ledger key of the vkey",
+                "no valid ledger signature",
+            )
+        )
+        return None
+    assert isinstance(payload, LedgerGenesis)
+    if payload.ledger != verifier.name:
+        findings.append(Finding(0, "genesis.origin", verifier.name, payload.ledger))
+    if effects != []:
+        findings.append(Finding(0, "genesis.effects", "[]", json.dumps(effects)))
+    return envelope, payload
