@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
-from sqlalchemy import Engine, TextClause, create_engine, event, text
+from sqlalchemy import Engine, Table, TextClause, create_engine, event, text
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -41,6 +41,14 @@ RETRY_AFTER_S = 5
 FULL_MEMORY_S = 30.0
 # /readyz on SQLite fails when the database's file system has less free space than this.
 SQLITE_MIN_FREE_BYTES = 1024 * 1024
+
+
+def table(model: type[Any]) -> Table:
+    """The Core table of a SQLModel table class, typed (for statements that read or write
+    columns by name without the ORM's per-row cost)."""
+    result = model.__table__
+    assert isinstance(result, Table)
+    return result
 
 
 def is_sqlite(url: str) -> bool:
