@@ -4,9 +4,9 @@
 registry's rules, unchanged); only the state they read and the applier that carries out
 their plans live here instead of in a database:
 
-- balances per (address, asset) with posted and pending counters, holds, the
-  non-negative rule of member, cause and market accounts, and the posting engine's
-  checks and effects (``ubc.ledger.service._Batch``, mirrored operation by operation);
+- balances per (address, asset) and holds, changed only by the ledger's posting engine
+  (``ubc.ledger.engine.Postings``, the one the server's group commit runs: the same
+  checks, effects and errors);
 - members, keys, grants, causes, offers, external references, the configuration, spend
   per key and epoch, and epochs, with the bulk allocation of ``epoch.open`` and the
   expiry of ``epoch.close`` derived exactly as ``ubc.epochs.service`` over
@@ -25,32 +25,28 @@ import json
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from ubc.audit.workers import id_hash as _id_hash
 from ubc.causes.rules import CausesLookup, CauseStored, cause_address
 from ubc.epochs.rules import EpochClosed, EpochOpened, EpochsLookup
 from ubc.errors import (
-    AccountNotFound,
-    BadRequest,
     IdempotencyConflict,
-    InsufficientFunds,
     NotFound,
     StateConflict,
-    TransferNotFound,
     UbcError,
 )
-from ubc.ledger.rules import ConfigStored, LedgerLookup, RefClaimed, RefUse
-from ubc.ledger.service import (
-    MAX_COUNTER,
-    MAX_MEMO,
-    MAX_OPERATIONS,
+from ubc.ledger.engine import (
     NON_NEGATIVE_KINDS,
     SYSTEM_ACCOUNTS,
-    TransferKind,
+    AccountState,
+    Effect,
+    Hold,
+    Postings,
     parse_address,
 )
+from ubc.ledger.rules import ConfigStored, LedgerLookup, RefClaimed, RefUse
 from ubc.market.rules import MarketLookup, OfferCreated, OfferUpdated, OfferView
 from ubc.members.rules import (
     GrantRevoked,
@@ -61,46 +57,9 @@ from ubc.members.rules import (
     MemberStatusSet,
 )
 from ubc.metering.rules import Grant, MeteringLookup, SpendAdded
-from ubc.rules import Change, KeyInfo, Leg, MemberInfo, Plan, Post
+from ubc.rules import Change, KeyInfo, MemberInfo, Plan
 from ubc.rules.payload import parse_timestamp
 from ubc.signing import decode_public_key
-
-_TRANSFER_KINDS = frozenset(TransferKind.__members__)
-
-
-class Account:
-    __slots__ = ("address", "asset", "non_negative", "dp", "cp", "dpend", "cpend")
-
-    def __init__(self, address: str, asset: str, non_negative: bool) -> None:
-        self.address = address
-        self.asset = asset
-        self.non_negative = non_negative
-        self.dp = self.cp = self.dpend = self.cpend = 0
-
-    @property
-    def balance(self) -> int:
-        return self.cp - self.dp
-
-    @property
-    def available(self) -> int:
-        return self.cp - self.dp - self.dpend
-
-    def counters(self) -> tuple[int, int, int, int]:
-        return (self.dp, self.cp, self.dpend, self.cpend)
-
-    def restore(self, counters: tuple[int, int, int, int]) -> None:
-        self.dp, self.cp, self.dpend, self.cpend = counters
-
-
-@dataclass(slots=True)
-class Hold:
-    debit: Account
-    credit: Account
-    asset: str
-    amount: int
-    kind: str
-    state: str
-    timeout_at: datetime | None
 
 
 @dataclass(slots=True)
@@ -179,7 +138,7 @@ class MemoryState:
     """Every domain's lookup, over dicts; and what an applier changes."""
 
     keep_rows: bool = False
-    accounts: dict[tuple[str, str], Account] = field(default_factory=dict)
+    accounts: dict[tuple[str, str], AccountState] = field(default_factory=dict)
     holds: dict[str, Hold] = field(default_factory=dict)
     assets: dict[str, int] = field(default_factory=dict)
     members: dict[str, MemberInfo] = field(default_factory=dict)
@@ -204,6 +163,10 @@ class MemoryState:
     transfers: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
     postings: dict[tuple[Any, ...], tuple[int, int]] = field(default_factory=dict)
     new_keys: list[tuple[str, bytes]] = field(default_factory=list)
+    engine: _Engine = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.engine = _Engine(self)
 
     # --- setting up ---
 
@@ -219,8 +182,8 @@ class MemoryState:
         for address, asset in sorted(set(pairs)):
             kind, _ = parse_address(address)
             if (address, asset) not in self.accounts:
-                self.accounts[(address, asset)] = Account(
-                    address, asset, kind in NON_NEGATIVE_KINDS
+                self.accounts[(address, asset)] = AccountState(
+                    0, address, asset, kind in NON_NEGATIVE_KINDS
                 )
 
     def new_group(self) -> None:
@@ -370,9 +333,9 @@ class MemoryState:
         *,
         id_hash: int | None = None,
         new: bool = False,
-    ) -> list[dict[str, Any]] | UbcError:
-        """One linked request: all its operations, or none (then its error). ``new``: the
-        caller knows the id is not taken."""
+    ) -> list[Effect] | UbcError:
+        """One linked request through the ledger's posting engine: its effects, or its
+        error. ``new``: the caller knows the id is not taken."""
         hashed = _id_hash(request_id) if id_hash is None else id_hash
         seen = None if new else self.ids.get_hash(hashed)
         if seen is not None:
@@ -382,224 +345,22 @@ class MemoryState:
                     detail={"id": request_id},
                 )
             return []
-        saved: dict[int, tuple[Account, tuple[int, int, int, int]]] = {}
-        saved_holds: dict[str, str] = {}
-        new_holds: list[str] = []
-        effects: list[dict[str, Any]] = []
-        rows: list[tuple[str, tuple[Any, ...], list[tuple[str, str, int, int]]]] = []
+        engine = self.engine
         try:
-            if not request_id or len(request_id) > 96:
-                raise BadRequest("request id must be 1 to 96 characters")
-            if not 1 <= len(operations) <= MAX_OPERATIONS:
-                raise BadRequest(
-                    f"a request holds 1 to {MAX_OPERATIONS} operations",
-                    detail={"operations": len(operations)},
-                )
-            for index, op in enumerate(operations):
-                transfer_id = f"{request_id}:{index}"
-                if isinstance(op, Leg):
-                    self._leg(saved, new_holds, effects, rows, transfer_id, op, now)
-                elif isinstance(op, Post):
-                    self._resolve(
-                        saved, saved_holds, effects, rows, transfer_id, op.pending_id,
-                        op.amount, "posted", now,
-                    )  # fmt: skip
-                else:
-                    state = "expired" if op.expired else "voided"
-                    self._resolve(
-                        saved, saved_holds, effects, rows, transfer_id, op.pending_id,
-                        None, state, now,
-                    )  # fmt: skip
+            effects = engine.apply(request_id, operations, now)
         except UbcError as error:
-            for account, counters in saved.values():
-                account.restore(counters)
-            for hold_id, state in saved_holds.items():
-                self.holds[hold_id].state = state
-            for hold_id in new_holds:
-                self.holds.pop(hold_id, None)
             self.ids.put_hash(hashed, fingerprint)
             return error
-        # Settled holds leave the state: only pending ones are ever read again.
-        for hold_id in saved_holds:
-            if self.holds[hold_id].state != "pending":
-                del self.holds[hold_id]
+        engine.applied()
         self.ids.put_hash(hashed, fingerprint)
-        if self.keep_rows:
-            for transfer_id, transfer, postings in rows:
-                self.transfers[(transfer_id,)] = transfer
-                for address, side, posted, pending in postings:
-                    key = (transfer_id, address, side)
-                    old = self.postings.get(key, (0, 0))
-                    self.postings[key] = (old[0] + posted, old[1] + pending)
         return effects
-
-    def _account(self, address: str, asset: str) -> Account:
-        account = self.accounts.get((address, asset))
-        if account is None:
-            parse_address(address)
-            raise AccountNotFound(
-                f"no account {address} for asset {asset}",
-                detail={"address": address, "asset": asset},
-            )
-        return account
-
-    def _leg(
-        self,
-        saved: dict[int, tuple[Account, tuple[int, int, int, int]]],
-        new_holds: list[str],
-        effects: list[dict[str, Any]],
-        rows: list[Any],
-        transfer_id: str,
-        op: Leg,
-        now: datetime,
-    ) -> None:
-        _check_amount(op.amount)
-        if op.kind not in _TRANSFER_KINDS:
-            raise BadRequest(f"unknown transfer kind {op.kind!r}", detail={"kind": op.kind})
-        if op.debit == op.credit:
-            raise BadRequest("debit and credit accounts must differ", detail={"account": op.debit})
-        if op.memo is not None and len(op.memo) > MAX_MEMO:
-            raise BadRequest(f"memo longer than {MAX_MEMO} characters")
-        if op.timeout is not None and op.timeout <= timedelta(0):
-            raise BadRequest("a hold's timeout must be positive")
-        debit = self._account(op.debit, op.asset)
-        credit = self._account(op.credit, op.asset)
-        if id(debit) not in saved:
-            saved[id(debit)] = (debit, debit.counters())
-        if id(credit) not in saved:
-            saved[id(credit)] = (credit, credit.counters())
-        pending = op.timeout is not None
-        amount = op.amount
-        if op.min_amount is not None:
-            if not pending:
-                raise BadRequest("only a hold may reserve a flexible amount")
-            _check_amount(op.min_amount)
-            if debit.non_negative:
-                amount = max(min(amount, debit.available), 0)
-            if amount < op.min_amount:
-                raise InsufficientFunds(
-                    f"{debit.address} has {amount} {debit.asset} available, {op.min_amount} needed",
-                    detail={
-                        "account": debit.address,
-                        "asset": debit.asset,
-                        "available": amount,
-                        "amount": op.min_amount,
-                        "shortfall": op.min_amount - amount,
-                    },
-                )
-        if pending:
-            debit.dpend += amount
-            credit.cpend += amount
-        else:
-            debit.dp += amount
-            credit.cp += amount
-        _check(debit, amount)
-        _check_overflow(credit)
-        phase = "pending" if pending else "posted"
-        effects.append(
-            {
-                "transfer_id": transfer_id,
-                "kind": op.kind,
-                "debit": op.debit,
-                "credit": op.credit,
-                "asset": op.asset,
-                "amount": amount,
-                "phase": phase,
-            }
-        )
-        if pending:
-            assert op.timeout is not None
-            self.holds[transfer_id] = Hold(
-                debit, credit, op.asset, amount, op.kind, "pending", now + op.timeout
-            )
-            new_holds.append(transfer_id)
-        elif self.keep_rows:
-            transfer = (op.debit, op.credit, op.asset, amount, op.kind, phase, None, None)
-            posting = [(op.debit, "D", amount, 0), (op.credit, "C", amount, 0)]
-            rows.append((transfer_id, transfer, posting))
-
-    def _resolve(
-        self,
-        saved: dict[int, tuple[Account, tuple[int, int, int, int]]],
-        saved_holds: dict[str, str],
-        effects: list[dict[str, Any]],
-        rows: list[Any],
-        transfer_id: str,
-        pending_id: str,
-        amount: int | None,
-        to_state: str,
-        now: datetime,
-    ) -> None:
-        hold = self.holds.get(pending_id)
-        if hold is None:
-            raise TransferNotFound(f"no hold {pending_id}", detail={"pending_id": pending_id})
-        if hold.state != "pending":
-            raise StateConflict(
-                f"hold {pending_id} is already {hold.state}",
-                detail={"pending_id": pending_id, "state": hold.state},
-            )
-        expired = hold.timeout_at is not None and hold.timeout_at <= now
-        if expired and to_state != "expired":
-            raise StateConflict(
-                f"hold {pending_id} has expired",
-                detail={"pending_id": pending_id, "state": "expired"},
-            )
-        if to_state == "expired" and not expired:
-            raise StateConflict(f"hold {pending_id} has not expired yet")
-        if to_state == "posted":
-            posted = hold.amount if amount is None else amount
-            _check_amount(posted)
-            if posted > hold.amount:
-                raise BadRequest(
-                    f"cannot post {posted}: the hold is for {hold.amount}",
-                    detail={"pending_id": pending_id, "held": hold.amount, "amount": posted},
-                )
-        else:
-            posted = 0
-        debit, credit = hold.debit, hold.credit
-        if id(debit) not in saved:
-            saved[id(debit)] = (debit, debit.counters())
-        if id(credit) not in saved:
-            saved[id(credit)] = (credit, credit.counters())
-        saved_holds.setdefault(pending_id, hold.state)
-        debit.dpend -= hold.amount
-        credit.cpend -= hold.amount
-        debit.dp += posted
-        credit.cp += posted
-        _check_overflow(credit)
-        _check_overflow(debit)
-        hold.state = to_state
-        phase = "post" if to_state == "posted" else "void"
-        amount_out = posted if to_state == "posted" else hold.amount
-        effects.append(
-            {
-                "transfer_id": transfer_id,
-                "kind": hold.kind,
-                "debit": debit.address,
-                "credit": credit.address,
-                "asset": hold.asset,
-                "amount": amount_out,
-                "phase": phase,
-                "pending_id": pending_id,
-            }
-        )
-        if self.keep_rows and phase == "post":
-            transfer = (
-                debit.address, credit.address, hold.asset, amount_out, hold.kind, phase,
-                pending_id, None,
-            )  # fmt: skip
-            postings = [
-                (debit.address, "D", posted, -hold.amount),
-                (credit.address, "C", posted, -hold.amount),
-            ]
-            rows.append((transfer_id, transfer, postings))
 
     # --- epochs: the ledger's bulk moves ---
 
     def _open_epoch(self, change: EpochOpened, now: datetime) -> dict[str, Any]:
         payload = change.payload
         tiers = sorted(payload.allocations)
-        legs: list[tuple[Account, str, int]] = []
+        legs: list[tuple[AccountState, str, int]] = []
         for handle in sorted(self.members):
             info = self.members[handle]
             if info.status != "active" or info.tier not in payload.allocations:
@@ -664,7 +425,7 @@ class MemoryState:
                         f"the close records an impossible hold of {amount!r} on {address}",
                         detail={"address": address, "held": amount},
                     )
-            legs: list[tuple[Account, int]] = []
+            legs: list[tuple[AccountState, int]] = []
             for (address, code), account in sorted(self.accounts.items()):
                 if code != asset or not address.startswith("member:"):
                     continue
@@ -674,11 +435,11 @@ class MemoryState:
             expired = self.accounts[("system:expired", asset)]
             count, total = self._move(payload.id, legs, expired, "expiry", source_is_debit=False)
             held = elsewhere or {
-                a.address: a.dpend
+                a.address: a.debits_pending
                 for (address, code), a in self.accounts.items()
                 if code == asset
                 and address.startswith("member:")
-                and a.dpend > 0
+                and a.debits_pending > 0
                 and a.balance > cap
             }
             sellers = {
@@ -708,8 +469,8 @@ class MemoryState:
     def _move(
         self,
         envelope_id: str,
-        legs: list[tuple[Account, int]],
-        source: Account,
+        legs: list[tuple[AccountState, int]],
+        source: AccountState,
         kind: str,
         *,
         source_is_debit: bool = True,
@@ -718,9 +479,9 @@ class MemoryState:
         for leg, (account, amount) in enumerate(legs):
             total += amount
             if source_is_debit:
-                account.cp += amount
+                account.credits_posted += amount
             else:
-                account.dp += amount
+                account.debits_posted += amount
             if self.keep_rows:
                 transfer_id = f"{envelope_id}:{leg}"
                 debit, credit = (source, account) if source_is_debit else (account, source)
@@ -731,9 +492,9 @@ class MemoryState:
                 self.postings[(transfer_id, debit.address, "D")] = (amount, 0)
                 self.postings[(transfer_id, credit.address, "C")] = (amount, 0)
         if source_is_debit:
-            source.dp += total
+            source.debits_posted += total
         else:
-            source.cp += total
+            source.credits_posted += total
         return len(legs), total
 
     # --- reading the result ---
@@ -747,41 +508,66 @@ class MemoryState:
         negative = []
         for (address, asset), a in sorted(self.accounts.items()):
             posted, pending = sums.get(asset, (0, 0))
-            sums[asset] = (posted + a.balance, pending + a.cpend - a.dpend)
+            sums[asset] = (posted + a.balance, pending + a.credits_pending - a.debits_pending)
             if a.non_negative and a.available < 0:
                 negative.append((address, asset))
         return sums, negative
 
 
-def _check_amount(amount: int) -> None:
-    if isinstance(amount, bool) or not isinstance(amount, int):
-        raise BadRequest("amounts are integers", detail={"amount": repr(amount)})
-    if not 1 <= amount <= MAX_COUNTER:
-        raise BadRequest(f"amount must be between 1 and {MAX_COUNTER}", detail={"amount": amount})
+class _Engine(Postings):
+    """The ledger's posting engine over the state's accounts and holds. Settled holds
+    leave the state (only pending ones are read again); transfers and postings are kept
+    in comparable form when the state keeps rows."""
 
+    def __init__(self, state: MemoryState) -> None:
+        super().__init__(state.accounts, state.holds)
+        self.state = state
+        self.settled: list[str] = []
+        self.rows: list[tuple[str, tuple[Any, ...], tuple[tuple[str, str, int, int], ...]]] = []
 
-def _check(debit: Account, amount: int) -> None:
-    if debit.non_negative and debit.available < 0:
-        raise InsufficientFunds(
-            f"{debit.address} has {debit.available + amount} {debit.asset} available, "
-            f"{amount} needed",
-            detail={
-                "account": debit.address,
-                "asset": debit.asset,
-                "available": debit.available + amount,
-                "amount": amount,
-                "shortfall": -debit.available,
-            },
-        )
-    _check_overflow(debit)
+    def on_transfer(
+        self,
+        transfer_id: str,
+        debit: AccountState,
+        credit: AccountState,
+        effect: Effect,
+        posted: int,
+        pending: int,
+        hold: Hold | None,
+        memo: str | None,
+    ) -> None:
+        pending_id = effect.pending_id
+        if pending_id is not None:
+            self.settled.append(pending_id)
+        if self.state.keep_rows and effect.phase in ("posted", "post"):
+            transfer = (
+                debit.address, credit.address, effect.asset, effect.amount, effect.kind,
+                effect.phase, pending_id, None,
+            )  # fmt: skip
+            postings = (
+                (debit.address, "D", posted, pending),
+                (credit.address, "C", posted, pending),
+            )
+            self.rows.append((transfer_id, transfer, postings))
 
+    def on_undo(self) -> None:
+        self.settled.clear()
+        self.rows.clear()
 
-def _check_overflow(account: Account) -> None:
-    if max(account.counters()) > MAX_COUNTER:
-        raise StateConflict(
-            f"account {account.address} would exceed the 64-bit counter range",
-            detail={"account": account.address},
-        )
+    def applied(self) -> None:
+        """The request applied: drop the holds it settled, keep its rows."""
+        for hold_id in self.settled:
+            self.holds.pop(hold_id, None)
+        self.settled.clear()
+        if self.rows:
+            transfers, postings = self.state.transfers, self.state.postings
+            for transfer_id, transfer, legs in self.rows:
+                transfers[(transfer_id,)] = transfer
+                for address, side, posted, pending in legs:
+                    key = (transfer_id, address, side)
+                    old = postings.get(key, (0, 0))
+                    postings[key] = (old[0] + posted, old[1] + pending)
+            self.rows.clear()
 
 
 def _implements(

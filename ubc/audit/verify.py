@@ -912,7 +912,7 @@ class _MemoryReplayer:
             )
             if isinstance(applied, UbcError):
                 return self._fail(hashed, fingerprint, applied, remembered=True)
-            derived = applied
+            derived = [effect.to_json() for effect in applied]
         try:
             for change in plan.changes:
                 written = state.apply_change(change, now)

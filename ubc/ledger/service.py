@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from enum import StrEnum
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import insert, select, text
@@ -34,65 +32,32 @@ from ubc.errors import (
     BadRequest,
     BatchFailed,
     IdempotencyConflict,
-    InsufficientFunds,
-    StateConflict,
     StoredError,
-    TransferNotFound,
     UbcError,
 )
 from ubc.ledger._sql import LedgerDriver, PostingRow, RequestRow, TransferRow
+from ubc.ledger.engine import MAX_COUNTER as MAX_COUNTER
+from ubc.ledger.engine import MAX_MEMO as MAX_MEMO
+from ubc.ledger.engine import MAX_OPERATIONS as MAX_OPERATIONS
+from ubc.ledger.engine import NON_NEGATIVE_KINDS as NON_NEGATIVE_KINDS
+from ubc.ledger.engine import SYSTEM_ACCOUNTS as SYSTEM_ACCOUNTS
+from ubc.ledger.engine import AccountState, Hold, Postings
+from ubc.ledger.engine import Effect as Effect
+from ubc.ledger.engine import HoldState as HoldState
+from ubc.ledger.engine import Phase as Phase
+from ubc.ledger.engine import TransferKind as TransferKind
+from ubc.ledger.engine import parse_address as parse_address
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
 from ubc.rules.effects import Leg as Leg
 from ubc.rules.effects import Operation as Operation
 from ubc.rules.effects import Post as Post
 from ubc.rules.effects import Void as Void
 
-MAX_COUNTER = 2**63 - 1
-MAX_MEMO = 256
-MAX_OPERATIONS = 10_000
-
-_ADDRESS = re.compile(r"^(member|cause|system|market):([a-z0-9][a-z0-9_-]{0,63})$")
-NON_NEGATIVE_KINDS = frozenset({"member", "cause", "market"})
-SYSTEM_ACCOUNTS = (
-    "system:issuance",
-    "system:consumption",
-    "system:expired",
-    "system:fees",
-    "system:deposits",
-    "market:escrow",
-)
-
 accounts_t = Account.__table__  # type: ignore[attr-defined]
 transfers_t = Transfer.__table__  # type: ignore[attr-defined]
 postings_t = Posting.__table__  # type: ignore[attr-defined]
 requests_t = Request.__table__  # type: ignore[attr-defined]
 assets_t = Asset.__table__  # type: ignore[attr-defined]
-
-
-class TransferKind(StrEnum):
-    allocation = "allocation"
-    transfer = "transfer"
-    donation = "donation"
-    usage = "usage"
-    expiry = "expiry"
-    trade = "trade"
-    deposit = "deposit"
-    withdrawal = "withdrawal"
-    fee = "fee"
-
-
-class Phase(StrEnum):
-    posted = "posted"
-    pending = "pending"
-    post = "post"
-    void = "void"
-
-
-class HoldState(StrEnum):
-    pending = "pending"
-    posted = "posted"
-    voided = "voided"
-    expired = "expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,47 +70,6 @@ class LedgerRequest:
 
     def fingerprint(self) -> bytes:
         return self.payload_hash or operations_fingerprint(self.operations)
-
-
-@dataclass(frozen=True, slots=True)
-class Effect:
-    """What one operation did, in the journal's words (DESIGN section 5)."""
-
-    transfer_id: str
-    kind: str
-    debit: str
-    credit: str
-    asset: str
-    amount: int
-    phase: str
-    pending_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "transfer_id": self.transfer_id,
-            "kind": self.kind,
-            "debit": self.debit,
-            "credit": self.credit,
-            "asset": self.asset,
-            "amount": self.amount,
-            "phase": self.phase,
-        }
-        if self.pending_id is not None:
-            body["pending_id"] = self.pending_id
-        return body
-
-    @classmethod
-    def from_json(cls, body: dict[str, Any]) -> Effect:
-        return cls(
-            transfer_id=body["transfer_id"],
-            kind=body["kind"],
-            debit=body["debit"],
-            credit=body["credit"],
-            asset=body["asset"],
-            amount=body["amount"],
-            phase=body["phase"],
-            pending_id=body.get("pending_id"),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,18 +124,6 @@ class HistoryItem:
 
 
 # --- accounts and assets -------------------------------------------------------------
-
-
-def parse_address(address: str) -> tuple[str, str]:
-    """Split ``kind:name``; raise BadRequest for anything else."""
-    match = _ADDRESS.match(address)
-    if match is None:
-        raise BadRequest(
-            f"invalid account address {address!r}: expected member:, cause:, system: or "
-            "market: followed by [a-z0-9_-]",
-            detail={"address": address},
-        )
-    return match.group(1), match.group(2)
 
 
 def ensure_assets(session: Session, assets: dict[str, int]) -> None:
@@ -366,7 +278,7 @@ def apply_many(
     batch.load(requests)
     outcomes: list[Outcome] = []
     for index, request in enumerate(requests):
-        outcome = batch.apply(request)
+        outcome = batch.apply_request(request)
         if atomic and isinstance(outcome, UbcError):
             raise BatchFailed(index, outcome)
         outcomes.append(outcome)
@@ -447,77 +359,25 @@ def operations_fingerprint(operations: Sequence[Operation]) -> bytes:
 # --- internals --------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _AccountState:
-    id: int
-    address: str
-    asset: str
-    non_negative: bool
-    debits_posted: int
-    credits_posted: int
-    debits_pending: int
-    credits_pending: int
-    dirty: bool = False
-
-    def counters(self) -> tuple[int, int, int, int]:
-        return (self.debits_posted, self.credits_posted, self.debits_pending, self.credits_pending)
-
-    def restore(self, counters: tuple[int, int, int, int]) -> None:
-        (self.debits_posted, self.credits_posted, self.debits_pending, self.credits_pending) = (
-            counters
-        )
-
-    @property
-    def balance(self) -> int:
-        return self.credits_posted - self.debits_posted
-
-    @property
-    def available(self) -> int:
-        return self.credits_posted - self.debits_posted - self.debits_pending
-
-
-@dataclass(slots=True)
-class _HoldState:
-    id: str
-    debit: _AccountState
-    credit: _AccountState
-    asset: str
-    amount: int
-    kind: str
-    state: str
-    timeout_at: datetime | None
-    new: bool = False
-    dirty: bool = False
-
-
-@dataclass(slots=True)
-class _Scratch:
-    """What one request changed, so that a failure can undo it in memory."""
-
-    saved_accounts: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
-    saved_holds: dict[str, str] = field(default_factory=dict)
-    new_holds: list[str] = field(default_factory=list)
-    transfers: list[TransferRow] = field(default_factory=list)
-    postings: list[PostingRow] = field(default_factory=list)
-    effects: list[Effect] = field(default_factory=list)
-
-
-class _Batch:
-    """The in-memory state of one group commit."""
+class _Batch(Postings):
+    """The in-memory state of one group commit: the posting engine over the locked rows,
+    recording the rows each applied request writes."""
 
     def __init__(self, session: Session, now: datetime) -> None:
+        super().__init__({}, {})
         self.session = session
         self.now = now
         self.driver = LedgerDriver(session)
         self.stamp = self.driver.timestamp(now)
-        self.accounts: dict[tuple[str, str], _AccountState] = {}
-        self.accounts_by_id: dict[int, _AccountState] = {}
-        self.holds: dict[str, _HoldState] = {}
+        self.accounts_by_id: dict[int, AccountState] = {}
         self.known: dict[str, tuple[bytes, str, str]] = {}
         self.done: dict[str, tuple[bytes, Outcome]] = {}
         self.transfers: list[TransferRow] = []
         self.postings: list[PostingRow] = []
         self.request_rows: list[RequestRow] = []
+        # What the request being applied writes, kept once it applies.
+        self._transfers: list[TransferRow] = []
+        self._postings: list[PostingRow] = []
 
     # -- loading: pending transfers first, then accounts, each in sorted order --
 
@@ -533,33 +393,35 @@ class _Batch:
                 else:
                     pending_ids.add(op.pending_id)
         hold_rows = self.driver.lock_holds(sorted(pending_ids)) if pending_ids else []
-        account_ids = sorted({r[1] for r in hold_rows} | {r[2] for r in hold_rows})
+        account_ids: set[int] = set()
+        for _, debit_id, credit_id, *_rest in hold_rows:
+            account_ids.update((debit_id, credit_id))
         account_rows, request_rows = self.driver.lock_accounts_and_requests(
             {asset: sorted(names) for asset, names in addresses.items()},
-            account_ids,
+            sorted(account_ids),
             sorted({r.id for r in requests}),
         )
         for row in account_rows:
-            account = _AccountState(*row)
+            account = AccountState(*row)
             self.accounts[(account.address, account.asset)] = account
             self.accounts_by_id[account.id] = account
-        for r in hold_rows:
-            self.holds[r[0]] = _HoldState(
-                id=r[0],
-                debit=self.accounts_by_id[r[1]],
-                credit=self.accounts_by_id[r[2]],
-                asset=r[3],
-                amount=r[4],
-                kind=r[5],
-                state=r[6],
-                timeout_at=r[7],
+        for hold_id, debit_id, credit_id, asset, amount, kind, state, timeout_at in hold_rows:
+            self.holds[hold_id] = Hold(
+                id=hold_id,
+                debit=self.accounts_by_id[debit_id],
+                credit=self.accounts_by_id[credit_id],
+                asset=asset,
+                amount=amount,
+                kind=kind,
+                state=state,
+                timeout_at=timeout_at,
             )
         for request_id, payload_hash, status, result in request_rows:
             self.known[request_id] = (payload_hash, status, result)
 
     # -- applying --
 
-    def apply(self, request: LedgerRequest) -> Outcome:
+    def apply_request(self, request: LedgerRequest) -> Outcome:
         fingerprint = request.fingerprint()
         seen = self.done.get(request.id)
         if seen is None and request.id in self.known:
@@ -575,267 +437,61 @@ class _Batch:
             if isinstance(outcome, Applied):
                 return Applied(outcome.request_id, outcome.effects, repeated=True)
             return outcome
-        scratch = _Scratch()
         try:
-            self._validate(request)
-            for index, op in enumerate(request.operations):
-                transfer_id = f"{request.id}:{index}"
-                if isinstance(op, Leg):
-                    self._leg(scratch, request.id, transfer_id, op)
-                elif isinstance(op, Post):
-                    self._resolve(
-                        scratch, request.id, transfer_id, op.pending_id, op.amount, HoldState.posted
-                    )
-                else:
-                    state = HoldState.expired if op.expired else HoldState.voided
-                    self._resolve(scratch, request.id, transfer_id, op.pending_id, None, state)
+            effects = self.apply(request.id, request.operations, self.now)
         except UbcError as error:
-            self._undo(scratch)
             self._remember(request.id, fingerprint, "failed", error)
             return error
-        self.transfers.extend(scratch.transfers)
-        self.postings.extend(scratch.postings)
-        applied = Applied(request.id, tuple(scratch.effects))
+        self.transfers.extend(self._transfers)
+        self.postings.extend(self._postings)
+        self._transfers.clear()
+        self._postings.clear()
+        applied = Applied(request.id, tuple(effects))
         self._remember(request.id, fingerprint, "applied", applied)
         return applied
 
-    def _validate(self, request: LedgerRequest) -> None:
-        if not request.id or len(request.id) > 96:
-            raise BadRequest("request id must be 1 to 96 characters")
-        if not 1 <= len(request.operations) <= MAX_OPERATIONS:
-            raise BadRequest(
-                f"a request holds 1 to {MAX_OPERATIONS} operations",
-                detail={"operations": len(request.operations)},
-            )
-
-    def _leg(self, scratch: _Scratch, request_id: str, transfer_id: str, op: Leg) -> None:
-        _check_amount(op.amount)
-        if op.kind not in TransferKind.__members__:
-            raise BadRequest(f"unknown transfer kind {op.kind!r}", detail={"kind": op.kind})
-        if op.debit == op.credit:
-            raise BadRequest("debit and credit accounts must differ", detail={"account": op.debit})
-        if op.memo is not None and len(op.memo) > MAX_MEMO:
-            raise BadRequest(f"memo longer than {MAX_MEMO} characters")
-        if op.timeout is not None and op.timeout <= timedelta(0):
-            raise BadRequest("a hold's timeout must be positive")
-        debit = self._account(op.debit, op.asset)
-        credit = self._account(op.credit, op.asset)
-        self._save(scratch, debit)
-        self._save(scratch, credit)
-        pending = op.timeout is not None
-        amount = op.amount
-        if op.min_amount is not None:
-            if not pending:
-                raise BadRequest("only a hold may reserve a flexible amount")
-            _check_amount(op.min_amount)
-            if debit.non_negative:
-                amount = max(min(amount, debit.available), 0)
-            if amount < op.min_amount:
-                raise InsufficientFunds(
-                    f"{debit.address} has {amount} {debit.asset} available, {op.min_amount} needed",
-                    detail={
-                        "account": debit.address,
-                        "asset": debit.asset,
-                        "available": amount,
-                        "amount": op.min_amount,
-                        "shortfall": op.min_amount - amount,
-                    },
-                )
-        if pending:
-            debit.debits_pending += amount
-            credit.credits_pending += amount
-        else:
-            debit.debits_posted += amount
-            credit.credits_posted += amount
-        self._check(debit, amount)
-        self._check_overflow(credit)
-        timeout_at = self.now + op.timeout if op.timeout is not None else None
-        phase = Phase.pending if pending else Phase.posted
-        scratch.transfers.append(
-            (
-                transfer_id,
-                debit.id,
-                credit.id,
-                op.asset,
-                amount,
-                op.kind,
-                phase,
-                None,
-                HoldState.pending if pending else None,
-                None if timeout_at is None else self.driver.timestamp(timeout_at),
-                op.memo,
-                self.stamp,
-            )
-        )
-        posted, held = (0, amount) if pending else (amount, 0)
-        self._posting(scratch, debit, transfer_id, "D", posted, held)
-        self._posting(scratch, credit, transfer_id, "C", posted, held)
-        scratch.effects.append(
-            Effect(transfer_id, op.kind, op.debit, op.credit, op.asset, amount, phase)
-        )
-        if pending:
-            assert timeout_at is not None
-            self.holds[transfer_id] = _HoldState(
-                transfer_id,
-                debit,
-                credit,
-                op.asset,
-                amount,
-                op.kind,
-                HoldState.pending,
-                timeout_at,
-                new=True,
-            )
-            scratch.new_holds.append(transfer_id)
-
-    def _resolve(
+    def on_transfer(
         self,
-        scratch: _Scratch,
-        request_id: str,
         transfer_id: str,
-        pending_id: str,
-        amount: int | None,
-        to_state: HoldState,
-    ) -> None:
-        hold = self.holds.get(pending_id)
-        if hold is None:
-            raise TransferNotFound(f"no hold {pending_id}", detail={"pending_id": pending_id})
-        if hold.state != HoldState.pending:
-            raise StateConflict(
-                f"hold {pending_id} is already {hold.state}",
-                detail={"pending_id": pending_id, "state": hold.state},
-            )
-        expired = hold.timeout_at is not None and hold.timeout_at <= self.now
-        if expired and to_state != HoldState.expired:
-            raise StateConflict(
-                f"hold {pending_id} has expired",
-                detail={"pending_id": pending_id, "state": HoldState.expired},
-            )
-        if to_state == HoldState.expired and not expired:
-            raise StateConflict(f"hold {pending_id} has not expired yet")
-        if to_state == HoldState.posted:
-            posted = hold.amount if amount is None else amount
-            _check_amount(posted)
-            if posted > hold.amount:
-                raise BadRequest(
-                    f"cannot post {posted}: the hold is for {hold.amount}",
-                    detail={"pending_id": pending_id, "held": hold.amount, "amount": posted},
-                )
-        else:
-            posted = 0
-        debit, credit = hold.debit, hold.credit
-        self._save(scratch, debit)
-        self._save(scratch, credit)
-        scratch.saved_holds.setdefault(hold.id, hold.state)
-        debit.debits_pending -= hold.amount
-        credit.credits_pending -= hold.amount
-        debit.debits_posted += posted
-        credit.credits_posted += posted
-        self._check_overflow(credit)
-        self._check_overflow(debit)
-        hold.state = to_state
-        hold.dirty = True
-        phase = Phase.post if to_state == HoldState.posted else Phase.void
-        amount_out = posted if to_state == HoldState.posted else hold.amount
-        scratch.transfers.append(
-            (
-                transfer_id,
-                debit.id,
-                credit.id,
-                hold.asset,
-                amount_out,
-                hold.kind,
-                phase,
-                pending_id,
-                None,
-                None,
-                None,
-                self.stamp,
-            )
-        )
-        self._posting(scratch, debit, transfer_id, "D", posted, -hold.amount)
-        self._posting(scratch, credit, transfer_id, "C", posted, -hold.amount)
-        scratch.effects.append(
-            Effect(
-                transfer_id,
-                hold.kind,
-                debit.address,
-                credit.address,
-                hold.asset,
-                amount_out,
-                phase,
-                pending_id,
-            )
-        )
-
-    def _account(self, address: str, asset: str) -> _AccountState:
-        account = self.accounts.get((address, asset))
-        if account is None:
-            parse_address(address)
-            raise AccountNotFound(
-                f"no account {address} for asset {asset}",
-                detail={"address": address, "asset": asset},
-            )
-        return account
-
-    def _check(self, debit: _AccountState, amount: int) -> None:
-        if debit.non_negative and debit.available < 0:
-            raise InsufficientFunds(
-                f"{debit.address} has {debit.available + amount} {debit.asset} available, "
-                f"{amount} needed",
-                detail={
-                    "account": debit.address,
-                    "asset": debit.asset,
-                    "available": debit.available + amount,
-                    "amount": amount,
-                    "shortfall": -debit.available,
-                },
-            )
-        self._check_overflow(debit)
-
-    @staticmethod
-    def _check_overflow(account: _AccountState) -> None:
-        if max(account.counters()) > MAX_COUNTER:
-            raise StateConflict(
-                f"account {account.address} would exceed the 64-bit counter range",
-                detail={"account": account.address},
-            )
-
-    def _posting(
-        self,
-        scratch: _Scratch,
-        account: _AccountState,
-        transfer_id: str,
-        side: str,
+        debit: AccountState,
+        credit: AccountState,
+        effect: Effect,
         posted: int,
         pending: int,
+        hold: Hold | None,
+        memo: str | None,
     ) -> None:
-        account.dirty = True
-        scratch.postings.append(
+        timeout_at = None
+        if hold is not None and hold.timeout_at is not None:
+            timeout_at = self.driver.timestamp(hold.timeout_at)
+        stamp = self.stamp
+        self._transfers.append(
             (
-                account.id,
                 transfer_id,
-                side,
-                posted,
-                pending,
-                account.balance,
-                account.available,
-                self.stamp,
+                debit.id,
+                credit.id,
+                effect.asset,
+                effect.amount,
+                effect.kind,
+                effect.phase,
+                effect.pending_id,
+                HoldState.pending if hold is not None else None,
+                timeout_at,
+                memo,
+                stamp,
             )
         )
+        debit.dirty = credit.dirty = True
+        self._postings.append(
+            (debit.id, transfer_id, "D", posted, pending, debit.balance, debit.available, stamp)
+        )
+        self._postings.append(
+            (credit.id, transfer_id, "C", posted, pending, credit.balance, credit.available, stamp)
+        )
 
-    @staticmethod
-    def _save(scratch: _Scratch, account: _AccountState) -> None:
-        if account.id not in scratch.saved_accounts:
-            scratch.saved_accounts[account.id] = account.counters()
-
-    def _undo(self, scratch: _Scratch) -> None:
-        for account_id, counters in scratch.saved_accounts.items():
-            self.accounts_by_id[account_id].restore(counters)
-        for hold_id, state in scratch.saved_holds.items():
-            self.holds[hold_id].state = state
-        for hold_id in scratch.new_holds:
-            self.holds.pop(hold_id, None)
+    def on_undo(self) -> None:
+        self._transfers.clear()
+        self._postings.clear()
 
     def _remember(self, request_id: str, fingerprint: bytes, status: str, outcome: Outcome) -> None:
         if isinstance(outcome, UbcError):
@@ -867,13 +523,6 @@ class _Batch:
             [(h.state, h.id) for h in self.holds.values() if h.dirty],
             self.request_rows,
         )
-
-
-def _check_amount(amount: int) -> None:
-    if isinstance(amount, bool) or not isinstance(amount, int):
-        raise BadRequest("amounts are integers", detail={"amount": repr(amount)})
-    if not 1 <= amount <= MAX_COUNTER:
-        raise BadRequest(f"amount must be between 1 and {MAX_COUNTER}", detail={"amount": amount})
 
 
 def _encode_outcome(outcome: Outcome) -> str:
