@@ -17,14 +17,14 @@ from typing import IO, Any
 import httpx
 from sqlalchemy import select
 
-from ubc.db import make_engine, make_session_factory
+from ubc.db import make_engine, make_session_factory, table
 from ubc.journal import store
 from ubc.journal.models import JournalEntry
 
 FORMAT = "ubc-journal/v1"
 PAGE = 1000
 
-entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
+entries_t = table(JournalEntry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +167,6 @@ def _database_entries(url: str) -> Iterator[tuple[int, bytes]]:
                     return
                 for seq, entry in rows:
                     yield int(seq), bytes(entry)
-                last = int(rows[-1][0])
+                last = int(rows[-1].seq)
     finally:
         engine.dispose()

@@ -88,7 +88,9 @@ class DatabaseLookup:
                     keys_t.c.keyid, keys_t.c.handle, keys_t.c.public_key, keys_t.c.current
                 ).where(keys_t.c.keyid.in_(wanted))
             ):
-                self.keys[row[0]] = KeyInfo(row[0], row[1], decode_public_key(row[2]), row[3])
+                self.keys[row.keyid] = KeyInfo(
+                    row.keyid, row.handle, decode_public_key(row.public_key), row.current
+                )
         names = sorted(h for h in handles if h is not None and h not in self.members)
         for handle in names:
             self.members[handle] = None
@@ -98,7 +100,7 @@ class DatabaseLookup:
                     members_t.c.handle.in_(names)
                 )
             ):
-                self.members[row[0]] = MemberInfo(row[0], row[1], row[2])
+                self.members[row.handle] = MemberInfo(row.handle, row.status, row.tier)
 
     def planned(self, plan: Plan) -> None:
         """A plan was made: what it claims counts for the next envelopes of the batch."""

@@ -26,7 +26,7 @@ from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.clock import SYSTEM_CLOCK, Clock
-from ubc.db import run_unit_of_work
+from ubc.db import run_unit_of_work, table
 from ubc.db.driver import Driver
 from ubc.errors import Forbidden, UbcError, Unauthenticated
 from ubc.gateway.models import ApiKeySpend, GatewayHold
@@ -40,11 +40,11 @@ from ubc.metering.store import spend_epoch_query
 from ubc.rules.payload import format_timestamp
 from ubc.rules.writing import LedgerContext, Prechecked, Submit, sign_internal
 
-apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
-members_t = Member.__table__  # type: ignore[attr-defined]
-spend_t = ApiKeySpend.__table__  # type: ignore[attr-defined]
-holds_t = GatewayHold.__table__  # type: ignore[attr-defined]
-transfers_t = Transfer.__table__  # type: ignore[attr-defined]
+apikeys_t = table(ApiKey)
+members_t = table(Member)
+spend_t = table(ApiKeySpend)
+holds_t = table(GatewayHold)
+transfers_t = table(Transfer)
 
 
 class SpendCapReached(UbcError):
@@ -98,7 +98,7 @@ def place_holds(
             apikeys_t.c.expires_at,
             apikeys_t.c.spend_cap_per_epoch,
             members_t.c.status,
-            spend_epoch_query(),
+            spend_epoch_query().label("epoch"),
         )
         .select_from(
             apikeys_t.outerjoin(
@@ -111,10 +111,10 @@ def place_holds(
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(of=apikeys_t)
     rows = session.execute(query).all()
-    grants = {row[0]: row for row in rows}
-    status = {row[1][7:]: row[5] for row in rows if row[1].startswith("member:")}
-    epoch = int(rows[0][6] or 0) if rows else 0
-    capped = sorted(k for k, g in grants.items() if g[4] is not None)
+    grants = {row.key_hash: row for row in rows}
+    status = {row.account[7:]: row.status for row in rows if row.account.startswith("member:")}
+    epoch = int(rows[0].epoch or 0) if rows else 0
+    capped = sorted(k for k, g in grants.items() if g.spend_cap_per_epoch is not None)
     committed: dict[str, int] = {}
     if capped:
         for key_hash, spent in session.execute(
@@ -136,18 +136,22 @@ def place_holds(
     for index, request in enumerate(requests):
         grant = grants.get(request.key_hash)
         try:
-            refusal = "revoked" if grant is None else rules.key_refusal(grant[2], grant[3], now)
+            refusal = (
+                "revoked"
+                if grant is None
+                else rules.key_refusal(grant.revoked, grant.expires_at, now)
+            )
             if refusal == "revoked":
                 raise Unauthenticated("unknown or revoked API key")
             if refusal == "expired":
                 raise Unauthenticated("this API key has expired")
             assert grant is not None
-            if grant[1] != request.account:
+            if grant.account != request.account:
                 raise Forbidden("the key is granted on another account")
-            if grant[1].startswith("member:") and status.get(grant[1][7:]) != "active":
-                raise Forbidden(f"{grant[1]} is not active: its API keys are disabled")
+            if grant.account.startswith("member:") and status.get(grant.account[7:]) != "active":
+                raise Forbidden(f"{grant.account} is not active: its API keys are disabled")
             want = request.want
-            cap = grant[4]
+            cap = grant.spend_cap_per_epoch
             if cap is not None:
                 left = cap - committed.get(request.key_hash, 0)
                 if left < request.need:
@@ -248,7 +252,7 @@ def expire_due_holds(
     through the write path's ``submit`` (``ubc.envelopes.service.submit``)."""
     now = now or SYSTEM_CLOCK.now()
     due = [
-        row[0]
+        row.id
         for row in session.execute(
             select(transfers_t.c.id)
             .where(

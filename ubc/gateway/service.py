@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.clock import SYSTEM_CLOCK, Clock
+from ubc.db import table
 from ubc.errors import UbcError
 from ubc.gateway.catalog import ModelSpec
 from ubc.gateway.metering import (
@@ -45,7 +46,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 log = logging.getLogger("ubc.gateway")
-apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
+apikeys_t = table(ApiKey)
 
 # How long a grant read from the database is trusted for the early checks; the hold's
 # transaction checks it again under its lock (revocation, expiry, member status).
@@ -802,11 +803,11 @@ class Gateway:
             return None
         return Grant(
             key_hash=key_hash,
-            account=row[0],
-            scopes=frozenset(row[1].split(",")),
-            models=frozenset(json.loads(row[2])) if row[2] is not None else None,
-            rpm=row[3],
-            tpm=row[4],
-            expires_at=row[5],
-            revoked=bool(row[6]),
+            account=row.account,
+            scopes=frozenset(row.scopes.split(",")),
+            models=frozenset(json.loads(row.models)) if row.models is not None else None,
+            rpm=row.rpm,
+            tpm=row.tpm,
+            expires_at=row.expires_at,
+            revoked=bool(row.revoked),
         )

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request
 from sqlalchemy import ColumnElement, func, literal_column, select
 from sqlalchemy.orm import Session
 
+from ubc.db import table
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.gateway.models import UsageRecord
 from ubc.ledger.schemas import AccountUsage
@@ -17,7 +18,7 @@ from ubc.params import day_range
 from ubc.schemas import error_responses
 
 router = APIRouter(tags=["openai"])
-usage_t = UsageRecord.__table__  # type: ignore[attr-defined]
+usage_t = table(UsageRecord)
 
 
 def spend_by_day(session: Session, account: str, since: date, until: date) -> list[dict[str, Any]]:
@@ -33,10 +34,10 @@ def spend_by_day(session: Session, account: str, since: date, until: date) -> li
         select(
             day.label("day"),
             usage_t.c.model,
-            func.count(),
-            func.sum(usage_t.c.input_tokens),
-            func.sum(usage_t.c.output_tokens),
-            func.sum(usage_t.c.cost),
+            func.count().label("calls"),
+            func.sum(usage_t.c.input_tokens).label("input_tokens"),
+            func.sum(usage_t.c.output_tokens).label("output_tokens"),
+            func.sum(usage_t.c.cost).label("cost"),
         )
         .where(
             usage_t.c.account == account,
@@ -48,12 +49,12 @@ def spend_by_day(session: Session, account: str, since: date, until: date) -> li
     )
     return [
         {
-            "day": r[0],
-            "model": r[1],
-            "calls": int(r[2]),
-            "input_tokens": int(r[3]),
-            "output_tokens": int(r[4]),
-            "cost": int(r[5]),
+            "day": r.day,
+            "model": r.model,
+            "calls": int(r.calls),
+            "input_tokens": int(r.input_tokens),
+            "output_tokens": int(r.output_tokens),
+            "cost": int(r.cost),
         }
         for r in rows
     ]

@@ -17,6 +17,7 @@ from typing import Any, cast
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from ubc.db import table
 from ubc.db.driver import Driver
 from ubc.journal.checkpoint import format_checkpoint
 from ubc.journal.merkle import (
@@ -31,9 +32,9 @@ from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
 from ubc.rules.payload import format_timestamp
 from ubc.signing import NoteSigner
 
-entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
-nodes_t = MerkleNode.__table__  # type: ignore[attr-defined]
-head_t = JournalHead.__table__  # type: ignore[attr-defined]
+entries_t = table(JournalEntry)
+nodes_t = table(MerkleNode)
+head_t = table(JournalHead)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,10 @@ class NewEntry:
 def lock_head(session: Session) -> int | None:
     """Lock the journal for this transaction; the current size, or None before genesis."""
     row = lock_head_with(session)
-    return None if row is None else int(row[0])
+    if row is None:
+        return None
+    (size,) = row
+    return int(size)
 
 
 def lock_head_with(session: Session, *extra: Any) -> tuple[Any, ...] | None:
@@ -200,7 +204,7 @@ def set_checkpoint(session: Session, checkpoint: str) -> None:
 
 def latest_checkpoint(session: Session) -> tuple[int, str]:
     row = session.execute(select(head_t.c.size, head_t.c.checkpoint).where(head_t.c.id == 1)).one()
-    return int(row[0]), str(row[1])
+    return int(row.size), str(row.checkpoint)
 
 
 def entry_by_envelope(session: Session, envelope_id: str) -> tuple[int, dict[str, Any]] | None:
@@ -209,7 +213,7 @@ def entry_by_envelope(session: Session, envelope_id: str) -> tuple[int, dict[str
     ).one_or_none()
     if row is None:
         return None
-    return int(row[0]), cast(dict[str, Any], json.loads(bytes(row[1])))
+    return int(row.seq), cast(dict[str, Any], json.loads(bytes(row.entry)))
 
 
 def entry_bytes(session: Session, seq: int) -> bytes | None:
@@ -226,7 +230,7 @@ def entries(session: Session, start: int, end: int) -> list[tuple[int, bytes, st
         .where(entries_t.c.seq >= start, entries_t.c.seq < end)
         .order_by(entries_t.c.seq)
     ).all()
-    return [(int(r[0]), bytes(r[1]), str(r[2])) for r in rows]
+    return [(int(r.seq), bytes(r.entry), str(r.accounts)) for r in rows]
 
 
 class HashTable:
@@ -244,7 +248,8 @@ class HashTable:
         # One term per level, so that both engines use the primary key (SQLite scans the
         # whole table for a row-value IN).
         rows = self.session.execute(
-            select(nodes_t.c.level, nodes_t.c.index, nodes_t.c.hash).where(
+            # ``index`` is labelled: a row's ``index`` attribute is the tuple method.
+            select(nodes_t.c.level, nodes_t.c.index.label("node_index"), nodes_t.c.hash).where(
                 or_(
                     *(
                         and_(nodes_t.c.level == level, nodes_t.c.index.in_(indexes))
@@ -253,7 +258,7 @@ class HashTable:
                 )
             )
         ).all()
-        found = {(int(r[0]), int(r[1])): bytes(r[2]) for r in rows}
+        found = {(int(r.level), int(r.node_index)): bytes(r.hash) for r in rows}
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"merkle nodes missing: {missing[:5]}")

@@ -107,7 +107,7 @@ def held_above(session: Session, asset: str, cap: int) -> dict[str, int]:
     """Member accounts of ``asset`` with a posted balance above ``cap`` and holds pending:
     address → amount held."""
     return {
-        str(r[0]): int(r[1])
+        str(r.address): int(r.debits_pending)
         for r in session.execute(
             text(
                 "SELECT address, debits_pending FROM accounts WHERE asset = :asset "
@@ -123,12 +123,12 @@ def member_available(session: Session, address: str, asset: str) -> int | None:
     """What the member account can spend now; None if there is no such member account."""
     row = session.execute(
         text(
-            f"SELECT {AVAILABLE} FROM accounts "
+            f"SELECT {AVAILABLE} AS available FROM accounts "
             "WHERE address = :address AND asset = :asset AND address LIKE 'member:%'"
         ),
         {"address": address, "asset": asset},
     ).first()
-    return None if row is None else int(row[0])
+    return None if row is None else int(row.available)
 
 
 @contextmanager
@@ -168,12 +168,12 @@ def move(
     stamp = Driver(session).timestamp(now)
     source_row = session.execute(
         text(
-            "SELECT credits_posted - debits_posted, "
-            "credits_posted - debits_posted - debits_pending FROM accounts WHERE id = :id"
+            "SELECT credits_posted - debits_posted AS balance, "
+            f"{AVAILABLE} AS available FROM accounts WHERE id = :id"
         ),
         {"id": source},
     ).one()
-    balance, available = int(source_row[0]), int(source_row[1])
+    balance, available = int(source_row.balance), int(source_row.available)
     params = {
         **params_window,
         "envelope": envelope_id + ":",

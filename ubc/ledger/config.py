@@ -13,10 +13,11 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from ubc.db import table
 from ubc.errors import BadRequest
 from ubc.ledger.models import LedgerConfigRow
 
-config_t = LedgerConfigRow.__table__  # type: ignore[attr-defined]
+config_t = table(LedgerConfigRow)
 
 
 def current_config(session: Session) -> dict[str, Any]:
@@ -31,8 +32,8 @@ def current_config_version(session: Session) -> tuple[str, dict[str, Any]]:
     ).first()
     if row is None:
         raise BadRequest("the ledger has no genesis entry yet")
-    body: dict[str, Any] = json.loads(row[1])
-    return str(row[0]), body
+    body: dict[str, Any] = json.loads(row.body)
+    return str(row.envelope_id), body
 
 
 def config_version_query() -> Any:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
+from ubc.db import table
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.errors import Forbidden, TransferNotFound
 from ubc.ledger import service as ledger
@@ -19,8 +20,8 @@ from ubc.params import parse_cursor
 from ubc.schemas import error_responses
 
 router = APIRouter(tags=["ledger"])
-accounts_t = Account.__table__  # type: ignore[attr-defined]
-transfers_t = Transfer.__table__  # type: ignore[attr-defined]
+accounts_t = table(Account)
+transfers_t = table(Transfer)
 
 
 class EpochReads(Protocol):
@@ -74,12 +75,12 @@ def list_accounts(session: ReadSession, reader: Reader) -> dict[str, Any]:
     return {
         "accounts": [
             {
-                "address": r[0],
-                "asset": r[1],
-                "posted": r[3] - r[2],
-                "pending_debits": r[4],
-                "pending_credits": r[5],
-                "available": r[3] - r[2] - r[4],
+                "address": r.address,
+                "asset": r.asset,
+                "posted": r.credits_posted - r.debits_posted,
+                "pending_debits": r.debits_pending,
+                "pending_credits": r.credits_pending,
+                "available": r.credits_posted - r.debits_posted - r.debits_pending,
             }
             for r in rows
         ]
@@ -169,8 +170,8 @@ def get_transfer(
             transfers_t.c.id,
             transfers_t.c.kind,
             transfers_t.c.phase,
-            debit.c.address,
-            credit.c.address,
+            debit.c.address.label("debit"),
+            credit.c.address.label("credit"),
             transfers_t.c.asset,
             transfers_t.c.amount,
             transfers_t.c.pending_id,
@@ -188,25 +189,25 @@ def get_transfer(
             session, transfer_id
         )
         stmt = stmt.where(transfers_t.c.id.in_(legs))
-    rows = sorted(session.execute(stmt).all(), key=lambda r: int(r[0].rsplit(":", 1)[1]))
-    visible = [r for r in rows if reader.may_read(r[3]) or reader.may_read(r[4])]
+    rows = sorted(session.execute(stmt).all(), key=lambda r: int(r.id.rsplit(":", 1)[1]))
+    visible = [r for r in rows if reader.may_read(r.debit) or reader.may_read(r.credit)]
     if not visible:
         raise TransferNotFound(f"no transfer {transfer_id}", detail={"id": transfer_id})
     return {
         "id": transfer_id,
         "transfers": [
             {
-                "transfer_id": r[0],
-                "kind": r[1],
-                "phase": r[2],
-                "debit": r[3],
-                "credit": r[4],
-                "asset": r[5],
-                "amount": r[6],
-                "pending_id": r[7],
-                "state": r[8],
-                "memo": r[9],
-                "created_at": r[10].isoformat(),
+                "transfer_id": r.id,
+                "kind": r.kind,
+                "phase": r.phase,
+                "debit": r.debit,
+                "credit": r.credit,
+                "asset": r.asset,
+                "amount": r.amount,
+                "pending_id": r.pending_id,
+                "state": r.state,
+                "memo": r.memo,
+                "created_at": r.created_at.isoformat(),
             }
             for r in visible
         ],

@@ -5,22 +5,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, insert, literal_column, select, update
 from sqlalchemy.orm import Session
 
+from ubc.db import table
 from ubc.members.models import ApiKey
 from ubc.metering.models import ApiKeySpend, GatewayHold, UsageRecord
 from ubc.metering.rules import CallSettled, Grant, SpendAdded, UsageRecorded
 
-usage_t = UsageRecord.__table__  # type: ignore[attr-defined]
-spend_t = ApiKeySpend.__table__  # type: ignore[attr-defined]
-gateway_holds_t = GatewayHold.__table__  # type: ignore[attr-defined]
-apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
+usage_t = table(UsageRecord)
+spend_t = table(ApiKeySpend)
+gateway_holds_t = table(GatewayHold)
+apikeys_t = table(ApiKey)
 
 
 def spend_epoch_query() -> Any:
-    """The spend epoch, as a scalar subquery."""
-    return text("(SELECT max(number) FROM epochs)")
+    """The spend epoch, as a scalar subquery (a literal column, so that a select can label
+    it)."""
+    return literal_column("(SELECT max(number) FROM epochs)")
 
 
 def spend_epoch(session: Session) -> int:
@@ -38,7 +40,9 @@ def read_grant(session: Session, key_hash: str) -> Grant | None:
             apikeys_t.c.spend_cap_per_epoch,
         ).where(apikeys_t.c.key_hash == key_hash)
     ).first()
-    return None if row is None else Grant(row[0], row[1], row[2], row[3])
+    if row is None:
+        return None
+    return Grant(row.account, row.scopes, row.models, row.spend_cap_per_epoch)
 
 
 def read_spent(session: Session, key_hash: str, epoch: int) -> int:
