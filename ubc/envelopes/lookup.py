@@ -83,24 +83,24 @@ class DatabaseLookup:
         for keyid in wanted:
             self.keys[keyid] = None
         if wanted:
-            for row in session.execute(
+            for key in session.execute(
                 select(
                     keys_t.c.keyid, keys_t.c.handle, keys_t.c.public_key, keys_t.c.current
                 ).where(keys_t.c.keyid.in_(wanted))
             ):
-                self.keys[row.keyid] = KeyInfo(
-                    row.keyid, row.handle, decode_public_key(row.public_key), row.current
+                self.keys[key.keyid] = KeyInfo(
+                    key.keyid, key.handle, decode_public_key(key.public_key), key.current
                 )
         names = sorted(h for h in handles if h is not None and h not in self.members)
         for handle in names:
             self.members[handle] = None
         if names:
-            for row in session.execute(
+            for member in session.execute(
                 select(members_t.c.handle, members_t.c.status, members_t.c.tier).where(
                     members_t.c.handle.in_(names)
                 )
             ):
-                self.members[row.handle] = MemberInfo(row.handle, row.status, row.tier)
+                self.members[member.handle] = MemberInfo(member.handle, member.status, member.tier)
 
     def planned(self, plan: Plan) -> None:
         """A plan was made: what it claims counts for the next envelopes of the batch."""
