@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import APIRouter
 from sqlalchemy import func, select
 
+from ubc.db import table
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.gateway.models import ApiKeySpend, UsageRecord
 from ubc.members.models import ApiKey
@@ -23,9 +24,9 @@ from ubc.schemas import error_responses
 __all__ = ["list_api_keys", "router"]
 
 router = APIRouter(tags=["members"])
-apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
-usage_t = UsageRecord.__table__  # type: ignore[attr-defined]
-spend_t = ApiKeySpend.__table__  # type: ignore[attr-defined]
+apikeys_t = table(ApiKey)
+usage_t = table(UsageRecord)
+spend_t = table(ApiKeySpend)
 
 
 def list_api_keys(session: Any, address: str) -> list[dict[str, Any]]:
@@ -49,11 +50,15 @@ def list_api_keys(session: Any, address: str) -> list[dict[str, Any]]:
     ).all()
     if not grants:
         return []
-    hashes = [g[0] for g in grants]
+    hashes = [g.key_hash for g in grants]
     spend = {
-        r[0]: (int(r[1]), int(r[2] or 0))
+        r.key_hash: (int(r.calls), int(r.spent or 0))
         for r in session.execute(
-            select(usage_t.c.key_hash, func.count(), func.sum(usage_t.c.cost))
+            select(
+                usage_t.c.key_hash,
+                func.count().label("calls"),
+                func.sum(usage_t.c.cost).label("spent"),
+            )
             .where(usage_t.c.account == address, usage_t.c.key_hash.in_(hashes))
             .group_by(usage_t.c.key_hash)
         )
@@ -65,7 +70,7 @@ def list_api_keys(session: Any, address: str) -> list[dict[str, Any]]:
         .subquery()
     )
     epoch_spend = {
-        r[0]: (int(r[1]), int(r[2]))
+        r.key_hash: (int(r.epoch), int(r.spent))
         for r in session.execute(
             select(spend_t.c.key_hash, spend_t.c.epoch, spend_t.c.spent).join(
                 latest,
@@ -75,21 +80,21 @@ def list_api_keys(session: Any, address: str) -> list[dict[str, Any]]:
     }
     items = []
     for g in grants:
-        calls, spent = spend.get(g[0], (0, 0))
-        epoch, spent_in_epoch = epoch_spend.get(g[0], (None, 0))
+        calls, spent = spend.get(g.key_hash, (0, 0))
+        epoch, spent_in_epoch = epoch_spend.get(g.key_hash, (None, 0))
         items.append(
             {
-                "key_hash": g[0],
-                "label": g[1],
-                "scopes": g[2].split(","),
-                "spend_cap_per_epoch": g[3],
-                "models": json.loads(g[4]) if g[4] is not None else None,
-                "expires_at": g[5].isoformat() if g[5] is not None else None,
-                "rpm": g[6],
-                "tpm": g[7],
-                "granted_by": g[8],
-                "revoked": bool(g[9]),
-                "created_at": g[10].isoformat(),
+                "key_hash": g.key_hash,
+                "label": g.label,
+                "scopes": g.scopes.split(","),
+                "spend_cap_per_epoch": g.spend_cap_per_epoch,
+                "models": json.loads(g.models) if g.models is not None else None,
+                "expires_at": g.expires_at.isoformat() if g.expires_at is not None else None,
+                "rpm": g.rpm,
+                "tpm": g.tpm,
+                "granted_by": g.granted_by,
+                "revoked": bool(g.revoked),
+                "created_at": g.created_at.isoformat(),
                 "calls": calls,
                 "spent": spent,
                 "epoch": epoch,

@@ -16,17 +16,18 @@ from sqlalchemy import BigInteger, and_, case, cast, func, select
 from sqlalchemy.orm import Session, aliased
 
 from ubc.causes.models import Cause, CauseSteward
+from ubc.db import table
 from ubc.errors import AccountNotFound, NotFound
 from ubc.journal.models import JournalEntry
 from ubc.ledger.models import Account, Posting, Transfer
 from ubc.params import parse_cursor
 
-causes_t = Cause.__table__  # type: ignore[attr-defined]
-stewards_t = CauseSteward.__table__  # type: ignore[attr-defined]
-accounts_t = Account.__table__  # type: ignore[attr-defined]
-transfers_t = Transfer.__table__  # type: ignore[attr-defined]
-postings_t = Posting.__table__  # type: ignore[attr-defined]
-entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
+causes_t = table(Cause)
+stewards_t = table(CauseSteward)
+accounts_t = table(Account)
+transfers_t = table(Transfer)
+postings_t = table(Posting)
+entries_t = table(JournalEntry)
 
 
 def list_causes(session: Session) -> list[dict[str, Any]]:
@@ -54,9 +55,9 @@ def donations(
     credit = aliased(accounts_t)
     stmt = (
         select(
-            postings_t.c.id,
-            transfers_t.c.id,
-            credit.c.address,
+            postings_t.c.id.label("posting_id"),
+            transfers_t.c.id.label("transfer_id"),
+            credit.c.address.label("cause"),
             transfers_t.c.asset,
             transfers_t.c.amount,
             transfers_t.c.memo,
@@ -79,9 +80,9 @@ def donations(
         stmt = stmt.where(postings_t.c.id < position)
     rows = session.execute(stmt).all()[: limit + 1]
     page = rows[:limit]
-    envelope_ids = sorted({str(r[1]).rsplit(":", 1)[0] for r in page})
+    envelope_ids = sorted({str(r.transfer_id).rsplit(":", 1)[0] for r in page})
     seqs = {
-        str(r[0]): int(r[1])
+        str(r.envelope_id): int(r.seq)
         for r in session.execute(
             select(entries_t.c.envelope_id, entries_t.c.seq).where(
                 entries_t.c.envelope_id.in_(envelope_ids)
@@ -90,20 +91,20 @@ def donations(
     }
     items = []
     for r in page:
-        envelope_id = str(r[1]).rsplit(":", 1)[0]
+        envelope_id = str(r.transfer_id).rsplit(":", 1)[0]
         items.append(
             {
                 "id": envelope_id,
-                "transfer_id": r[1],
+                "transfer_id": r.transfer_id,
                 "seq": seqs.get(envelope_id),
-                "cause": r[2],
-                "asset": r[3],
-                "amount": int(r[4]),
-                "memo": r[5],
-                "created_at": r[6].isoformat(),
+                "cause": r.cause,
+                "asset": r.asset,
+                "amount": int(r.amount),
+                "memo": r.memo,
+                "created_at": r.created_at.isoformat(),
             }
         )
-    next_cursor = str(page[-1][0]) if len(rows) > limit else None
+    next_cursor = str(page[-1].posting_id) if len(rows) > limit else None
     return items, next_cursor
 
 
@@ -123,7 +124,7 @@ def _causes(session: Session, slug: str | None) -> list[dict[str, Any]]:
     rows = session.execute(stmt).all()
     if not rows:
         return []
-    slugs = [str(r[0]) for r in rows]
+    slugs = [str(r.slug) for r in rows]
     addresses = [f"cause:{s}" for s in slugs]
     stewards: dict[str, list[str]] = {s: [] for s in slugs}
     for s, handle in session.execute(
@@ -147,7 +148,7 @@ def _causes(session: Session, slug: str | None) -> list[dict[str, Any]]:
     donors = _donors(session, addresses)
     causes = []
     for r in rows:
-        address = f"cause:{r[0]}"
+        address = f"cause:{r.slug}"
         flow = flows.get(address, {})
         donated = {a: f["donated"] for a, f in sorted(flow.items()) if f["donated"]}
         used = {a: f["used"] for a, f in sorted(flow.items()) if f["used"]}
@@ -155,13 +156,13 @@ def _causes(session: Session, slug: str | None) -> list[dict[str, Any]]:
         spent = {a: f["used"] + f["sent"] for a, f in sorted(flow.items()) if f["used"] + f["sent"]}
         causes.append(
             {
-                "slug": r[0],
+                "slug": r.slug,
                 "address": address,
-                "name": r[1],
-                "description": r[2],
-                "stewards": stewards[str(r[0])],
-                "created_at": r[3].isoformat(),
-                "updated_at": r[4].isoformat(),
+                "name": r.name,
+                "description": r.description,
+                "stewards": stewards[str(r.slug)],
+                "created_at": r.created_at.isoformat(),
+                "updated_at": r.updated_at.isoformat(),
                 "balances": balances[address],
                 "donated": donated,
                 "donors": donors.get(address, 0),
@@ -196,8 +197,8 @@ def _flows(session: Session, addresses: list[str]) -> dict[str, dict[str, dict[s
     )
     flows: dict[str, dict[str, dict[str, int]]] = {}
     for row in session.execute(stmt):
-        flows.setdefault(str(row[0]), {})[str(row[1])] = {
-            name: int(value) for name, value in zip(_FLOWS, row[2:], strict=True)
+        flows.setdefault(str(row.address), {})[str(row.asset)] = {
+            name: int(getattr(row, name)) for name in _FLOWS
         }
     return flows
 
@@ -206,7 +207,7 @@ def _donors(session: Session, addresses: list[str]) -> dict[str, int]:
     credit = aliased(accounts_t)
     debit = aliased(accounts_t)
     stmt = (
-        select(credit.c.address, func.count(func.distinct(debit.c.address)))
+        select(credit.c.address, func.count(func.distinct(debit.c.address)).label("donors"))
         .select_from(
             transfers_t.join(credit, credit.c.id == transfers_t.c.credit_account_id).join(
                 debit, debit.c.id == transfers_t.c.debit_account_id
@@ -219,4 +220,4 @@ def _donors(session: Session, addresses: list[str]) -> dict[str, int]:
         )
         .group_by(credit.c.address)
     )
-    return {str(r[0]): int(r[1]) for r in session.execute(stmt)}
+    return {str(r.address): int(r.donors) for r in session.execute(stmt)}

@@ -9,10 +9,11 @@ from sqlalchemy.orm import Session
 
 from ubc.causes.models import Cause, CauseSteward
 from ubc.causes.rules import CAUSE_PREFIX, CauseStored, cause_address
+from ubc.db import table
 from ubc.ledger import service as ledger
 
-causes_t = Cause.__table__  # type: ignore[attr-defined]
-stewards_t = CauseSteward.__table__  # type: ignore[attr-defined]
+causes_t = table(Cause)
+stewards_t = table(CauseSteward)
 
 
 def store_cause(session: Session, change: CauseStored, now: datetime) -> None:
@@ -58,6 +59,6 @@ def stewards(session: Session, account: str) -> frozenset[str] | None:
     if not cause_exists(session, slug):
         return None
     return frozenset(
-        str(r[0])
+        str(r.handle)
         for r in session.execute(select(stewards_t.c.handle).where(stewards_t.c.slug == slug))
     )

@@ -41,12 +41,13 @@ from sqlalchemy import BigInteger, and_, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from ubc.clock import SYSTEM_CLOCK
+from ubc.db import table
 from ubc.epochs import service as epochs
 from ubc.ledger.models import Account, Posting, Transfer
 
-accounts_t = Account.__table__  # type: ignore[attr-defined]
-transfers_t = Transfer.__table__  # type: ignore[attr-defined]
-postings_t = Posting.__table__  # type: ignore[attr-defined]
+accounts_t = table(Account)
+transfers_t = table(Transfer)
+postings_t = table(Posting)
 
 #: Report column → (transfer kind, posting side) it sums.
 FLOWS: dict[str, tuple[str, str]] = {
@@ -160,18 +161,20 @@ def utilization(
         )
         .group_by(a.c.address)
     )
-    # Sorted here, not by the database: PostgreSQL's collation may not be code-point order.
-    rows = sorted(session.execute(stmt).all(), key=lambda r: str(r[0]))
+    # One row per member: its address, then its sums in FLOWS order (as selected above),
+    # unpacked rather than read by attribute: a report may have a million rows.
+    flows_of = {str(address): flows for address, *flows in session.execute(stmt)}
     returned = _returned_from_escrow(session, info.asset, info.first_posting, info.last_posting)
     sold, bought = list(FLOWS).index("sold"), list(FLOWS).index("bought")
     members = []
     sums_of_all = [0] * len(FLOWS)
-    for r in rows:
-        amounts = [int(v) for v in r[1:]]
-        back, back_of_this_epoch = returned.get(str(r[0]), (0, 0))
+    # Sorted here, not by the database: PostgreSQL's collation may not be code-point order.
+    for address in sorted(flows_of):
+        amounts = [int(v) for v in flows_of[address]]
+        back, back_of_this_epoch = returned.get(address, (0, 0))
         amounts[bought] -= back
         amounts[sold] -= back_of_this_epoch
-        members.append(_row(str(r[0]), amounts, price))
+        members.append(_row(address, amounts, price))
         sums_of_all = [x + y for x, y in zip(sums_of_all, amounts, strict=True)]
     totals = _row("total", sums_of_all, price)
     under = []

@@ -122,10 +122,10 @@ def open_epoch(
         params,
     )
     by_tier = {
-        str(r[0]): (int(r[1]), int(r[2]))
+        str(r.tier): (int(r.members), int(r.total))
         for r in session.execute(
             text(
-                "SELECT tier, count(*), sum(amount) FROM epoch_allocations "
+                "SELECT tier, count(*) AS members, sum(amount) AS total FROM epoch_allocations "
                 "WHERE epoch = :epoch GROUP BY tier"
             ),
             {"epoch": payload.epoch},
@@ -182,13 +182,13 @@ def apply_allocations(
         ),
         {"n": number},
     ).first()
-    if epoch is None or epoch[4] != "opening":
+    if epoch is None or epoch.status != "opening":
         return 0
     asset, envelope_id, members, applied = (
-        str(epoch[0]),
-        str(epoch[1]),
-        int(epoch[2]),
-        int(epoch[3]),
+        str(epoch.asset),
+        str(epoch.open_envelope_id),
+        int(epoch.members),
+        int(epoch.applied),
     )
     lo, hi = applied, min(applied + (limit or CHUNK), members)
     issuance = bulk.account_id(session, "system:issuance", asset)
@@ -226,17 +226,17 @@ def leg_ids(session: Session, envelope_id: str, *, limit: int = 1000) -> list[st
     row = session.execute(
         text(
             "SELECT CASE WHEN open_envelope_id = :id THEN applied ELSE expired_members END "
-            "FROM epochs WHERE open_envelope_id = :id OR close_envelope_id = :id"
+            "AS legs FROM epochs WHERE open_envelope_id = :id OR close_envelope_id = :id"
         ),
         {"id": envelope_id},
     ).first()
-    count = 0 if row is None else min(int(row[0]), limit)
+    count = 0 if row is None else min(int(row.legs), limit)
     return [f"{envelope_id}:{leg}" for leg in range(count)]
 
 
 def pending_epochs(session: Session) -> list[int]:
     return [
-        int(r[0])
+        int(r.number)
         for r in session.execute(text("SELECT number FROM epochs WHERE status = 'opening'"))
     ]
 
@@ -310,9 +310,9 @@ def _close_asset(session: Session, payload: EpochClose) -> str:
     ).first()
     if row is None:
         raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
-    if str(row[0]) != "open":
-        raise StateConflict(f"epoch {payload.epoch} is {row[0]}")
-    return str(row[1])
+    if str(row.status) != "open":
+        raise StateConflict(f"epoch {payload.epoch} is {row.status}")
+    return str(row.asset)
 
 
 def _check_recorded_holds(session: Session, asset: str, held: dict[str, int], cap: int) -> None:
@@ -364,27 +364,27 @@ _COLUMNS = (
 
 
 def _info(row: Any) -> EpochInfo:
-    starts, ends, opened = _utc(row[4]), _utc(row[5]), _utc(row[7])
+    starts, ends, opened = _utc(row.starts_at), _utc(row.ends_at), _utc(row.opened_at)
     assert starts is not None
     assert ends is not None
     assert opened is not None
     return EpochInfo(
-        number=int(row[0]),
-        asset=str(row[1]),
-        allocations=json.loads(row[2]),
-        carryover_cap=None if row[3] is None else int(row[3]),
+        number=int(row.number),
+        asset=str(row.asset),
+        allocations=json.loads(row.allocations),
+        carryover_cap=None if row.carryover_cap is None else int(row.carryover_cap),
         starts_at=starts,
         ends_at=ends,
-        status=str(row[6]),
+        status=str(row.status),
         opened_at=opened,
-        closed_at=_utc(row[8]),
-        members=int(row[9]),
-        applied=int(row[10]),
-        issued=int(row[11]),
-        expired_members=int(row[12]),
-        expired=int(row[13]),
-        first_posting=int(row[14]),
-        last_posting=None if row[15] is None else int(row[15]),
+        closed_at=_utc(row.closed_at),
+        members=int(row.members),
+        applied=int(row.applied),
+        issued=int(row.issued),
+        expired_members=int(row.expired_members),
+        expired=int(row.expired),
+        first_posting=int(row.first_posting),
+        last_posting=None if row.last_posting is None else int(row.last_posting),
     )
 
 
@@ -415,11 +415,11 @@ def latest_epoch(session: Session) -> tuple[int, str] | None:
     row = session.execute(
         text("SELECT number, status FROM epochs ORDER BY number DESC LIMIT 1")
     ).first()
-    return None if row is None else (int(row[0]), str(row[1]))
+    return None if row is None else (int(row.number), str(row.status))
 
 
 def epoch_state(session: Session, number: int) -> tuple[str, str] | None:
     row = session.execute(
         text("SELECT status, asset FROM epochs WHERE number = :n"), {"n": number}
     ).first()
-    return None if row is None else (str(row[0]), str(row[1]))
+    return None if row is None else (str(row.status), str(row.asset))

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import insert, or_, select
 from sqlalchemy.orm import Session
 
+from ubc.db import table
 from ubc.errors import (
     BadRequest,
     Forbidden,
@@ -31,13 +32,13 @@ from ubc.params import parse_cursor
 from ubc.rules.payload import check_text, format_timestamp
 from ubc.rules.writing import Accepted, LedgerContext, Precheck, Submit, sign_payload
 
-offers_t = Offer.__table__  # type: ignore[attr-defined]
-fills_t = Fill.__table__  # type: ignore[attr-defined]
-withdrawals_t = WithdrawalRequest.__table__  # type: ignore[attr-defined]
-requests_t = Request.__table__  # type: ignore[attr-defined]
-entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
-keys_t = MemberKey.__table__  # type: ignore[attr-defined]
-refs_t = ExternalRef.__table__  # type: ignore[attr-defined]
+offers_t = table(Offer)
+fills_t = table(Fill)
+withdrawals_t = table(WithdrawalRequest)
+requests_t = table(Request)
+entries_t = table(JournalEntry)
+keys_t = table(MemberKey)
+refs_t = table(ExternalRef)
 
 #: Offers expired per round of the sweeper (each round is one transaction).
 EXPIRE_BATCH = 500
@@ -59,7 +60,7 @@ def expire_due_offers(
     if ctx.ledger_key is None:
         return 0
     due = [
-        str(r[0])
+        str(r.id)
         for r in session.execute(
             select(offers_t.c.id)
             .where(offers_t.c.status == "open", offers_t.c.expires_at <= now)
@@ -222,20 +223,20 @@ def trades(
     items = []
     for r in rows[:limit]:
         item: dict[str, Any] = {
-            "id": r[0],
-            "seq": int(r[10]),
-            "offer_id": r[1],
-            "seller": r[2],
-            "buyer": r[3],
-            "sell_asset": r[4],
-            "amount": int(r[5]),
-            "price_asset": r[6],
-            "payment": int(r[7]),
-            "fee": int(r[8]),
-            "created_at": r[9].isoformat(),
+            "id": r.id,
+            "seq": int(r.seq),
+            "offer_id": r.offer_id,
+            "seller": r.seller,
+            "buyer": r.buyer,
+            "sell_asset": r.sell_asset,
+            "amount": int(r.amount),
+            "price_asset": r.price_asset,
+            "payment": int(r.payment),
+            "fee": int(r.fee),
+            "created_at": r.created_at.isoformat(),
         }
         if account is not None:
-            item["side"] = "buy" if r[3] == account else "sell"
+            item["side"] = "buy" if r.buyer == account else "sell"
         items.append(item)
     cursor = str(items[-1]["seq"]) if len(rows) > limit else None
     return items, cursor
@@ -292,7 +293,7 @@ def store_withdrawal(
         select(withdrawals_t.c.envelope).where(withdrawals_t.c.id == payload.id)
     ).first()
     if existing is not None:
-        if existing[0] != body:
+        if existing.envelope != body:
             raise IdempotencyConflict(
                 f"id {payload.id} was already used with a different envelope",
                 detail={"id": payload.id},
@@ -303,8 +304,9 @@ def store_withdrawal(
     ).first()
     if used is not None:
         raise IdempotencyConflict(
-            f"external_ref {payload.external_ref!r} was already used by envelope {used[0]}",
-            detail={"external_ref": payload.external_ref, "envelope_id": used[0]},
+            f"external_ref {payload.external_ref!r} was already used by envelope "
+            f"{used.envelope_id}",
+            detail={"external_ref": payload.external_ref, "envelope_id": used.envelope_id},
         )
     waiting = session.execute(
         select(withdrawals_t.c.id)
@@ -313,8 +315,8 @@ def store_withdrawal(
     ).first()
     if waiting is not None:
         raise IdempotencyConflict(
-            f"external_ref {payload.external_ref!r} is already waiting as withdrawal {waiting[0]}",
-            detail={"external_ref": payload.external_ref, "id": waiting[0]},
+            f"external_ref {payload.external_ref!r} is already waiting as withdrawal {waiting.id}",
+            detail={"external_ref": payload.external_ref, "id": waiting.id},
         )
     session.execute(
         insert(withdrawals_t).values(
@@ -346,20 +348,20 @@ WITHDRAWAL_STATUSES = ("pending", "done", "failed")
 
 
 def _withdrawal_json(row: Any) -> dict[str, Any]:
-    status = {"applied": "done", "failed": "failed"}.get(row[7], "pending")
+    status = {"applied": "done", "failed": "failed"}.get(row.status, "pending")
     item: dict[str, Any] = {
-        "id": row[0],
-        "account": row[1],
-        "asset": row[2],
-        "amount": int(row[3]),
-        "external_ref": row[4],
-        "envelope": json.loads(row[5]),
-        "created_at": row[6].isoformat(),
+        "id": row.id,
+        "account": row.account,
+        "asset": row.asset,
+        "amount": int(row.amount),
+        "external_ref": row.external_ref,
+        "envelope": json.loads(row.envelope),
+        "created_at": row.created_at.isoformat(),
         "status": status,
     }
     if status == "failed":
         try:
-            error = json.loads(row[8])
+            error = json.loads(row.result)
             item["error"] = {"type": error.get("type"), "message": error.get("message")}
         except (TypeError, ValueError):
             item["error"] = None

@@ -8,11 +8,12 @@ from typing import Any
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
 
+from ubc.db import table
 from ubc.market.models import Fill, Offer
 from ubc.market.rules import FillRecorded, OfferCreated, OfferUpdated, OfferView
 
-offers_t = Offer.__table__  # type: ignore[attr-defined]
-fills_t = Fill.__table__  # type: ignore[attr-defined]
+offers_t = table(Offer)
+fills_t = table(Fill)
 
 
 def create_offer(session: Session, change: OfferCreated, now: datetime) -> None:
@@ -80,7 +81,7 @@ def read_offer(session: Session, offer_id: str) -> OfferView | None:
             offers_t.c.closes_seen,
         ).where(offers_t.c.id == offer_id)
     ).first()
-    return None if row is None else OfferView(*row)
+    return None if row is None else OfferView(**row._mapping)
 
 
 def capped_closes(session: Session, asset: str) -> int:
@@ -97,7 +98,7 @@ def capped_closes(session: Session, asset: str) -> int:
 
 def capped_close_list(session: Session, asset: str) -> list[tuple[int, int]]:
     return [
-        (int(r[0]), int(r[1] or 0))
+        (int(r.carryover_cap), int(r.last_posting or 0))
         for r in session.execute(
             text(
                 "SELECT carryover_cap, last_posting FROM epochs WHERE asset = :asset "

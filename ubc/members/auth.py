@@ -8,11 +8,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ubc.auth import Principal, hash_secret
+from ubc.db import table
 from ubc.errors import Forbidden, Unauthenticated
 from ubc.members.models import ApiKey, Member
 
-apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
-members_t = Member.__table__  # type: ignore[attr-defined]
+apikeys_t = table(ApiKey)
+members_t = table(Member)
 
 
 def api_key_principal(session: Session, secret: str, *, now: datetime) -> Principal:
@@ -23,11 +24,11 @@ def api_key_principal(session: Session, secret: str, *, now: datetime) -> Princi
             apikeys_t.c.account, apikeys_t.c.scopes, apikeys_t.c.revoked, apikeys_t.c.expires_at
         ).where(apikeys_t.c.key_hash == digest)
     ).first()
-    if row is None or row[2]:
+    if row is None or row.revoked:
         raise Unauthenticated("unknown or revoked API key")
-    if row[3] is not None and row[3] <= now:
+    if row.expires_at is not None and row.expires_at <= now:
         raise Unauthenticated("this API key has expired")
-    account: str = row[0]
+    account: str = row.account
     if account.startswith("member:"):
         status = session.execute(
             select(members_t.c.status).where(members_t.c.handle == account[7:])
@@ -35,5 +36,5 @@ def api_key_principal(session: Session, secret: str, *, now: datetime) -> Princi
         if status != "active":
             raise Forbidden(f"{account} is {status or 'unknown'}: its API keys are disabled")
     return Principal(
-        "member", account=account, key_hash=digest, scopes=frozenset(row[1].split(","))
+        "member", account=account, key_hash=digest, scopes=frozenset(row.scopes.split(","))
     )

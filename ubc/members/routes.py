@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from sqlalchemy import select
 
+from ubc.db import table
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.errors import NotFound
 from ubc.members.models import Member, MemberKey
@@ -14,8 +15,8 @@ from ubc.members.schemas import Member as MemberBody
 from ubc.schemas import error_responses
 
 router = APIRouter(tags=["members"])
-members_t = Member.__table__  # type: ignore[attr-defined]
-keys_t = MemberKey.__table__  # type: ignore[attr-defined]
+members_t = table(Member)
+keys_t = table(MemberKey)
 
 
 @router.get(
@@ -42,9 +43,11 @@ def get_member(handle: str, session: ReadSession, reader: Reader) -> dict[str, A
     return {
         "handle": handle,
         "address": f"member:{handle}",
-        "status": row[0],
-        "tier": row[1],
-        "display_name": row[2],
-        "created_at": row[3].isoformat(),
-        "keys": [{"keyid": k[0], "public_key": k[1], "current": k[2]} for k in keys],
+        "status": row.status,
+        "tier": row.tier,
+        "display_name": row.display_name,
+        "created_at": row.created_at.isoformat(),
+        "keys": [
+            {"keyid": k.keyid, "public_key": k.public_key, "current": k.current} for k in keys
+        ],
     }

@@ -8,14 +8,15 @@ from datetime import datetime
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
+from ubc.db import table
 from ubc.ledger import service as ledger
 from ubc.members.models import ApiKey, ExternalRef, Member, MemberKey
 from ubc.members.rules import GrantRevoked, GrantStored, KeyRotated, MemberCreated, MemberStatusSet
 
-members_t = Member.__table__  # type: ignore[attr-defined]
-keys_t = MemberKey.__table__  # type: ignore[attr-defined]
-apikeys_t = ApiKey.__table__  # type: ignore[attr-defined]
-refs_t = ExternalRef.__table__  # type: ignore[attr-defined]
+members_t = table(Member)
+keys_t = table(MemberKey)
+apikeys_t = table(ApiKey)
+refs_t = table(ExternalRef)
 
 
 def create_member(session: Session, change: MemberCreated, now: datetime) -> None:
@@ -103,13 +104,13 @@ def grant_revoked(session: Session, key_hash: str, account: str) -> bool | None:
             apikeys_t.c.key_hash == key_hash, apikeys_t.c.account == account
         )
     ).first()
-    return None if row is None else bool(row[0])
+    return None if row is None else bool(row.revoked)
 
 
 def external_ref_user(session: Session, ref: str) -> str | None:
     """The envelope that used a deposit's or withdrawal's external reference."""
     row = session.execute(select(refs_t.c.envelope_id).where(refs_t.c.ref == ref)).first()
-    return None if row is None else str(row[0])
+    return None if row is None else str(row.envelope_id)
 
 
 def store_ref(session: Session, ref: str, envelope_id: str) -> None:
