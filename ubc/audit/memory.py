@@ -12,7 +12,7 @@ their plans live here instead of in a database:
   expiry of ``epoch.close`` derived exactly as ``ubc.epochs.service`` over
   ``ubc.ledger.bulk`` derives them (legs numbered by handle, by address);
 - envelope ids (idempotency): a compact open-addressing table of 64-bit hashes of the
-  id and the payload hash (16 bytes per slot), the only part that grows with entries.
+  id and of the payload hash (12 bytes per slot), the only part that grows with entries.
 
 State grows with members, accounts and pending holds, not with entries: resolved holds
 are dropped. Transfers and postings are kept only when a comparison with a live ledger
@@ -71,18 +71,22 @@ class Epoch:
 
 
 class IdTable:
-    """Ids seen, each with a fingerprint: 64-bit hashes in open addressing (two arrays).
+    """Ids seen, each with a fingerprint of its payload: open addressing over two arrays,
+    a 64-bit hash of the id and a 32-bit one of the payload (12 bytes per slot).
 
     A collision of two 64-bit id hashes among a journal's ids is as unlikely as a SHA-256
-    prefix collision; what is stored per id is 16 bytes, not a Python string.
+    prefix collision (about 3 in 10^8 for a billion pairs); 32 bits of the payload's hash
+    only tell a repeat of an accepted envelope from a reuse of its id with another
+    payload, both of which an auditor reports. This table is the only part of the state
+    that grows with the journal's entries.
     """
 
     def __init__(self, expected: int = 0) -> None:
-        # Sized once for the ids expected (at most half full), so that it never grows.
-        size = 1 << max(12, (2 * max(expected, 1) - 1).bit_length())
+        # Sized once for the ids expected (at most three quarters full), never grown.
+        size = 1 << max(12, (4 * max(expected, 1) // 3).bit_length())
         self.mask = size - 1
         self.keys = array("Q", bytes(8 * size))
-        self.values = array("Q", bytes(8 * size))
+        self.values = array("I", bytes(4 * size))
         self.count = 0
 
     def get(self, key: str) -> int | None:
@@ -100,13 +104,13 @@ class IdTable:
             i = (i + 1) & mask
 
     def put(self, key: str, fingerprint: bytes) -> None:
-        self._put(_id_hash(key), int.from_bytes(fingerprint[:8], "little"))
+        self._put(_id_hash(key), fingerprint_value(fingerprint))
 
     def put_hash(self, h: int, fingerprint: bytes) -> None:
-        self._put(h, int.from_bytes(fingerprint[:8], "little"))
+        self._put(h, fingerprint_value(fingerprint))
 
     def _put(self, h: int, value: int) -> None:
-        if (self.count + 1) * 3 > (self.mask + 1) * 2:
+        if (self.count + 1) * 4 > (self.mask + 1) * 3:
             self._grow()
         mask, keys = self.mask, self.keys
         i = h & mask
@@ -122,7 +126,7 @@ class IdTable:
         size = (self.mask + 1) * 2
         self.mask = size - 1
         self.keys = array("Q", bytes(8 * size))
-        self.values = array("Q", bytes(8 * size))
+        self.values = array("I", bytes(4 * size))
         self.count = 0
         for i, k in enumerate(keys):
             if k:
@@ -130,7 +134,8 @@ class IdTable:
 
 
 def fingerprint_value(fingerprint: bytes) -> int:
-    return int.from_bytes(fingerprint[:8], "little")
+    """The 32 bits of a payload's hash the id table keeps."""
+    return int.from_bytes(fingerprint[:4], "little")
 
 
 @dataclass(slots=True)

@@ -34,6 +34,9 @@ class Journal:
     checkpoint: str
     size: int
     entries: Iterator[tuple[int, bytes]]
+    #: An export file's path: its entry lines can then be read in blocks and decoded
+    #: where they are checked (:func:`export_blocks`, :func:`parse_export_line`).
+    export: Path | None = None
 
 
 class SourceError(RuntimeError):
@@ -55,7 +58,7 @@ def from_export(path: Path) -> Journal:
             header = _header(handle.readline(), path)
     except OSError as exc:
         raise SourceError(f"cannot read {path}: {exc}") from None
-    return Journal(header["checkpoint"], int(header["size"]), _export_entries(path))
+    return Journal(header["checkpoint"], int(header["size"]), _export_entries(path), path)
 
 
 def from_server(url: str, *, token: str | None = None) -> Journal:
@@ -114,17 +117,45 @@ def _header(line: str, path: Path) -> dict[str, Any]:
 
 
 def _export_entries(path: Path) -> Iterator[tuple[int, bytes]]:
-    # The file is opened only when the entries are read, and closed when they stop.
-    with path.open("r", encoding="utf-8") as handle:
+    for number, blob in export_blocks(path, 1):
+        yield parse_export_line(blob, path, number)
+
+
+def export_blocks(path: Path, lines: int, *, skip: int = 0) -> Iterator[tuple[int, bytes]]:
+    """The entry lines of an export in blocks of up to ``lines`` non-blank lines, each with
+    the file line number of its first line; ``skip`` entry lines are left out first. The
+    file is opened only when the blocks are read, and closed when they stop."""
+    with path.open("rb") as handle:
         handle.readline()
-        for number, line in enumerate(handle, start=2):
+        number = 2
+        block: list[bytes] = []
+        first = number
+        for line in handle:
             if not line.strip():
+                number += 1
                 continue
-            try:
-                item = json.loads(line)
-                yield int(item["seq"]), base64.b64decode(item["entry"], validate=True)
-            except (ValueError, KeyError, TypeError):
-                raise SourceError(f"{path}:{number}: not an entry line") from None
+            if skip:
+                skip -= 1
+                number += 1
+                continue
+            if not block:
+                first = number
+            block.append(line)
+            number += 1
+            if len(block) >= lines:
+                yield first, b"".join(block)
+                block = []
+        if block:
+            yield first, b"".join(block)
+
+
+def parse_export_line(line: bytes, path: Path | str, number: int) -> tuple[int, bytes]:
+    """One entry line of an export: (seq, the entry's exact bytes); SourceError otherwise."""
+    try:
+        item = json.loads(line)
+        return int(item["seq"]), base64.b64decode(item["entry"], validate=True)
+    except (ValueError, KeyError, TypeError):
+        raise SourceError(f"{path}:{number}: not an entry line") from None
 
 
 def _server_entries(url: str, token: str | None, size: int) -> Iterator[tuple[int, bytes]]:

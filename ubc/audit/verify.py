@@ -13,6 +13,7 @@ Findings are data, not the first exception: ``(seq, rule, expected, found)``.
 from __future__ import annotations
 
 import base64
+import gc
 import hashlib
 import json
 import tempfile
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.audit import workers
 from ubc.audit.memory import IdTable, MemoryState, fingerprint_value
-from ubc.audit.source import Journal
+from ubc.audit.source import Journal, export_blocks, parse_export_line
 from ubc.db import make_engine, make_session_factory
 from ubc.envelopes import service as envelopes
 from ubc.envelopes.payloads import LedgerGenesis, parse_timestamp, payload_json, validate_payload
@@ -143,7 +144,7 @@ def verify_journal(
         memory = _MemoryReplayer(
             verifier, report, keep_rows=against is not None, expected=journal.size
         )
-        memory.run(journal.entries, checkpoint, old, progress)
+        memory.run(journal, checkpoint, old, progress)
         memory.check_invariants()
         if against is not None:
             report.findings.extend(against(memory.state))
@@ -699,10 +700,14 @@ class _MemoryReplayer:
         self.group_at = ""
         self.group_size = 0
         self.now: datetime | None = None
+        # What the journal recorded of the entry being applied, for the rules that read
+        # it; one context per group of entries (the server's batch).
+        self.record = _Record("", [], None)
+        self.rule_ctx: RuleContext | None = None
 
     def run(
         self,
-        entries: Iterator[tuple[int, bytes]],
+        journal: Journal,
         checkpoint: Checkpoint | None,
         old: Checkpoint | None,
         progress: ProgressFn | None,
@@ -712,7 +717,18 @@ class _MemoryReplayer:
         # Sizes at which the root is checked, and from where entries are unsigned.
         watched = {c.size for c in (checkpoint, old) if c is not None}
         signed = checkpoint.size if checkpoint is not None else None
-        first = next(entries, None)
+        chunks: Iterator[workers.Chunk]
+        if journal.export is not None:
+            # An export's lines go to the workers in blocks, decoded there.
+            path = journal.export
+            head = next(export_blocks(path, 1), None)
+            first = None if head is None else parse_export_line(head[1], path, head[0])
+            chunks = (
+                (str(path), number, blob) for number, blob in export_blocks(path, CHUNK, skip=1)
+            )
+        else:
+            first = next(journal.entries, None)
+            chunks = _chunked(journal.entries, CHUNK)
         if first is not None:
             # Entry 0 here: the genesis sets the context every other entry is read in.
             tree.push(leaf_hash(first[1]))
@@ -720,8 +736,12 @@ class _MemoryReplayer:
                 _check_position(findings, 1, tree.stack, checkpoint, old, self.report)
             self._first(first[0], first[1])
         pool = workers.Pool()
+        # As in the workers: reference counting frees what an entry allocates, and the
+        # cycle collector runs once per GC_EVERY chunks instead of rescanning the state.
+        gc.freeze()
+        gc.disable()
+        chunks_done = 0
         try:
-            chunks = _chunked(entries, CHUNK)
             ahead = AHEAD * len(pool.processes)
             more = True
             while True:
@@ -744,8 +764,13 @@ class _MemoryReplayer:
                     self._entry(position - 1, label, fields)
                 if progress is not None:
                     progress(len(items))
+                chunks_done += 1
+                if chunks_done % workers.GC_EVERY == 0:
+                    gc.collect()
         finally:
             pool.close()
+            gc.enable()
+            gc.unfreeze()
         self.report.entries = tree.size
         _check_end(findings, tree.size, checkpoint, old)
 
@@ -828,22 +853,20 @@ class _MemoryReplayer:
                     json.dumps(summary, sort_keys=True),
                 )
             )
-        if workers.effects_json(derived) != effects:
-            recorded = json.loads(effects)
-            if derived != recorded:  # equal as JSON values: as the write path compares
-                findings.append(
-                    Finding(
-                        seq,
-                        f"effects.{kind}",
-                        json.dumps(derived, sort_keys=True),
-                        json.dumps(recorded, sort_keys=True),
-                    )
+        if derived != effects:  # equal as JSON values: as the write path compares
+            findings.append(
+                Finding(
+                    seq,
+                    f"effects.{kind}",
+                    json.dumps(derived, sort_keys=True),
+                    json.dumps(effects, sort_keys=True),
                 )
+            )
 
     def _apply(
         self,
         decoded: workers.Decoded | UbcError,
-        effects: str,
+        effects: Any,
         summary: Any,
         now: datetime,
     ) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | UbcError | None:
@@ -884,13 +907,17 @@ class _MemoryReplayer:
                 f"id {payload.id} was already used with a different payload",
                 detail={"id": payload.id},
             )
-        rule_ctx = RuleContext(
-            now=now,
-            enrollment=ctx.enrollment,
-            assets=ctx.assets,
-            recorded=_Record(payload.id, effects, summary),
-            allocate_at_once=None,
-        )
+        record = self.record
+        record.envelope_id, record.effects, record.summary = payload.id, effects, summary
+        rule_ctx = self.rule_ctx
+        if rule_ctx is None or rule_ctx.now is not now:
+            rule_ctx = self.rule_ctx = RuleContext(
+                now=now,
+                enrollment=ctx.enrollment,
+                assets=ctx.assets,
+                recorded=record,
+                allocate_at_once=None,
+            )
         try:
             plan = REGISTRY.plan(state, rule_ctx, type_, payload, signers, internal=True)
         except MissingSignature as error:
@@ -967,7 +994,7 @@ class _Record(Mapping[str, Recorded]):
 
     __slots__ = ("envelope_id", "effects", "summary")
 
-    def __init__(self, envelope_id: str, effects: str, summary: Any) -> None:
+    def __init__(self, envelope_id: str, effects: Any, summary: Any) -> None:
         self.envelope_id = envelope_id
         self.effects = effects
         self.summary = summary
@@ -975,7 +1002,7 @@ class _Record(Mapping[str, Recorded]):
     def __getitem__(self, key: str) -> Recorded:
         if key != self.envelope_id:
             raise KeyError(key)
-        effects = json.loads(self.effects)
+        effects = self.effects
         return Recorded(
             tuple(effects) if isinstance(effects, list) else (),
             self.summary if isinstance(self.summary, dict) else None,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ubc.errors import BadRequest, Forbidden, NotFound, Unauthenticated
-from ubc.rules.lookup import Lookup
+from ubc.rules.lookup import KeyInfo, Lookup
 from ubc.rules.payload import Payload
 from ubc.signing import Envelope, decode_public_key, key_id, verified_keyids
 
@@ -38,28 +39,38 @@ def authenticate(
     public keys outside the transaction (keys never change their bytes, only whether
     they are current), so only the others are verified here.
     """
-    ledger_keyid = key_id(ledger_public_key)
-    candidates: dict[str, bytes] = dict(operator_keys)
-    candidates[ledger_keyid] = ledger_public_key
-    payload_keys: list[bytes] = []
+    ledger_keyid = _key_id(ledger_public_key)
+    payload_keys: dict[str, bytes] = {}
     fields = payload.__dict__  # a model's field values (no attribute fallback lookups)
     for name in ("public_key", "new_public_key"):
         value = fields.get(name)
         if isinstance(value, str):
             try:
-                payload_keys.append(decode_public_key(value))
+                public = decode_public_key(value)
             except ValueError as exc:
                 raise BadRequest(f"field {name!r}: {exc}") from None
-    for public in payload_keys:
-        candidates.setdefault(key_id(public), public)
+            payload_keys.setdefault(key_id(public), public)
+    # The key each signature names, where the ledger knows one: its own, an operator's, a
+    # key the payload introduces, or a member's (current or rotated away).
+    known: dict[str, bytes] = {}
+    members: dict[str, KeyInfo] = {}
     for signature in envelope.signatures:
-        if signature.keyid in candidates:
-            continue  # the ledger's or an operator's key, not a member's
-        info = look.key(signature.keyid)
-        if info is not None:
-            candidates[info.keyid] = info.public_key
-    remaining = {k: v for k, v in candidates.items() if k not in preverified}
-    verified = preverified | verified_keyids(envelope, remaining)
+        keyid = signature.keyid
+        if keyid == ledger_keyid:
+            known[keyid] = ledger_public_key
+        elif keyid in operator_keys:
+            known[keyid] = operator_keys[keyid]
+        elif keyid in payload_keys:
+            known[keyid] = payload_keys[keyid]
+        else:
+            info = look.key(keyid)
+            if info is not None:
+                known[keyid] = info.public_key
+                members[keyid] = info
+    unchecked = {k: v for k, v in known.items() if k not in preverified}
+    verified = {k for k in known if k in preverified}
+    if unchecked:
+        verified |= verified_keyids(envelope, unchecked)
     if not verified:
         raise Unauthenticated(
             "no signature verifies under a key this ledger knows",
@@ -70,7 +81,7 @@ def authenticate(
     for keyid in verified:
         if keyid == ledger_keyid or keyid in operator_keys:
             continue
-        info = look.key(keyid)
+        info = members.get(keyid) or look.key(keyid)
         if info is not None:
             (current if info.current else rotated).add(info.handle)
     return Signers(
@@ -78,8 +89,13 @@ def authenticate(
         ledger=ledger_keyid in verified,
         current=frozenset(current),
         rotated=frozenset(rotated),
-        payload_keys=frozenset(p for p in payload_keys if key_id(p) in verified),
+        payload_keys=frozenset(p for k, p in payload_keys.items() if k in verified),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _key_id(public_key: bytes) -> str:
+    return key_id(public_key)
 
 
 def actor_handle(actor: str) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -196,9 +197,10 @@ def verified_keyids(env: Envelope, public_keys: Mapping[str, bytes]) -> frozense
         if pk is None:
             continue
         try:
-            if key_id(pk) != s.keyid:
+            keyid, verifier = _verifier(pk)
+            if keyid != s.keyid:
                 continue
-            VerifyKey(pk).verify(message, s.sig)
+            verifier.verify(message, s.sig)
         except (BadSignatureError, ValueError, TypeError):
             # Wrong-length keys or signatures raise ValueError/TypeError: not a valid
             # signature either way.
@@ -208,6 +210,13 @@ def verified_keyids(env: Envelope, public_keys: Mapping[str, bytes]) -> frozense
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _verifier(public_key: bytes) -> tuple[str, VerifyKey]:
+    """A public key's id and its verifier, made once per key (ValueError or TypeError for
+    bytes that are not a key, as ``VerifyKey`` raises them; not cached)."""
+    return key_id(public_key), VerifyKey(public_key)
 
 
 def _b64(data: bytes) -> str:
