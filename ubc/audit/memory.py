@@ -30,7 +30,16 @@ from typing import Any
 
 from ubc.audit.workers import id_hash as _id_hash
 from ubc.causes.rules import CausesLookup, CauseStored, cause_address
-from ubc.epochs.rules import EpochClosed, EpochOpened, EpochsLookup
+from ubc.epochs.rules import (
+    EpochClosed,
+    EpochOpened,
+    EpochsLookup,
+    allocation_for,
+    check_recorded_hold,
+    close_summary,
+    expiry_for,
+    open_summary,
+)
 from ubc.errors import (
     IdempotencyConflict,
     NotFound,
@@ -364,42 +373,25 @@ class MemoryState:
 
     def _open_epoch(self, change: EpochOpened, now: datetime) -> dict[str, Any]:
         payload = change.payload
-        tiers = sorted(payload.allocations)
         legs: list[tuple[AccountState, str, int]] = []
         for handle in sorted(self.members):
             info = self.members[handle]
-            if info.status != "active" or info.tier not in payload.allocations:
-                continue
+            amount = allocation_for(info.status, info.tier, payload.allocations)
             account = self.accounts.get((f"member:{handle}", payload.asset))
-            if account is None:
+            if amount is None or account is None or info.tier is None:
                 continue
-            legs.append((account, info.tier, payload.allocations[info.tier]))
+            legs.append((account, info.tier, amount))
         by_tier: dict[str, tuple[int, int]] = {}
         for _, tier, amount in legs:
             count, total = by_tier.get(tier, (0, 0))
             by_tier[tier] = (count + 1, total + amount)
-        members = sum(c for c, _ in by_tier.values())
-        total = sum(t for _, t in by_tier.values())
         issuance = self.accounts[("system:issuance", payload.asset)]
         self._move(payload.id, [(a, amount) for a, _, amount in legs], issuance, "allocation")
         self.epochs[payload.epoch] = Epoch(
             payload.epoch, payload.asset, payload.carryover_cap, "open"
         )
         parse_timestamp(payload.starts_at)
-        return {
-            "epoch": payload.epoch,
-            "asset": payload.asset,
-            "members": members,
-            "total": total,
-            "tiers": {
-                tier: {
-                    "members": by_tier.get(tier, (0, 0))[0],
-                    "amount": payload.allocations[tier],
-                    "total": by_tier.get(tier, (0, 0))[1],
-                }
-                for tier in tiers
-            },
-        }
+        return open_summary(payload, by_tier)
 
     def _close_epoch(self, change: EpochClosed) -> dict[str, Any]:
         payload = change.payload
@@ -420,23 +412,14 @@ class MemoryState:
                     if account is not None and address.startswith("member:")
                     else None
                 )
-                if (
-                    not isinstance(amount, int)
-                    or available is None
-                    or not 0 < amount <= available
-                    or available <= cap
-                ):
-                    raise StateConflict(
-                        f"the close records an impossible hold of {amount!r} on {address}",
-                        detail={"address": address, "held": amount},
-                    )
+                check_recorded_hold(address, amount, available, cap)
             legs: list[tuple[AccountState, int]] = []
             for (address, code), account in sorted(self.accounts.items()):
                 if code != asset or not address.startswith("member:"):
                     continue
-                available = account.available - elsewhere.get(address, 0)
-                if available > cap:
-                    legs.append((account, available - cap))
+                expires = expiry_for(account.available, elsewhere.get(address, 0), cap)
+                if expires:
+                    legs.append((account, expires))
             expired = self.accounts[("system:expired", asset)]
             count, total = self._move(payload.id, legs, expired, "expiry", source_is_debit=False)
             held = elsewhere or {
@@ -461,15 +444,7 @@ class MemoryState:
             )
             self.capped.setdefault(asset, []).append((cap, len(self.close_balances) - 1))
         epoch.status = "closed"
-        summary: dict[str, Any] = {
-            "epoch": payload.epoch,
-            "asset": asset,
-            "members": count,
-            "total": total,
-        }
-        if held:
-            summary["held"] = dict(sorted(held.items()))
-        return summary
+        return close_summary(payload.epoch, asset, count, total, held)
 
     def _move(
         self,

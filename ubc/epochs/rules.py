@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ubc.epochs.payloads import EpochClose, EpochOpen
 from ubc.errors import BadRequest, NotFound, StateConflict
@@ -101,3 +101,71 @@ RULES = (
     RuleSpec("epoch.open", EpochOpen, epoch_open),
     RuleSpec("epoch.close", EpochClose, epoch_close),
 )
+
+
+# --- what an open and a close compute, for the set-based SQL and the auditor alike ------
+#
+# ``ubc.epochs.service`` computes allocations and expiries in set-based SQL over every
+# member at once; the auditor's in-memory state computes them member by member. Both
+# build their summaries and check a journal's recorded holds with these functions, and the
+# SQL's per-member arithmetic is the one :func:`allocation_for` and :func:`expiry_for` say.
+
+
+def allocation_for(status: str, tier: str | None, allocations: Mapping[str, int]) -> int | None:
+    """What an epoch allocates to a member: its tier's amount if it is active and its tier
+    has one, else nothing."""
+    if status != "active" or tier is None:
+        return None
+    return allocations.get(tier)
+
+
+def expiry_for(available: int, held_elsewhere: int, cap: int) -> int:
+    """What a close expires of a member's account: what it can spend above the cap, less
+    what holds outside the ledger's tables keep (never below zero)."""
+    return max(available - held_elsewhere - cap, 0)
+
+
+def open_summary(payload: EpochOpen, by_tier: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """The journal's summary of an ``epoch.open``: members and total, per tier too."""
+    return {
+        "epoch": payload.epoch,
+        "asset": payload.asset,
+        "members": sum(count for count, _ in by_tier.values()),
+        "total": sum(total for _, total in by_tier.values()),
+        "tiers": {
+            tier: {
+                "members": by_tier.get(tier, (0, 0))[0],
+                "amount": payload.allocations[tier],
+                "total": by_tier.get(tier, (0, 0))[1],
+            }
+            for tier in sorted(payload.allocations)
+        },
+    }
+
+
+def close_summary(
+    epoch: int, asset: str, members: int, total: int, held: Mapping[str, int]
+) -> dict[str, Any]:
+    """The journal's summary of an ``epoch.close``: what expired, and the holds that
+    limited it (address → amount), if any."""
+    summary: dict[str, Any] = {"epoch": epoch, "asset": asset, "members": members, "total": total}
+    if held:
+        summary["held"] = dict(sorted(held.items()))
+    return summary
+
+
+def check_recorded_hold(address: str, amount: object, available: int | None, cap: int) -> None:
+    """A hold a journal's close records must be possible: on a member account (whose
+    ``available`` is known) with more than the cap available, positive and at most what
+    the account had available."""
+    if (
+        not isinstance(amount, int)
+        or isinstance(amount, bool)
+        or available is None
+        or not 0 < amount <= available
+        or available <= cap
+    ):
+        raise StateConflict(
+            f"the close records an impossible hold of {amount!r} on {address}",
+            detail={"address": address, "held": amount},
+        )

@@ -32,7 +32,13 @@ from sqlalchemy.orm import Session
 
 from ubc.dbtypes import UTCDateTime
 from ubc.epochs.payloads import EpochClose, EpochOpen
-from ubc.epochs.rules import EpochClosed, EpochOpened
+from ubc.epochs.rules import (
+    EpochClosed,
+    EpochOpened,
+    check_recorded_hold,
+    close_summary,
+    open_summary,
+)
 from ubc.errors import NotFound, StateConflict
 from ubc.ledger import bulk
 from ubc.rules.payload import parse_timestamp
@@ -156,20 +162,7 @@ def open_epoch(
             "total": total,
         },
     )
-    return {
-        "epoch": payload.epoch,
-        "asset": payload.asset,
-        "members": members,
-        "total": total,
-        "tiers": {
-            tier: {
-                "members": by_tier.get(tier, (0, 0))[0],
-                "amount": payload.allocations[tier],
-                "total": by_tier.get(tier, (0, 0))[1],
-            }
-            for tier in tiers
-        },
-    }
+    return open_summary(payload, by_tier)
 
 
 def apply_allocations(
@@ -292,15 +285,7 @@ def close_epoch(
         ).bindparams(*_timestamps("now")),
         {"envelope": envelope_id, "now": now, "count": count, "total": total, "n": payload.epoch},
     )
-    summary: dict[str, Any] = {
-        "epoch": payload.epoch,
-        "asset": asset,
-        "members": count,
-        "total": total,
-    }
-    if held:
-        summary["held"] = dict(sorted(held.items()))
-    return summary
+    return close_summary(payload.epoch, asset, count, total, held)
 
 
 def _close_asset(session: Session, payload: EpochClose) -> str:
@@ -319,17 +304,7 @@ def _check_recorded_holds(session: Session, asset: str, held: dict[str, int], ca
     """A journal's recorded holds must be possible: on member accounts with more than the
     cap posted, each positive and at most what the account held available."""
     for address, amount in held.items():
-        available = bulk.member_available(session, address, asset)
-        if (
-            not isinstance(amount, int)
-            or available is None
-            or not 0 < amount <= available
-            or available <= cap
-        ):
-            raise StateConflict(
-                f"the close records an impossible hold of {amount!r} on {address}",
-                detail={"address": address, "held": amount},
-            )
+        check_recorded_hold(address, amount, bulk.member_available(session, address, asset), cap)
 
 
 def list_epochs(session: Session) -> list[EpochInfo]:
