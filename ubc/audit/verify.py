@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ubc.audit import workers
 from ubc.audit.memory import IdTable, MemoryState, fingerprint_value
 from ubc.audit.source import Journal, export_blocks, parse_export_line
-from ubc.db import make_engine, make_session_factory
+from ubc.db import make_engine, make_session_factory, table
 from ubc.envelopes import service as envelopes
 from ubc.envelopes.payloads import LedgerGenesis, parse_timestamp, payload_json, validate_payload
 from ubc.envelopes.registry import REGISTRY
@@ -55,10 +55,10 @@ from ubc.signing import (
 )
 from ubc.signing.keys import key_id
 
-accounts_t = Account.__table__  # type: ignore[attr-defined]
-transfers_t = Transfer.__table__  # type: ignore[attr-defined]
-postings_t = Posting.__table__  # type: ignore[attr-defined]
-entries_t = JournalEntry.__table__  # type: ignore[attr-defined]
+accounts_t = table(Account)
+transfers_t = table(Transfer)
+postings_t = table(Posting)
+entries_t = table(JournalEntry)
 
 REPLAY_BATCH = 1000
 # Holds are reservations, not movements (DESIGN 5): placing and releasing one is not
@@ -233,12 +233,12 @@ def live_balances_from_database(url: str) -> dict[tuple[str, str], int]:
                 select(
                     accounts_t.c.address,
                     accounts_t.c.asset,
-                    accounts_t.c.credits_posted - accounts_t.c.debits_posted,
+                    (accounts_t.c.credits_posted - accounts_t.c.debits_posted).label("balance"),
                 )
             ).all()
     finally:
         engine.dispose()
-    return {(r[0], r[1]): int(r[2]) for r in rows}
+    return {(r.address, r.asset): int(r.balance) for r in rows}
 
 
 # --- internals --------------------------------------------------------------------------
@@ -596,12 +596,21 @@ def _ledger_rows(url: str) -> dict[str, dict[tuple[Any, ...], tuple[Any, ...]]]:
     try:
         with engine.connect() as connection:
             transfers: dict[tuple[Any, ...], tuple[Any, ...]] = {
-                (r[0],): tuple(r[1:])
+                (r.id,): (
+                    r.debit,
+                    r.credit,
+                    r.asset,
+                    r.amount,
+                    r.kind,
+                    r.phase,
+                    r.pending_id,
+                    r.state,
+                )
                 for r in connection.execute(
                     select(
                         transfers_t.c.id,
-                        debit.c.address,
-                        credit.c.address,
+                        debit.c.address.label("debit"),
+                        credit.c.address.label("credit"),
                         transfers_t.c.asset,
                         transfers_t.c.amount,
                         transfers_t.c.kind,
@@ -615,14 +624,14 @@ def _ledger_rows(url: str) -> dict[str, dict[tuple[Any, ...], tuple[Any, ...]]]:
                 )
             }
             postings: dict[tuple[Any, ...], tuple[Any, ...]] = {
-                (r[0], r[1], r[2]): (int(r[3]), int(r[4]))
+                (r.transfer_id, r.address, r.side): (int(r.posted), int(r.pending))
                 for r in connection.execute(
                     select(
                         postings_t.c.transfer_id,
                         account.c.address,
                         postings_t.c.side,
-                        func.sum(postings_t.c.posted),
-                        func.sum(postings_t.c.pending),
+                        func.sum(postings_t.c.posted).label("posted"),
+                        func.sum(postings_t.c.pending).label("pending"),
                     )
                     .join(account, account.c.id == postings_t.c.account_id)
                     .join(transfers_t, transfers_t.c.id == postings_t.c.transfer_id)
@@ -640,7 +649,7 @@ def _seqs_by_envelope(url: str) -> dict[str, int]:
     try:
         with engine.connect() as connection:
             return {
-                str(r[0]): int(r[1])
+                str(r.envelope_id): int(r.seq)
                 for r in connection.execute(select(entries_t.c.envelope_id, entries_t.c.seq))
             }
     finally:
