@@ -32,6 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ubc.clock import SYSTEM_CLOCK
+from ubc.db import table
 from ubc.envelopes.lookup import PROCESS_CACHES, Caches, DatabaseLookup
 from ubc.envelopes.payloads import (
     MAX_PAYLOAD_BYTES,
@@ -84,8 +85,8 @@ from ubc.signing import (
     verified_keyids,
 )
 
-requests_t = Request.__table__  # type: ignore[attr-defined]
-member_keys_t = MemberKey.__table__  # type: ignore[attr-defined]
+requests_t = table(Request)
+member_keys_t = table(MemberKey)
 
 DEFAULT_ASSETS = {"CU": 0, "USD": 2}
 
@@ -304,7 +305,8 @@ class _Writer:
         )
         if head is None:
             raise BadRequest("the ledger has no genesis entry yet")
-        size = int(head[0])
+        head_size, config_version, spend_epoch, checkpoint = head
+        size = int(head_size)
         decoded: list[_Decoded | UbcError] = []
         for index, raw in enumerate(raws):
             if isinstance(raw, Prechecked):
@@ -333,7 +335,7 @@ class _Writer:
             recorded={} if replay is None else replay.recorded,
             allocate_at_once=epochs_service.CHUNK if replay is None else None,
         )
-        self.look.known_versions(config=head[1], spend_epoch=head[2])
+        self.look.known_versions(config=config_version, spend_epoch=spend_epoch)
         ledger_keys = {self.ctx.ledger_keyid, *self.ctx.operator_keys}
         self.look.preload(
             keyids={s.keyid for d in good for s in d.envelope.signatures} - ledger_keys,
@@ -366,7 +368,7 @@ class _Writer:
             ],
             now=self.now,
             signer=self.ctx.note_signer,
-            checkpoint=head[3],
+            checkpoint=checkpoint,
         )
         for receipt, seq in zip(receipts, seqs, strict=True):
             receipt.seq = seq
@@ -375,7 +377,7 @@ class _Writer:
     def _preload(self, good: Sequence[_Decoded]) -> None:
         ids = sorted({d.payload.id for d in good})
         for chunk in _chunks(ids, 1000):
-            for row in self.session.execute(
+            for request_id, payload_hash, status, result in self.session.execute(
                 select(
                     requests_t.c.id,
                     requests_t.c.payload_hash,
@@ -383,7 +385,7 @@ class _Writer:
                     requests_t.c.result,
                 ).where(requests_t.c.id.in_(chunk))
             ):
-                self.known[row[0]] = (bytes(row[1]), row[2], row[3])
+                self.known[request_id] = (bytes(payload_hash), status, result)
 
     def _one(self, item: _Decoded) -> None:
         payload = item.payload

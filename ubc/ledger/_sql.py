@@ -49,8 +49,10 @@ class LedgerDriver(Driver):
         if self.postgres:
             sql += " FOR UPDATE"
         rows = self._fetch(sql, list(ids))
+        read_timestamp = self._read_timestamp
         return [
-            (r[0], r[1], r[2], r[3], r[4], r[5], r[6], self._read_timestamp(r[7])) for r in rows
+            (hold_id, debit_id, credit_id, asset, amount, kind, state, read_timestamp(timeout_at))
+            for hold_id, debit_id, credit_id, asset, amount, kind, state, timeout_at in rows
         ]
 
     def lock_accounts_and_requests(
@@ -102,9 +104,34 @@ class LedgerDriver(Driver):
                 f"({self._marks(len(request_ids))})",
                 list(request_ids),
             )
+        # The DBAPI's tuples unpacked by name, in the order of the columns selected.
         return (
-            [(r[0], r[1], r[2], bool(r[3]), r[4], r[5], r[6], r[7]) for r in accounts],
-            [(r[0], bytes(r[1]), r[2], r[3]) for r in requests],
+            [
+                (
+                    account_id,
+                    address,
+                    asset,
+                    bool(non_negative),
+                    debits_posted,
+                    credits_posted,
+                    debits_pending,
+                    credits_pending,
+                )
+                for (
+                    account_id,
+                    address,
+                    asset,
+                    non_negative,
+                    debits_posted,
+                    credits_posted,
+                    debits_pending,
+                    credits_pending,
+                ) in accounts
+            ],
+            [
+                (request_id, bytes(payload_hash), status, result)
+                for request_id, payload_hash, status, result in requests
+            ],
         )
 
     def write(
