@@ -455,27 +455,11 @@ class MemoryState:
         *,
         source_is_debit: bool = True,
     ) -> tuple[int, int]:
-        total = 0
-        for leg, (account, amount) in enumerate(legs):
-            total += amount
-            if source_is_debit:
-                account.credits_posted += amount
-            else:
-                account.debits_posted += amount
-            if self.keep_rows:
-                transfer_id = f"{envelope_id}:{leg}"
-                debit, credit = (source, account) if source_is_debit else (account, source)
-                self.transfers[(transfer_id,)] = (
-                    debit.address, credit.address, source.asset, amount, kind, "posted",
-                    None, None,
-                )  # fmt: skip
-                self.postings[(transfer_id, debit.address, "D")] = (amount, 0)
-                self.postings[(transfer_id, credit.address, "C")] = (amount, 0)
-        if source_is_debit:
-            source.debits_posted += total
-        else:
-            source.credits_posted += total
-        return len(legs), total
+        moved = self.engine.move_many(
+            envelope_id, legs, source, kind, source_is_debit=source_is_debit
+        )
+        self.engine.applied()
+        return moved
 
     # --- reading the result ---
 
@@ -502,6 +486,7 @@ class _Engine(Postings):
     def __init__(self, state: MemoryState) -> None:
         super().__init__(state.accounts, state.holds)
         self.state = state
+        self.record_bulk = state.keep_rows
         self.settled: list[str] = []
         self.rows: list[tuple[str, tuple[Any, ...], tuple[tuple[str, str, int, int], ...]]] = []
 
