@@ -118,34 +118,33 @@ def _header(line: str, path: Path) -> dict[str, Any]:
 
 def _export_entries(path: Path) -> Iterator[tuple[int, bytes]]:
     for number, blob in export_blocks(path, 1):
-        yield parse_export_line(blob, path, number)
+        yield parse_export_line(blob.strip(), path, number)
 
 
 def export_blocks(path: Path, lines: int, *, skip: int = 0) -> Iterator[tuple[int, bytes]]:
-    """The entry lines of an export in blocks of up to ``lines`` non-blank lines, each with
-    the file line number of its first line; ``skip`` entry lines are left out first. The
-    file is opened only when the blocks are read, and closed when they stop."""
+    """The entry lines of an export in blocks of up to ``lines`` non-blank lines (blank
+    lines inside a block kept, so that line numbers count), each with the file line number
+    of its first line; ``skip`` entry lines are left out first. The file is opened only
+    when the blocks are read, and closed when they stop."""
     with path.open("rb") as handle:
         handle.readline()
-        number = 2
+        number = 1
         block: list[bytes] = []
-        first = number
+        first = entries = 0
         for line in handle:
-            if not line.strip():
-                number += 1
-                continue
-            if skip:
-                skip -= 1
-                number += 1
+            number += 1
+            blank = not line.strip()
+            if not block and (blank or skip):
+                skip -= not blank
                 continue
             if not block:
                 first = number
             block.append(line)
-            number += 1
-            if len(block) >= lines:
+            entries += not blank
+            if entries >= lines:
                 yield first, b"".join(block)
-                block = []
-        if block:
+                block, entries = [], 0
+        if entries:
             yield first, b"".join(block)
 
 

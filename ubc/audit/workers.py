@@ -1,7 +1,8 @@
 """Decoding and signature checks of journal entries, in worker processes.
 
 The main process reads the journal and applies entries in order; each worker takes a
-chunk of raw entries and returns, per entry, its Merkle leaf hash, the fields of the
+chunk of raw entries (or a block of an export's lines, which it decodes itself) and
+returns, per entry, its Merkle leaf hash, the fields of the
 entry the replay needs, the strictly decoded envelope (or its error), and the keyids
 whose signatures verified. A worker knows the keys the main process sent it (every key
 it had learned when the chunk was sent) and the keys the chunk's own payloads introduce;
@@ -34,7 +35,7 @@ from ubc.signing import decode_public_key, key_id, verified_keyids
 Item = tuple[int, bytes, Any]
 #: (seq, committed_at, effects as recorded (parsed JSON), summary, kind, decoded or the
 #: decoding error).
-Fields = tuple[Any, Any, str, Any, str, "Decoded | UbcError"]
+Fields = tuple[Any, Any, Any, Any, str, "Decoded | UbcError"]
 #: (type, payload, payload hash, payload type, payload bytes (empty when every signature
 #: was checked here), ((keyid, sig), ...), id hash, keyids verified).
 Decoded = tuple[str, Any, bytes, str, bytes, tuple[tuple[str, bytes], ...], int, tuple[str, ...]]
@@ -56,7 +57,9 @@ def check_chunk(chunk: Chunk) -> list[Item]:
     if isinstance(chunk, tuple):
         name, number, blob = chunk
         entries = [
-            parse_export_line(line, name, number + i) for i, line in enumerate(blob.splitlines())
+            parse_export_line(line, name, number + i)
+            for i, line in enumerate(blob.split(b"\n"))
+            if line.strip()
         ]
     else:
         entries = list(chunk)
