@@ -15,11 +15,11 @@ from datetime import datetime
 from typing import Any
 
 from ubc.db.driver import COPY_THRESHOLD, Driver, execute_all
+from ubc.ledger.engine import AccountState
 
 TransferRow = tuple[str, int, int, str, int, str, str, str | None, str | None, Any, str | None, Any]
 PostingRow = tuple[int, str, str, int, int, int, int, Any]
 RequestRow = tuple[str, bytes, str, str, Any]
-AccountRow = tuple[int, str, str, bool, int, int, int, int]
 HoldRow = tuple[str, int, int, str, int, str, str, datetime | None]
 
 _ACCOUNT_COLUMNS = (
@@ -60,7 +60,7 @@ class LedgerDriver(Driver):
         addresses_by_asset: dict[str, list[str]],
         account_ids: Sequence[int],
         request_ids: Sequence[str],
-    ) -> tuple[list[AccountRow], list[tuple[str, bytes, str, str]]]:
+    ) -> tuple[list[AccountState], list[tuple[str, bytes, str, str]]]:
         """Lock the accounts in id order, then read the requests already recorded.
 
         The requests are read after the locks: a concurrent writer of the same id has
@@ -107,7 +107,7 @@ class LedgerDriver(Driver):
         # The DBAPI's tuples unpacked by name, in the order of the columns selected.
         return (
             [
-                (
+                AccountState(
                     account_id,
                     address,
                     asset,

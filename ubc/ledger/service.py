@@ -424,31 +424,12 @@ class _Batch(Postings):
         account_ids: set[int] = set()
         for _, debit_id, credit_id, *_rest in hold_rows:
             account_ids.update((debit_id, credit_id))
-        account_rows, request_rows = self.driver.lock_accounts_and_requests(
+        accounts, request_rows = self.driver.lock_accounts_and_requests(
             {asset: sorted(names) for asset, names in addresses.items()},
             sorted(account_ids),
             sorted({r.id for r in requests}),
         )
-        for (
-            account_id,
-            address,
-            asset,
-            non_negative,
-            debits_posted,
-            credits_posted,
-            debits_pending,
-            credits_pending,
-        ) in account_rows:
-            account = AccountState(
-                account_id,
-                address,
-                asset,
-                non_negative,
-                debits_posted,
-                credits_posted,
-                debits_pending,
-                credits_pending,
-            )
+        for account in accounts:
             self.accounts[(account.address, account.asset)] = account
             self.accounts_by_id[account.id] = account
         for hold_id, debit_id, credit_id, asset, amount, kind, state, timeout_at in hold_rows:
