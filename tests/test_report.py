@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -551,8 +552,10 @@ def test_report_pages_and_streams_every_member_once_in_code_point_order(
         "next_cursor": None,
     }
 
-    # The CSV: the same rows, streamed, and a total row.
-    streamed = "".join(op.iter_utilization_csv(1))
+    # The CSV: the same rows, streamed (here a row at a time), and a total row.
+    monkeypatch.setattr(report, "CSV_CHUNK", 1)
+    pieces = list(op.iter_utilization_csv(1))
+    streamed = "".join(pieces)
     table = list(csv.DictReader(io.StringIO(streamed)))
     assert streamed.splitlines()[0] == ",".join(report.COLUMNS)
     assert table == as_csv([*before, totals])
@@ -597,6 +600,17 @@ def test_report_pages_and_streams_every_member_once_in_code_point_order(
             assert (
                 http.get(path, params={"epoch": 1, "limit": limit}, headers=auth).status_code == 422
             )
+        # A stream the client leaves after its first piece: the server's session is
+        # closed all the same, as after every stream above (no connection left out).
+        with http.stream(
+            "GET", path, params={"epoch": 1}, headers={**auth, "Accept": "text/csv"}
+        ) as left:
+            assert next(left.iter_bytes()).startswith(b"address,")
+    pool = live_server.app.state.read_sessions.kw["bind"].pool
+    deadline = time.monotonic() + 10
+    while pool.checkedout() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.checkedout() == 0
     assert op.checkpoint().splitlines()[1] == size
     assert op.utilization(1, below="50") == whole
 

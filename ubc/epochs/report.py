@@ -231,20 +231,21 @@ def utilization(
 
 
 def csv_chunks(
-    session: Session, info: EpochInfo, *, cu_price_usd: str, chunk: int = CSV_CHUNK
+    session: Session, info: EpochInfo, *, cu_price_usd: str, chunk: int | None = None
 ) -> Generator[str, None, None]:
     """The whole report of an epoch as CSV text, piece by piece: the header, every member's
     row in code point order, then the ``total`` row (the sum of the rows above it).
 
-    One query read through a server-side cursor ``chunk`` rows at a time (``yield_per``),
-    so memory stays flat however many members there are; ``session`` must stay open until
-    the iterator is exhausted or closed."""
+    One query read through a server-side cursor ``chunk`` rows at a time (``yield_per``;
+    :data:`CSV_CHUNK` by default), so memory stays flat however many members there are;
+    ``session`` must stay open until the iterator is exhausted or closed."""
     price = _Price(Decimal(cu_price_usd))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(COLUMNS)
     sums = [0] * len(FLOWS)
-    result = session.execute(_rows(session, info).execution_options(yield_per=chunk))
+    rows_at_a_time = chunk or CSV_CHUNK
+    result = session.execute(_rows(session, info).execution_options(yield_per=rows_at_a_time))
     try:
         for rows in result.partitions():
             for address, *flows in rows:
