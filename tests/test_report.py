@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -20,12 +22,15 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner, Result
 
 from tests.conftest import LiveServer
 from ubc.cli import app as cli
+from ubc.cli import epoch as cli_epoch
 from ubc.client import UbcApiError, UbcClient
 from ubc.db import make_engine, make_session_factory, unit_of_work
 from ubc.epochs import report
@@ -401,3 +406,231 @@ def test_percent_and_usd_are_exact() -> None:
         ",".join(report.COLUMNS),
         "member:a,1,0,0,0,0,0,0,0,,0.001,0",
     ]
+
+
+def report_as_before(
+    book: sessionmaker[Session], epoch: int, price: Decimal
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, tuple[int, int]]]:
+    """The report as the server built it before it paged: one GROUP BY of every member in
+    memory, the returns from escrow taken off, sorted in Python (code point order). Its
+    rows, totals, and the returns from escrow per seller."""
+    with book() as s:
+        info = epochs_service.get_epoch(s, epoch)
+        upper = "" if info.last_posting is None else "AND p.id <= :last "
+        window = {"first": info.first_posting, "last": info.last_posting, "asset": info.asset}
+        sums = ", ".join(
+            f"sum(CASE WHEN t.kind = '{kind}' AND p.side = '{side}' THEN p.posted ELSE 0 END)"
+            for kind, side in report.FLOWS.values()
+        )
+        grouped = s.execute(
+            text(
+                f"SELECT a.address, {sums} FROM postings p "
+                "JOIN transfers t ON t.id = p.transfer_id JOIN accounts a ON a.id = p.account_id "
+                "WHERE a.asset = :asset AND a.address LIKE 'member:%' "
+                f"AND p.id > :first {upper}GROUP BY a.address"
+            ),
+            window,
+        ).all()
+        returned = {
+            str(seller): (int(back), int(same))
+            for seller, back, same in s.execute(
+                text(
+                    "SELECT o.seller, sum(p.posted), "
+                    "sum(CASE WHEN c.id > :first THEN p.posted ELSE 0 END) FROM offers o "
+                    "JOIN transfers t ON t.id = o.closed_by || :leg0 "
+                    "JOIN postings p ON p.transfer_id = t.id AND p.side = 'C' "
+                    "JOIN accounts a ON a.id = p.account_id "
+                    "LEFT JOIN postings c ON c.transfer_id = o.id || :leg0 AND c.side = 'D' "
+                    "WHERE o.status IN ('cancelled', 'expired') AND t.kind = 'trade' "
+                    "AND o.sell_asset = :asset AND a.address = o.seller AND a.asset = :asset "
+                    f"AND p.id > :first {upper}GROUP BY o.seller"
+                ),
+                {**window, "leg0": ":0"},
+            )
+        }
+    rows = []
+    for address, *values in sorted(grouped, key=lambda r: str(r[0])):
+        flows = dict(zip(FLOWS, (int(v) for v in values), strict=True))
+        back, same = returned.get(str(address), (0, 0))
+        flows["bought"] -= back
+        flows["sold"] -= same
+        rows.append(as_row(str(address), flows, price))
+    totals = as_row("total", {f: sum(r[f] for r in rows) for f in FLOWS}, price)
+    return rows, totals, returned
+
+
+def as_row(address: str, flows: dict[str, int], price: Decimal) -> dict[str, Any]:
+    return {
+        "address": address,
+        **flows,
+        "utilization": percent(flows["used"], flows["allocated"]),
+        "allocated_usd": report.usd(price, flows["allocated"]),
+        "used_usd": report.usd(price, flows["used"]),
+    }
+
+
+def as_csv(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{k: "" if v is None else str(v) for k, v in r.items()} for r in rows]
+
+
+def test_report_pages_and_streams_every_member_once_in_code_point_order(
+    live_server: LiveServer,
+    book: sessionmaker[Session],
+    connect: Callable[..., UbcClient],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    op = connect(key=live_server.operator_key, token=live_server.operator_token)
+    # Handles whose code point order ('-' < '0' < '_' < 'a') is not a locale's order.
+    handles = ["b_2", "a0b", "aab", "a_b", "a-b", "b-1", "b12", "seller", "buyer", "idle"]
+    members = {}
+    for handle in handles:
+        client = connect(key=generate_signing_key(), handle=handle)
+        client.register()
+        op.admit(handle, "basic")
+        members[handle] = client
+    op.update_member("idle", status="suspended", reason="away")  # no posting: no row
+    op.deposit("seller", 100, external_ref="cu-1")
+    op.deposit("buyer", 5000, "USD", external_ref="usd-1")
+    # An offer of an earlier epoch (none): its return counts neither as sold nor bought.
+    earlier = members["seller"].sell(40, 100)["id"]
+
+    cli_op = Operator(live_server, tmp_path / "op")
+    cli_op.ok("epoch", "open", "--epoch", "1", "--allocation", "basic=100")
+    members["a-b"].send("a_b", 5)
+    members["b12"].send("a-b", 7)
+    use_models(book, "a0b", 30, 25)
+    use_models(book, "b-1", 90, 90)
+    members["buyer"].buy(earlier, 15)
+    members["seller"].cancel_offer(earlier)  # 25 back
+    offered = members["a0b"].sell(30, 60)["id"]
+    members["buyer"].buy(offered, 10)
+    members["a0b"].cancel_offer(offered)  # 20 back, taken off this epoch's sale
+    cli_op.ok("epoch", "close", "1")
+
+    path = "/api/reports/utilization"
+    price = Decimal(op.ledger_info()["cu_price_usd"])
+    before, totals, returned = report_as_before(book, 1, price)
+    assert returned["member:seller"] == (25, 0)
+    assert returned["member:a0b"] == (20, 20)
+    addresses = [r["address"] for r in before]
+    assert addresses == sorted(f"member:{h}" for h in handles if h != "idle")
+    assert addresses[:4] == ["member:a-b", "member:a0b", "member:a_b", "member:aab"]
+    for flow in FLOWS:
+        assert totals[flow] == sum(r[flow] for r in before)
+
+    # One page by default: every member, the totals, no next page.
+    whole = op.utilization(1, below="50")
+    assert whole["members"] == before
+    assert whole["totals"] == totals
+    assert whole["next_cursor"] is None
+    under = [r["address"] for r in before if r["allocated"] and r["used"] * 2 < r["allocated"]]
+    assert whole["below_members"] == under
+    assert "member:b-1" not in under  # used 90 of 100
+
+    # Small pages: each member once, in order; totals on the first page only.
+    for limit in (1, 2, 3, 9, 10):
+        pages = [op.utilization(1, below="50", limit=limit)]
+        while pages[-1]["next_cursor"] is not None:
+            assert pages[-1]["next_cursor"] == pages[-1]["members"][-1]["address"]
+            pages.append(
+                op.utilization(1, below="50", limit=limit, cursor=pages[-1]["next_cursor"])
+            )
+        assert len(pages) == -(-len(before) // limit), limit
+        assert all(len(p["members"]) <= limit for p in pages)
+        assert [m for p in pages for m in p["members"]] == before, limit
+        assert [a for p in pages for a in p["below_members"]] == under, limit
+        assert pages[0]["totals"] == totals
+        assert all(p["totals"] is None for p in pages[1:])
+    # A cursor past the last member: an empty last page.
+    assert op.utilization(1, cursor="member:zzz") == {
+        **whole,
+        "members": [],
+        "totals": None,
+        "below": None,
+        "below_members": [],
+        "next_cursor": None,
+    }
+
+    # The CSV: the same rows, streamed (here a row at a time), and a total row.
+    monkeypatch.setattr(report, "CSV_CHUNK", 1)
+    pieces = list(op.iter_utilization_csv(1))
+    streamed = "".join(pieces)
+    table = list(csv.DictReader(io.StringIO(streamed)))
+    assert streamed.splitlines()[0] == ",".join(report.COLUMNS)
+    assert table == as_csv([*before, totals])
+    with httpx.Client(base_url=live_server.url) as http:
+        auth = {"Authorization": f"Bearer {live_server.operator_token}"}
+        answer = http.get(path, params={"epoch": 1}, headers={**auth, "Accept": "text/csv"})
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/csv")
+        assert "utilization-epoch-1.csv" in answer.headers["content-disposition"]
+        assert answer.text == streamed
+        # JSON unless CSV comes first; errors stay JSON.
+        assert http.get(path, params={"epoch": 1}, headers=auth).json() == whole | {
+            "below": None,
+            "below_members": [],
+        }
+        prefers_json = {**auth, "Accept": "application/json, text/csv"}
+        assert http.get(path, params={"epoch": 1}, headers=prefers_json).json()["members"] == before
+        missing = http.get(path, params={"epoch": 2}, headers={**auth, "Accept": "text/csv"})
+        assert missing.status_code == 404
+        assert missing.json()["error"]["type"] == "not_found"
+
+        # A bad cursor: 400 with the error body, for JSON and CSV, and nothing changes.
+        size = op.checkpoint().splitlines()[1]
+        for bad in (
+            "x",
+            "17",
+            "member:",
+            "member:A",
+            "member:a b",
+            "member:%",
+            "cause:x",
+            "member:" + "a" * 65,
+        ):
+            for accept in ("application/json", "text/csv"):
+                refused = http.get(
+                    path, params={"epoch": 1, "cursor": bad}, headers={**auth, "Accept": accept}
+                )
+                assert refused.status_code == 400, (bad, accept)
+                assert refused.json()["error"]["type"] == "bad_request"
+                assert refused.json()["error"]["detail"] == {"cursor": bad}
+        for limit in (0, report.MAX_LIMIT + 1):
+            assert (
+                http.get(path, params={"epoch": 1, "limit": limit}, headers=auth).status_code == 422
+            )
+        # A stream the client leaves after its first piece: the server's session is
+        # closed all the same, as after every stream above (no connection left out).
+        with http.stream(
+            "GET", path, params={"epoch": 1}, headers={**auth, "Accept": "text/csv"}
+        ) as left:
+            assert next(left.iter_bytes()).startswith(b"address,")
+    pool = live_server.app.state.read_sessions.kw["bind"].pool
+    deadline = time.monotonic() + 10
+    while pool.checkedout() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.checkedout() == 0
+    assert op.checkpoint().splitlines()[1] == size
+    assert op.utilization(1, below="50") == whole
+
+    # The CLI follows the pages: the same table and JSON whatever the page size; its CSV
+    # (streamed) has the members' rows, as before, without the total row.
+    table_out = cli_op.ok("report", "utilization", "--epoch", "1", "--below", "50")
+    json_out = cli_op.ok("report", "utilization", "--epoch", "1", "--json")
+    assert json.loads(json_out) == {k: v for k, v in whole.items() if k != "next_cursor"} | {
+        "below": None,
+        "below_members": [],
+    }
+    monkeypatch.setattr(cli_epoch, "REPORT_PAGE", 2)
+    assert cli_op.ok("report", "utilization", "--epoch", "1", "--below", "50") == table_out
+    assert cli_op.ok("report", "utilization", "--epoch", "1", "--json") == json_out
+    assert "member:b12 100 0 7 0 0 0 0 0 0.00% 0.100 0.000" in [
+        " ".join(line.replace("│", " ").split()) for line in table_out.splitlines()
+    ]
+    printed = cli_op.ok("report", "utilization", "--epoch", "1", "--csv")
+    assert list(csv.DictReader(io.StringIO(printed))) == as_csv(before)
+    written = tmp_path / "epoch-1.csv"
+    out = cli_op.ok("report", "utilization", "--epoch", "1", "--output", str(written))
+    assert f"Wrote {len(before)} rows to {written}." in " ".join(out.split())
+    assert written.read_text() == printed

@@ -12,6 +12,9 @@ batches by the server), with a progress bar. The operator and auditors read the 
     ubc report utilization --epoch 3 --below 50 --output epoch-3.csv
     ubc report utilization --epoch 3 --csv > epoch-3.csv       (CSV on stdout, no table)
 
+The table (and ``--json``) gathers the report's pages; the CSV of ``--csv`` and
+``--output`` is the server's stream, written as it arrives.
+
 Listings take ``--json``; amounts are in the epoch's asset (CU unless said otherwise).
 
 Errors print the ledger's message in red and exit with status 1.
@@ -23,7 +26,7 @@ import re
 import sys
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, TextIO, cast
 
 import typer
 from rich.console import Console
@@ -47,9 +50,11 @@ from ubc.cli.member import (
 )
 from ubc.client import UbcClient
 from ubc.envelopes.payloads import format_timestamp
-from ubc.epochs.report import PERCENT_PATTERN, write_csv
+from ubc.epochs.report import MAX_LIMIT, PERCENT_PATTERN
 
 DEFAULT_LENGTH = timedelta(days=30)
+#: Members per page when the CLI reads the report as JSON (the server's largest page).
+REPORT_PAGE = MAX_LIMIT
 POLL_SECONDS = 0.25
 
 
@@ -256,21 +261,27 @@ def report_utilization(
 ) -> None:
     """Per member of an epoch: allocated, used, sent, received, donated, traded, expired,
     utilization and its value in USD (operator and auditors). ``--csv`` prints the
-    members' rows as CSV instead of the table; ``--output FILE`` also writes them to FILE."""
+    members' rows as CSV instead of the table; ``--output FILE`` also writes them to FILE.
+    The table and ``--json`` follow the report's pages; the CSV is streamed as it comes."""
     with _reported():
-        params: dict[str, str | int] = {"epoch": epoch}
-        if below is not None:
-            params["below"] = _percent(below)
+        threshold = None if below is None else _percent(below)
         config = CliConfig.load()
+        to_stdout = csv_out or (output is not None and str(output) == "-")
+        written = 0
         with _client(config, server, token=_read_token(config)) as client:
-            report: dict[str, Any] = client._get("/api/reports/utilization", params=params)
+            if to_stdout:
+                _stream_csv(client, epoch, sys.stdout)
+                return
+            report = _whole_report(client, epoch, threshold)
+            if output is not None and not as_json:
+                try:
+                    with output.open("w", encoding="utf-8", newline="") as out:
+                        written = _stream_csv(client, epoch, out)
+                except OSError as exc:
+                    raise CliError(f"cannot write {output}: {exc}") from None
         members: list[dict[str, Any]] = report["members"]
         if as_json:
             emit_json(report)
-            return
-        to_stdout = csv_out or (output is not None and str(output) == "-")
-        if to_stdout:
-            write_csv(members, sys.stdout)
             return
         asset = escape(report["asset"])
         columns = [Column("member")]
@@ -300,15 +311,46 @@ def report_utilization(
             else:
                 _say(f"No member under {report['below']}%.")
         if output is not None:
-            try:
-                with output.open("w", encoding="utf-8", newline="") as out:
-                    count = write_csv(members, out)
-            except OSError as exc:
-                raise CliError(f"cannot write {output}: {exc}") from None
-            _say(f"Wrote {count} rows to {output}.")
+            _say(f"Wrote {written} rows to {output}.")
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def _whole_report(client: UbcClient, epoch: int, below: str | None) -> dict[str, Any]:
+    """The report as one document, page after page (``next_cursor``): the first page's
+    fields and totals, with every page's members and members under ``below``."""
+    page = client.utilization(epoch, below=below, limit=REPORT_PAGE)
+    report = {k: v for k, v in page.items() if k != "next_cursor"}
+    members: list[dict[str, Any]] = list(page["members"])
+    under: list[str] = list(page["below_members"])
+    while page["next_cursor"] is not None:
+        page = client.utilization(epoch, below=below, cursor=page["next_cursor"], limit=REPORT_PAGE)
+        members += page["members"]
+        under += page["below_members"]
+    report["members"] = members
+    report["below_members"] = under
+    return report
+
+
+def _stream_csv(client: UbcClient, epoch: int, out: TextIO) -> int:
+    """Write the report's CSV to ``out`` as the server streams it: the header and the
+    members' rows, not the server's final ``total`` row (the CLI's CSV has only members,
+    as a table to sum). That row ends a complete answer: without it, an error. The number
+    of members' rows written."""
+    rest = ""
+    held: str | None = None  # the last complete line: written once another follows it
+    lines = 0
+    for text in client.iter_utilization_csv(epoch):
+        *complete, rest = (rest + text).split("\n")
+        for line in complete:
+            if held is not None:
+                out.write(held + "\n")
+                lines += 1
+            held = line
+    if rest or held is None or not held.startswith("total,"):
+        raise CliError(f"the report of epoch {epoch} ended before its total row")
+    return lines - 1  # the header is not a row
 
 
 def _wait_until_applied(client: UbcClient, number: int) -> dict[str, Any]:

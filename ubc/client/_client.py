@@ -844,6 +844,40 @@ class UbcClient:
             if cursor is None:
                 return
 
+    def utilization(
+        self,
+        epoch: int,
+        *,
+        below: str | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of an epoch's utilization report (operator and auditors): members in
+        address order, ``totals`` on the first page; pass ``next_cursor`` for the next."""
+        params: dict[str, str | int] = {"epoch": epoch}
+        if below is not None:
+            params["below"] = below
+        if cursor is not None:
+            params["cursor"] = cursor
+        if limit is not None:
+            params["limit"] = limit
+        page: dict[str, Any] = self._get("/api/reports/utilization", params=params)
+        return page
+
+    def iter_utilization_csv(self, epoch: int) -> Iterator[str]:
+        """The whole utilization report of an epoch as CSV text, piece by piece as the
+        server streams it: a header, a row per member in address order, a ``total`` row."""
+        with self._http.stream(
+            "GET",
+            "/api/reports/utilization",
+            params={"epoch": epoch},
+            headers={**self._headers(), "Accept": "text/csv"},
+        ) as response:  # the timeout bounds each read, not the whole answer
+            if not response.is_success:
+                response.read()
+                _raise_for_error(response)
+            yield from response.iter_text()
+
     def transfer(self, id: str) -> Transfer:
         """A transfer (``<envelope id>:<n>``) or every leg an envelope made (its id)."""
         return cast(Transfer, self._get(f"/api/transfers/{_path(id)}"))

@@ -26,23 +26,49 @@ who were allocated nothing but were active appear too, with allocated 0.
 from the exact integer ratio (``None`` when nothing was allocated). ``below`` compares the
 exact ratio, not the rounded one. Values in USD are the exact products of the CU price
 (per smallest unit of the asset) and the amounts. No float anywhere.
+
+Members are listed in code point order of their addresses (the database's binary
+collation, on both engines), a page at a time: :func:`utilization` answers at most
+``limit`` members after a cursor (the last address of the previous page), each row
+computed by the database for that page's accounts only, and on the first page the totals
+of the whole epoch as one aggregate over the same rows. :func:`csv_chunks` streams every
+row through a server-side cursor. Neither holds more than a page (or a chunk) of members.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Mapping
+import io
+import re
+from collections.abc import Generator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TextIO
 
-from sqlalchemy import BigInteger, and_, case, cast, func, select, text
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.selectable import TextualSelect
 
 from ubc.clock import SYSTEM_CLOCK
 from ubc.db import table
 from ubc.epochs import service as epochs
+from ubc.epochs.service import EpochInfo
+from ubc.errors import BadRequest
+from ubc.ledger.bulk import binary_order
 from ubc.ledger.models import Account, Posting, Transfer
 
 accounts_t = table(Account)
@@ -97,6 +123,9 @@ class MemberUsage:
 
 @dataclass(frozen=True, slots=True)
 class Report:
+    """One page of the report: ``members`` in address order, ``next_cursor`` the last
+    address of the page when more follow; ``totals`` of the whole epoch (first page only)."""
+
     epoch: int
     asset: str
     status: str
@@ -104,9 +133,10 @@ class Report:
     window_start: datetime
     window_end: datetime
     members: list[MemberUsage]
-    totals: MemberUsage
+    totals: MemberUsage | None
     below: Decimal | None
     below_members: list[MemberUsage]
+    next_cursor: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,10 +147,31 @@ class Report:
             "from": self.window_start.isoformat(),
             "to": self.window_end.isoformat(),
             "members": [m.to_json() for m in self.members],
-            "totals": self.totals.to_json(),
+            "totals": None if self.totals is None else self.totals.to_json(),
             "below": None if self.below is None else _plain(self.below),
             "below_members": [m.address for m in self.below_members],
+            "next_cursor": self.next_cursor,
         }
+
+
+#: Members per page: by default, and at most.
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10_000
+#: Rows fetched from the database at a time while the CSV streams.
+CSV_CHUNK = 1000
+
+#: A cursor is the last address of the previous page; anything else is refused (400).
+_CURSOR = re.compile(r"member:[a-z0-9_-]{1,64}")
+
+
+def parse_cursor(value: str | None) -> str | None:
+    """The address a report cursor names (None for the first page); 400 unless it looks
+    like a member's address, as every cursor this server makes does."""
+    if value is None or value == "":
+        return None
+    if _CURSOR.fullmatch(value) is None:
+        raise BadRequest("invalid cursor", detail={"cursor": value})
+    return value
 
 
 def utilization(
@@ -130,53 +181,35 @@ def utilization(
     cu_price_usd: str,
     below: Decimal | None = None,
     now: datetime | None = None,
+    cursor: str | None = None,
+    limit: int = DEFAULT_LIMIT,
 ) -> Report:
-    """The report of ``epoch`` (``NotFound`` for an unknown one); one aggregate query."""
+    """One page of the report of ``epoch`` (``NotFound`` for an unknown one): at most
+    ``limit`` members after the address ``cursor`` (from the first without one), in code
+    point order. Three bounded queries: the page's accounts, their rows, and, on the first
+    page, the totals of the whole epoch (an aggregate: nothing per member is held)."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be 1 to {MAX_LIMIT}, not {limit}")
     info = epochs.get_epoch(session, epoch)
-    # The window in journal order (posting ids), not by clock: a transfer committed in the
-    # same batch as the close still falls on the right side of it.
-    window = [postings_t.c.id > info.first_posting]
-    if info.last_posting is not None:
-        window.append(postings_t.c.id <= info.last_posting)
     price = _Price(Decimal(cu_price_usd))
-    p, t, a = postings_t, transfers_t, accounts_t
-    # A sum of one side of one account fits its 64-bit counter: BIGINT, not NUMERIC.
-    sums = [
-        cast(
-            func.coalesce(
-                func.sum(case((and_(t.c.kind == kind, p.c.side == side), p.c.posted), else_=0)),
-                0,
-            ),
-            BigInteger,
-        ).label(column)
-        for column, (kind, side) in FLOWS.items()
-    ]
-    stmt = (
-        select(a.c.address, *sums)
-        .select_from(p.join(t, t.c.id == p.c.transfer_id).join(a, a.c.id == p.c.account_id))
-        .where(
-            a.c.asset == info.asset,
-            a.c.address.like("member:%"),
-            *window,
-        )
-        .group_by(a.c.address)
-    )
-    # One row per member: its address, then its sums in FLOWS order (as selected above),
-    # unpacked rather than read by attribute: a report may have a million rows.
-    flows_of = {str(address): flows for address, *flows in session.execute(stmt)}
-    returned = _returned_from_escrow(session, info.asset, info.first_posting, info.last_posting)
-    sold, bought = list(FLOWS).index("sold"), list(FLOWS).index("bought")
-    members = []
-    sums_of_all = [0] * len(FLOWS)
-    # Sorted here, not by the database: PostgreSQL's collation may not be code-point order.
-    for address in sorted(flows_of):
-        amounts = [int(v) for v in flows_of[address]]
-        back, back_of_this_epoch = returned.get(address, (0, 0))
-        amounts[bought] -= back
-        amounts[sold] -= back_of_this_epoch
-        members.append(_row(address, amounts, price))
-        sums_of_all = [x + y for x, y in zip(sums_of_all, amounts, strict=True)]
-    totals = _row("total", sums_of_all, price)
+    page = _page(session, info, cursor, limit)
+    members: list[MemberUsage] = []
+    next_cursor = None
+    if page:
+        more = len(page) > limit
+        ids = [account_id for account_id, _ in page[:limit]]
+        last = page[:limit][-1][1]
+        stmt = _rows(session, info, ids=ids, after=cursor, upto=last)
+        members = [
+            _row(str(address), [int(v) for v in flows], price)
+            for address, *flows in session.execute(stmt)
+        ]
+        next_cursor = last if more else None
+    totals = None
+    if cursor is None:
+        grand = _rows(session, info).order_by(None).subquery("m")
+        sums = session.execute(select(*(func.sum(grand.c[f]) for f in FLOWS))).one()
+        totals = _row("total", [0 if v is None else int(v) for v in sums], price)
     under = []
     if below is not None:
         units, digits = _scaled(below)
@@ -193,14 +226,115 @@ def utilization(
         totals=totals,
         below=below,
         below_members=under,
+        next_cursor=next_cursor,
+    )
+
+
+def csv_chunks(
+    session: Session, info: EpochInfo, *, cu_price_usd: str, chunk: int | None = None
+) -> Generator[str, None, None]:
+    """The whole report of an epoch as CSV text, piece by piece: the header, every member's
+    row in code point order, then the ``total`` row (the sum of the rows above it).
+
+    One query read through a server-side cursor ``chunk`` rows at a time (``yield_per``;
+    :data:`CSV_CHUNK` by default), so memory stays flat however many members there are;
+    ``session`` must stay open until the iterator is exhausted or closed."""
+    price = _Price(Decimal(cu_price_usd))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    sums = [0] * len(FLOWS)
+    rows_at_a_time = chunk or CSV_CHUNK
+    result = session.execute(_rows(session, info).execution_options(yield_per=rows_at_a_time))
+    try:
+        for rows in result.partitions():
+            for address, *flows in rows:
+                amounts = [int(v) for v in flows]
+                sums = [x + y for x, y in zip(sums, amounts, strict=True)]
+                writer.writerow(_cells(_row(str(address), amounts, price).to_json()))
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+    finally:
+        result.close()
+    writer.writerow(_cells(_row("total", sums, price).to_json()))
+    yield out.getvalue()
+
+
+def _page(
+    session: Session, info: EpochInfo, cursor: str | None, limit: int
+) -> list[tuple[int, str]]:
+    """The ids and addresses of up to ``limit + 1`` member accounts after ``cursor`` with a
+    posting in the window, in code point order (one more tells whether a page follows)."""
+    a, p = accounts_t, postings_t
+    address = _binary(session, a.c.address)
+    active = select(p.c.id).where(p.c.account_id == a.c.id, *_window(info)).exists()
+    stmt = select(a.c.id, a.c.address).where(
+        a.c.asset == info.asset, a.c.address.like("member:%"), active
+    )
+    if cursor is not None:
+        stmt = stmt.where(address > cursor)
+    stmt = stmt.order_by(address).limit(limit + 1)
+    return [(int(account_id), str(addr)) for account_id, addr in session.execute(stmt)]
+
+
+def _rows(
+    session: Session,
+    info: EpochInfo,
+    *,
+    ids: list[int] | None = None,
+    after: str | None = None,
+    upto: str | None = None,
+) -> Select[Any]:
+    """The report's rows, ``(address, *FLOWS)``, in code point order: every member's, or
+    those of the accounts ``ids`` (whose addresses are after ``after``, up to ``upto``).
+
+    One ``GROUP BY`` sums each member's postings of the window; the returns from escrow
+    (:func:`_returned_from_escrow`) are joined to it by address and taken off ``bought``
+    and ``sold``, so a row is final as it leaves the database."""
+    p, t, a = postings_t, transfers_t, accounts_t
+    # A sum of one side of one account fits its 64-bit counter: BIGINT, not NUMERIC.
+    sums = [
+        cast(
+            func.coalesce(
+                func.sum(case((and_(t.c.kind == kind, p.c.side == side), p.c.posted), else_=0)),
+                0,
+            ),
+            BigInteger,
+        ).label(column)
+        for column, (kind, side) in FLOWS.items()
+    ]
+    grouped = (
+        select(a.c.address.label("address"), *sums)
+        .select_from(p.join(t, t.c.id == p.c.transfer_id).join(a, a.c.id == p.c.account_id))
+        .where(a.c.asset == info.asset, a.c.address.like("member:%"), *_window(info))
+        .group_by(a.c.address)
+    )
+    if ids is not None:
+        grouped = grouped.where(a.c.id.in_(ids))
+    g = grouped.subquery("g")
+    r = _returned_from_escrow(session, info, after=after, upto=upto).subquery("r")
+    flows = [
+        (g.c[column] - func.coalesce(r.c.back, 0)).label(column)
+        if column == "bought"
+        else (g.c[column] - func.coalesce(r.c.same, 0)).label(column)
+        if column == "sold"
+        else g.c[column]
+        for column in FLOWS
+    ]
+    return (
+        select(g.c.address, *flows)
+        .select_from(g.outerjoin(r, r.c.seller == g.c.address))
+        .order_by(_binary(session, g.c.address))
     )
 
 
 def _returned_from_escrow(
-    session: Session, asset: str, first: int, last: int | None
-) -> dict[str, tuple[int, int]]:
-    """What cancelled and expired offers gave back to their sellers in the window: in all,
-    and of offers also put on the market in the window.
+    session: Session, info: EpochInfo, *, after: str | None = None, upto: str | None = None
+) -> TextualSelect:
+    """What cancelled and expired offers gave back to their member sellers in the window,
+    per seller: in all (``back``), and of offers also put on the market in the window
+    (``same``); only the sellers after ``after`` up to ``upto`` when given.
 
     Offering moves units to escrow as a trade and the return is a trade too, but sold and
     bought count only what changed hands: a return is never a purchase, and it takes back
@@ -208,23 +342,58 @@ def _returned_from_escrow(
     counted as sold there). The return is leg 0 of the envelope that closed the offer
     (``offers.closed_by``); the offer's own leg 0 moved the units to escrow.
     """
-    upper = "" if last is None else "AND p.id <= :last "
-    rows = session.execute(
+    collate = binary_order(session)
+    # Typed: an untyped integer would be cast to a 32-bit INTEGER on PostgreSQL.
+    params: list[BindParameter[Any]] = [
+        bindparam("asset", info.asset, type_=String),
+        bindparam("first", info.first_posting, type_=BigInteger),
+        bindparam("leg0", ":0", type_=String),
+    ]
+    bounds = ""
+    if info.last_posting is not None:
+        bounds += "AND p.id <= :last "
+        params.append(bindparam("last", info.last_posting, type_=BigInteger))
+    if after is not None:
+        bounds += f"AND o.seller{collate} > :after "
+        params.append(bindparam("after", after, type_=String))
+    if upto is not None:
+        bounds += f"AND o.seller{collate} <= :upto "
+        params.append(bindparam("upto", upto, type_=String))
+    return (
         text(
-            "SELECT o.seller, sum(p.posted), "
-            "sum(CASE WHEN c.id > :first THEN p.posted ELSE 0 END) FROM offers o "
+            "SELECT o.seller AS seller, sum(p.posted) AS back, "
+            "sum(CASE WHEN c.id > :first THEN p.posted ELSE 0 END) AS same FROM offers o "
             "JOIN transfers t ON t.id = o.closed_by || :leg0 "
             "JOIN postings p ON p.transfer_id = t.id AND p.side = 'C' "
             "JOIN accounts a ON a.id = p.account_id "
             "LEFT JOIN postings c ON c.transfer_id = o.id || :leg0 AND c.side = 'D' "
             "WHERE o.status IN ('cancelled', 'expired') AND t.kind = 'trade' "
             "AND o.sell_asset = :asset AND a.address = o.seller AND a.asset = :asset "
-            f"AND p.id > :first {upper}"
+            f"AND a.address LIKE 'member:%' AND p.id > :first {bounds}"
             "GROUP BY o.seller"
-        ),
-        {"asset": asset, "first": first, "last": last, "leg0": ":0"},
+        )
+        .bindparams(*params)
+        .columns(seller=String, back=BigInteger, same=BigInteger)
     )
-    return {str(seller): (int(total), int(same)) for seller, total, same in rows}
+
+
+def _window(info: EpochInfo) -> list[ColumnElement[bool]]:
+    """The epoch's window in journal order (posting ids), not by clock: a transfer
+    committed in the same batch as the close still falls on the right side of it."""
+    window = [postings_t.c.id > info.first_posting]
+    if info.last_posting is not None:
+        window.append(postings_t.c.id <= info.last_posting)
+    return window
+
+
+def _binary(session: Session, column: ColumnElement[str]) -> ColumnElement[str]:
+    """``column`` compared and ordered by code point on both engines (as
+    :func:`ubc.ledger.bulk.binary_order` does for SQL text)."""
+    return column.collate("C") if binary_order(session) else column
+
+
+def _cells(row: Mapping[str, Any]) -> list[Any]:
+    return ["" if row[c] is None else row[c] for c in COLUMNS]
 
 
 def percent(used: int, allocated: int) -> str | None:
@@ -251,7 +420,7 @@ def write_csv(rows: Iterable[Mapping[str, Any]], out: TextIO) -> int:
     writer.writerow(COLUMNS)
     count = 0
     for row in rows:
-        writer.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+        writer.writerow(_cells(row))
         count += 1
     return count
 

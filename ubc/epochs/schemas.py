@@ -55,7 +55,8 @@ class UtilizationRow(Schema):
 
 
 class UtilizationReport(Schema):
-    """``GET /api/reports/utilization``: per member of an epoch (operator and auditors)."""
+    """``GET /api/reports/utilization``: a page of members of an epoch, in address order
+    (operator and auditors)."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -65,7 +66,16 @@ class UtilizationReport(Schema):
     cu_price_usd: str
     from_: str = Field(alias="from", description="the window's start")
     to: str = Field(description="the window's end (now while the epoch is open)")
-    members: list[UtilizationRow]
-    totals: UtilizationRow
+    members: list[UtilizationRow] = Field(description="this page's members, in address order")
+    totals: UtilizationRow | None = Field(
+        description="the sums of every member's row of the epoch, on the first page (no "
+        "cursor); null on the pages after it"
+    )
     below: str | None = Field(description="the threshold asked for, if any")
-    below_members: list[str] = Field(description="addresses whose utilization is under it")
+    below_members: list[str] = Field(
+        description="the addresses of this page's members whose utilization is under it"
+    )
+    next_cursor: str | None = Field(
+        description="the last address of this page, to pass as cursor for the next; null on "
+        "the last page"
+    )
