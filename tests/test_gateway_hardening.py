@@ -128,8 +128,8 @@ def test_an_empty_accounts_huge_embeddings_request_is_refused_at_once(
     assert response.status_code == 402, response.text
     assert response.json()["error"]["code"] == "insufficient_quota"
     assert tokenizing.calls == 0  # the proof: refused before any tokenizing
-    # And in about the time the 8 MB take to arrive and parse: tokenizing them took
-    # tens of seconds before the fix; a loaded CI machine needed 1.3 s for this once.
+    # And in about the time the 8 MB take to arrive and be parsed (tokenizing them took
+    # seconds more before the fix; a fresh CI clone once needed 1.3 s for this alone).
     assert elapsed < 5.0
     assert balance(member) == {**balance(member), "posted": 0, "pending_debits": 0}
 
