@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, case, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, aliased
 
 from ubc.causes.models import Cause, CauseSteward
 from ubc.db import table
 from ubc.errors import AccountNotFound, NotFound
 from ubc.journal.models import JournalEntry
+from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Posting, Transfer
 from ubc.params import parse_cursor
 
@@ -179,18 +180,8 @@ _FLOWS = {"donated": ("donation", "C"), "used": ("usage", "D"), "sent": ("transf
 
 def _flows(session: Session, addresses: list[str]) -> dict[str, dict[str, dict[str, int]]]:
     p, t, a = postings_t, transfers_t, accounts_t
-    sums = [
-        cast(
-            func.coalesce(
-                func.sum(case((and_(t.c.kind == kind, p.c.side == side), p.c.posted), else_=0)),
-                0,
-            ),
-            BigInteger,
-        ).label(name)
-        for name, (kind, side) in _FLOWS.items()
-    ]
     stmt = (
-        select(a.c.address, a.c.asset, *sums)
+        select(a.c.address, a.c.asset, *ledger.flow_sums(_FLOWS))
         .select_from(p.join(t, t.c.id == p.c.transfer_id).join(a, a.c.id == p.c.account_id))
         .where(a.c.address.in_(addresses))
         .group_by(a.c.address, a.c.asset)

@@ -51,10 +51,7 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     String,
-    and_,
     bindparam,
-    case,
-    cast,
     func,
     select,
     text,
@@ -68,6 +65,7 @@ from ubc.db import table
 from ubc.epochs import service as epochs
 from ubc.epochs.service import EpochInfo
 from ubc.errors import BadRequest
+from ubc.ledger import service as ledger
 from ubc.ledger.bulk import binary_order
 from ubc.ledger.models import Account, Posting, Transfer
 
@@ -293,17 +291,7 @@ def _rows(
     (:func:`_returned_from_escrow`) are joined to it by address and taken off ``bought``
     and ``sold``, so a row is final as it leaves the database."""
     p, t, a = postings_t, transfers_t, accounts_t
-    # A sum of one side of one account fits its 64-bit counter: BIGINT, not NUMERIC.
-    sums = [
-        cast(
-            func.coalesce(
-                func.sum(case((and_(t.c.kind == kind, p.c.side == side), p.c.posted), else_=0)),
-                0,
-            ),
-            BigInteger,
-        ).label(column)
-        for column, (kind, side) in FLOWS.items()
-    ]
+    sums = ledger.flow_sums(FLOWS)
     grouped = (
         select(a.c.address.label("address"), *sums)
         .select_from(p.join(t, t.c.id == p.c.transfer_id).join(a, a.c.id == p.c.account_id))

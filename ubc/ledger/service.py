@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import BigInteger, Label, and_, case, func, insert, select, text
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -274,6 +275,23 @@ def history(
     ]
     next_cursor = items[-1].posting_id if len(rows) > limit else None
     return items, next_cursor
+
+
+def flow_sums(flows: Mapping[str, tuple[str, str]]) -> list[Label[int]]:
+    """Per ``name → (transfer kind, posting side)``, the sum of what postings of that kind
+    and side posted, labelled ``name``, for a ``GROUP BY`` over postings joined to their
+    transfers (a side of one account fits its 64-bit counter: BIGINT, not NUMERIC)."""
+    p, t = postings_t, transfers_t
+    return [
+        sql_cast(
+            func.coalesce(
+                func.sum(case((and_(t.c.kind == kind, p.c.side == side), p.c.posted), else_=0)),
+                0,
+            ),
+            BigInteger,
+        ).label(name)
+        for name, (kind, side) in flows.items()
+    ]
 
 
 # --- the write path --------------------------------------------------------------------
