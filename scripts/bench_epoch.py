@@ -589,9 +589,25 @@ def maxrss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def bench_size(engine: str, members: int, runs: int, postgres_url: str) -> dict[str, Any]:
+@dataclass
+class Ledger:
+    """A fresh ledger to benchmark epochs on: its database, the write path's sessions and
+    context, the operator's key, and a second engine for set-based setup and checks."""
+
+    db: Database
+    service: Engine
+    aux: Engine
+    sessions: Any
+    ctx: Any
+    keys: list[Any]
+
+
+@contextlib.contextmanager
+def fresh_ledger(engine: str, postgres_url: str, prefix: str) -> Iterator[Ledger]:
+    """``ubc init`` in a temporary data dir, a fresh database migrated, the runtime's
+    context loaded; everything dropped at the end."""
     with (
-        tempfile.TemporaryDirectory(prefix="ubc-bench-epoch-") as tmpdir,
+        tempfile.TemporaryDirectory(prefix=prefix) as tmpdir,
         fresh_database(engine, postgres_url, Path(tmpdir)) as db,
     ):
         data_dir = Path(tmpdir) / "data"
@@ -615,52 +631,59 @@ def bench_size(engine: str, members: int, runs: int, postgres_url: str) -> dict[
             )
             with unit_of_work(sessions) as session:
                 ctx = load_runtime(settings, session).ctx
-            started = time.perf_counter()
-            populate(db, aux, members)
-            db.vacuum(full=False)
-            setup = time.perf_counter() - started
-            log(f"  {engine} {members:,}: populated in {setup:.1f} s")
-            rss_setup = maxrss_kib()
-            clock = StatementClock(service)
-            backend_peak: int | None = None
-            results = []
-            for run in range(runs):
-                times = RunTimes()
-                if run:
-                    reset(db, aux)
-                db.checkpoint()
-                clock.on = True
-                service_open(sessions, ctx, keys, run + 1, times)
-                clock.on = False
-                if run == 0:  # ru_maxrss only grows: later runs follow a close
-                    rss_open = maxrss_kib()
-                check(aux, members, closed=False, service=True)
-                db.checkpoint()
-                clock.on = True
-                service_close(sessions, ctx, keys, run + 1, times)
-                clock.on = False
-                check(aux, members, closed=True, service=True)
-                peak = db.backend_peak_kib()
-                if peak is not None:
-                    backend_peak = max(backend_peak or 0, peak)
-                rss_service = maxrss_kib()
-                reset(db, aux)
-                db.checkpoint()
-                times.open_raw = raw_move(db, aux, opening=True)
-                check(aux, members, closed=False, service=False)
-                db.checkpoint()
-                times.close_raw = raw_move(db, aux, opening=False)
-                check(aux, members, closed=True, service=False)
-                log(
-                    f"  {engine} {members:,} run {run + 1}: open {times.open_service:.2f} s "
-                    f"(envelope {times.open_envelope:.2f} s + {times.open_batches} batches), "
-                    f"raw {times.open_raw:.2f} s; close {times.close_service:.2f} s, "
-                    f"raw {times.close_raw:.2f} s; peak RSS {rss_service / 1024:.0f} MiB"
-                )
-                results.append(asdict(times))
+            yield Ledger(db, service, aux, sessions, ctx, keys)
         finally:
             service.dispose()
             aux.dispose()
+
+
+def bench_size(engine: str, members: int, runs: int, postgres_url: str) -> dict[str, Any]:
+    with fresh_ledger(engine, postgres_url, "ubc-bench-epoch-") as ledger:
+        db, aux, sessions = ledger.db, ledger.aux, ledger.sessions
+        ctx, keys = ledger.ctx, ledger.keys
+        started = time.perf_counter()
+        populate(db, aux, members)
+        db.vacuum(full=False)
+        setup = time.perf_counter() - started
+        log(f"  {engine} {members:,}: populated in {setup:.1f} s")
+        rss_setup = maxrss_kib()
+        clock = StatementClock(ledger.service)
+        backend_peak: int | None = None
+        results = []
+        for run in range(runs):
+            times = RunTimes()
+            if run:
+                reset(db, aux)
+            db.checkpoint()
+            clock.on = True
+            service_open(sessions, ctx, keys, run + 1, times)
+            clock.on = False
+            if run == 0:  # ru_maxrss only grows: later runs follow a close
+                rss_open = maxrss_kib()
+            check(aux, members, closed=False, service=True)
+            db.checkpoint()
+            clock.on = True
+            service_close(sessions, ctx, keys, run + 1, times)
+            clock.on = False
+            check(aux, members, closed=True, service=True)
+            peak = db.backend_peak_kib()
+            if peak is not None:
+                backend_peak = max(backend_peak or 0, peak)
+            rss_service = maxrss_kib()
+            reset(db, aux)
+            db.checkpoint()
+            times.open_raw = raw_move(db, aux, opening=True)
+            check(aux, members, closed=False, service=False)
+            db.checkpoint()
+            times.close_raw = raw_move(db, aux, opening=False)
+            check(aux, members, closed=True, service=False)
+            log(
+                f"  {engine} {members:,} run {run + 1}: open {times.open_service:.2f} s "
+                f"(envelope {times.open_envelope:.2f} s + {times.open_batches} batches), "
+                f"raw {times.open_raw:.2f} s; close {times.close_service:.2f} s, "
+                f"raw {times.close_raw:.2f} s; peak RSS {rss_service / 1024:.0f} MiB"
+            )
+            results.append(asdict(times))
         return {
             "engine": engine,
             "members": members,

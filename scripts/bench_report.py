@@ -23,7 +23,6 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,26 +33,18 @@ from bench_epoch import (  # noqa: E402  (a sibling script)
     ASSET,
     CAP,
     DEFAULT_POSTGRES_URL,
-    ORIGIN,
-    SKEW_SECONDS,
     TIERS,
     RunTimes,
-    fresh_database,
+    fresh_ledger,
     log,
     populate,
     service_close,
     service_open,
     standard_members,
-    ubc_command,
 )
 
-from ubc.config import Settings  # noqa: E402
-from ubc.db import make_engine, make_session_factory, unit_of_work  # noqa: E402
 from ubc.epochs import report  # noqa: E402
 from ubc.epochs import service as epochs  # noqa: E402
-from ubc.migrations import upgrade  # noqa: E402
-from ubc.runtime import load_runtime  # noqa: E402
-from ubc.signing import load_signing_key  # noqa: E402
 
 PRICE = "0.000002"
 
@@ -63,69 +54,43 @@ def maxrss_mib() -> float:
 
 
 def bench_size(engine: str, members: int, postgres_url: str) -> dict[str, Any]:
-    with (
-        tempfile.TemporaryDirectory(prefix="ubc-bench-report-") as tmpdir,
-        fresh_database(engine, postgres_url, Path(tmpdir)) as db,
-    ):
-        data_dir = Path(tmpdir) / "data"
-        subprocess.run(
-            [*ubc_command(), "init", "--data-dir", str(data_dir)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        keys = [load_signing_key(data_dir / "operator.key")]
-        service = make_engine(db.url)
-        aux = make_engine(db.url)
-        try:
-            upgrade(service)
-            sessions = make_session_factory(service)
-            settings = Settings(
-                database_url=db.url,
-                data_dir=data_dir,
-                origin=ORIGIN,
-                enrollment="open",
-                created_at_skew_seconds=SKEW_SECONDS,
-            )
-            with unit_of_work(sessions) as session:
-                ctx = load_runtime(settings, session).ctx
-            populate(db, aux, members)
-            db.vacuum(full=False)
-            times = RunTimes()
-            service_open(sessions, ctx, keys, 1, times)
-            service_close(sessions, ctx, keys, 1, times)
-            db.vacuum(full=False)
-            log(f"  {engine} {members:,}: epoch opened and closed")
-            rss_before = maxrss_mib()
-            started = time.perf_counter()
-            rows = 0
-            size = 0
-            last = ""
-            with sessions() as session:
-                info = epochs.get_epoch(session, 1)
-                for chunk in report.csv_chunks(session, info, cu_price_usd=PRICE):
-                    rows += chunk.count("\n")
-                    size += len(chunk)
-                    last = chunk
-            csv_seconds = time.perf_counter() - started
-            rss_after_csv = maxrss_mib()
-            total = last.strip().splitlines()[-1].split(",")
-            standard = standard_members(members)
-            allocated = standard * TIERS["standard"] + (members - standard) * TIERS["basic"]
-            expired = standard * (TIERS["standard"] - CAP)
-            assert rows == members + 2, (rows, members)  # header, members, total
-            assert total[0] == "total", total
-            assert int(total[1]) == allocated, total
-            assert int(total[8]) == expired, total
-            started = time.perf_counter()
-            with sessions() as session:
-                page = report.utilization(session, 1, cu_price_usd=PRICE)
-            page_seconds = time.perf_counter() - started
-            assert len(page.members) == report.DEFAULT_LIMIT
-            assert page.totals is not None
-            assert page.totals.allocated == allocated
-        finally:
-            service.dispose()
-            aux.dispose()
+    with fresh_ledger(engine, postgres_url, "ubc-bench-report-") as ledger:
+        sessions = ledger.sessions
+        populate(ledger.db, ledger.aux, members)
+        ledger.db.vacuum(full=False)
+        times = RunTimes()
+        service_open(sessions, ledger.ctx, ledger.keys, 1, times)
+        service_close(sessions, ledger.ctx, ledger.keys, 1, times)
+        ledger.db.vacuum(full=False)
+        log(f"  {engine} {members:,}: epoch opened and closed")
+        rss_before = maxrss_mib()
+        started = time.perf_counter()
+        rows = 0
+        size = 0
+        last = ""
+        with sessions() as session:
+            info = epochs.get_epoch(session, 1)
+            for chunk in report.csv_chunks(session, info, cu_price_usd=PRICE):
+                rows += chunk.count("\n")
+                size += len(chunk)
+                last = chunk
+        csv_seconds = time.perf_counter() - started
+        rss_after_csv = maxrss_mib()
+        total = last.strip().splitlines()[-1].split(",")
+        standard = standard_members(members)
+        allocated = standard * TIERS["standard"] + (members - standard) * TIERS["basic"]
+        expired = standard * (TIERS["standard"] - CAP)
+        assert rows == members + 2, (rows, members)  # header, members, total
+        assert total[0] == "total", total
+        assert int(total[1]) == allocated, total
+        assert int(total[8]) == expired, total
+        started = time.perf_counter()
+        with sessions() as session:
+            page = report.utilization(session, 1, cu_price_usd=PRICE)
+        page_seconds = time.perf_counter() - started
+        assert len(page.members) == report.DEFAULT_LIMIT
+        assert page.totals is not None
+        assert page.totals.allocated == allocated
     return {
         "engine": engine,
         "members": members,
