@@ -234,6 +234,7 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         "ends_at": "2026-02-01T00:00:00Z",
     },
     "epoch.close": {"actor": "operator", "epoch": 1},
+    "epoch.expire": {"actor": "ledger", "epoch": 1, "after": "", "through": "member:alice"},
     "ledger.config": {
         "actor": "ledger",
         "ledger_public_key": _public(STRANGER),
@@ -366,6 +367,7 @@ RIGHT_SIGNERS = {
     "ledger.genesis": ["ledger"],
     "epoch.open": ["operator"],
     "epoch.close": ["operator"],
+    "epoch.expire": ["ledger"],
     "usage": ["ledger"],
     "hold.expire": ["ledger"],
     "offer.create": ["alice"],

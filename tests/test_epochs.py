@@ -15,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+import unittest.mock
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from ubc.journal.checkpoint import format_checkpoint
 from ubc.journal.merkle import append_leaves, leaf_hash, root_from_frontier
 from ubc.ledger import service as ledger
 from ubc.migrations import upgrade
+from ubc.rules.writing import Prechecked, sign_internal
 from ubc.runtime import load_runtime
 from ubc.signing import (
     NoteSigner,
@@ -205,7 +207,8 @@ class Ledger:
         return self.envelope("epoch.close", "operator", epoch=epoch)
 
     def hold(self, handle: str, amount: int) -> bool:
-        """A pending model call: a hold from the member to system:consumption (not journaled)."""
+        """A pending model call: a hold from the member to system:consumption (not journaled),
+        named as the gateway names its holds."""
         leg = ledger.Leg(
             f"member:{handle}",
             "system:consumption",
@@ -216,7 +219,7 @@ class Ledger:
         )
         with self.sessions() as session:
             try:
-                ledger.apply(session, ledger.LedgerRequest(str(uuid.uuid4()), (leg,)))
+                ledger.apply(session, ledger.LedgerRequest(f"hold:{uuid.uuid4()}", (leg,)))
                 placed = True
             except UbcError:
                 placed = False
@@ -1110,3 +1113,450 @@ def test_a_wrong_summary_under_a_good_checkpoint_is_caught(
     edited = write_resigned(built, tmp_path / "edited.jsonl", header, entries)
     report = verify_journal(from_export(edited), built.vkey)
     assert rules_at(report) == {(seq, f"summary.epoch.{which}")}
+
+
+# --- 5. a close in steps --------------------------------------------------------------
+#
+# The close entry expires the first ``epochs.STEP`` member accounts (in code-point order
+# of their addresses); if more are left the epoch is ``closing`` and the server journals
+# ``epoch.expire`` steps over the next ones until none is left. Every step holds the
+# journal's lock only for its own accounts, and computes each member's expiry from what
+# the member can spend at that step's position: transfers, model calls' holds and new
+# members between steps count exactly as they would before a whole close.
+
+
+def next_step(book: Ledger) -> bool:
+    """One round of the server's close task: the next ``epoch.expire`` step, if any."""
+    with unit_of_work(book.sessions) as session:
+        return epochs.next_close_step(session, book.ctx, now=utcnow(), submit=envelopes.submit)
+
+
+def step_ids(book: Ledger) -> list[str]:
+    rows = book.query("SELECT envelope_id FROM epoch_close_steps ORDER BY first_leg, through")
+    return [str(r[0]) for r in rows]
+
+
+@dataclass(frozen=True)
+class Between:
+    """What happens between two steps of a close."""
+
+    sends: list[tuple[int, int, int]]
+    holds: list[tuple[int, int]]
+    newcomers: list[str]
+
+
+@st.composite
+def stepped_closes(draw: st.DrawFn) -> tuple[list[str], list[int], int, int, list[Between]]:
+    count = draw(st.integers(1, 9))
+    handles = [f"m{draw(st.sampled_from(['', '-', '_']))}{i:02d}" for i in range(count)]
+    deposits = [draw(st.integers(0, 300)) for _ in handles]
+    cap = draw(st.integers(0, 250))
+    size = draw(st.integers(1, 4))
+    index = st.integers(0, count - 1)
+    rounds = [
+        Between(
+            draw(st.lists(st.tuples(index, index, st.integers(1, 300)), max_size=3)),
+            draw(st.lists(st.tuples(index, st.integers(1, 200)), max_size=2)),
+            draw(st.lists(st.sampled_from(["aa0", "mz9", "m-50", "zz1", "m00x"]), max_size=1)),
+        )
+        for _ in range(count // size + 2)
+    ]
+    return handles, deposits, cap, size, rounds
+
+
+@given(case=stepped_closes())
+@settings(max_examples=10, deadline=None)
+def test_a_close_in_steps_expires_each_member_at_its_step(
+    case: tuple[list[str], list[int], int, int, list[Between]], db_url: str, tmp_path: Path
+) -> None:
+    handles, deposits, cap, size, rounds = case
+    data_dir = tmp_path / "data"
+    if not data_dir.exists():
+        make_data_dir(data_dir)
+    empty(db_url)
+    book = Ledger(db_url, data_dir)
+    try:
+        with unittest.mock.patch.object(epochs, "STEP", size):
+            _run_stepped_close(book, handles, deposits, cap, size, rounds)
+    finally:
+        book.close()
+
+
+def _run_stepped_close(
+    book: Ledger,
+    handles: list[str],
+    deposits: list[int],
+    cap: int,
+    size: int,
+    rounds: list[Between],
+) -> None:
+    small_epoch(book, handles)
+    book.accept(
+        *[
+            book.envelope(
+                "deposit",
+                "operator",
+                to=f"member:{h}",
+                asset="CU",
+                amount=d,
+                external_ref=f"fund-{h}",
+            )  # fmt: skip
+            for h, d in zip(handles, deposits, strict=True)
+            if d
+        ]
+    )
+    book.accept(book.open_(1, {"basic": 100}, cap))
+    posted = {h: d + 100 for h, d in zip(handles, deposits, strict=True)}
+    held = dict.fromkeys(handles, 0)
+    expected_expiry: dict[str, int] = {}
+    cursor = ""
+
+    def covered(after: str) -> list[str]:
+        """The handles the next step covers (as the server chooses its range)."""
+        later = sorted(a for a in (f"member:{h}" for h in posted) if a > after)
+        return [a.removeprefix("member:") for a in later[:size]]
+
+    def expire(members: list[str]) -> None:
+        for h in members:
+            expires = max(posted[h] - held[h] - cap, 0)
+            expected_expiry[h] = expires
+            posted[h] -= expires
+
+    # The close entry is the first step.
+    first = covered(cursor)
+    [closed] = book.accept(book.close_(1))
+    expire(first)
+    cursor = f"member:{first[-1]}" if first else cursor
+    status = book.epoch(1).status
+    assert status == ("closed" if not covered(cursor) else "closing")
+    assert closed.summary is not None
+    assert closed.summary["members"] == sum(1 for h in first if expected_expiry[h])
+    for between in rounds:
+        if status == "closed":
+            break
+        # Activity between steps: transfers, holds of model calls, new members.
+        for a, b, amount in between.sends:
+            sender, receiver = handles[a], handles[b]
+            [outcome] = book.submit(book.send(sender, receiver, amount))
+            ok = sender != receiver and amount <= posted[sender] - held[sender]
+            assert outcome.status_code == (201 if ok else (400 if sender == receiver else 409))
+            if ok:
+                posted[sender] -= amount
+                posted[receiver] += amount
+        for i, amount in between.holds:
+            placed = book.hold(handles[i], amount)
+            assert placed == (amount <= posted[handles[i]] - held[handles[i]])
+            held[handles[i]] += amount if placed else 0
+        for newcomer in between.newcomers:
+            if newcomer not in posted:
+                book.accept(book.register(newcomer))
+                posted[newcomer], held[newcomer] = 0, 0
+        members = covered(cursor)
+        assert next_step(book)
+        expire(members)
+        cursor = f"member:{members[-1]}" if members else cursor
+        status = book.epoch(1).status
+        assert status == ("closed" if not covered(cursor) else "closing")
+    assert status == "closed"
+    assert not next_step(book)  # nothing left to do
+    accounts = book.accounts()
+    for h in posted:
+        assert accounts[f"member:{h}"][:2] == (posted[h], held[h]), h
+    assert accounts["system:expired"][0] == sum(expected_expiry.values())
+    info = book.epoch(1)
+    assert (info.expired_members, info.expired) == (
+        sum(1 for v in expected_expiry.values() if v),
+        sum(expected_expiry.values()),
+    )
+    check_invariants(accounts)
+    assert book.audit().findings == []
+
+
+def test_a_close_runs_in_steps_that_the_auditor_re_derives(
+    book: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(epochs, "STEP", 2)
+    handles = ["ann", "bea", "cyd", "dot", "eve"]
+    small_epoch(book, handles)
+    book.accept(book.open_(1, {"basic": 100}, 30))
+    [closed] = book.accept(book.close_(1))
+    # The first step: ann and bea; the rest later.
+    assert closed.summary == {
+        "epoch": 1,
+        "asset": "CU",
+        "members": 2,
+        "total": 140,
+        "through": "member:bea",
+    }
+    info = book.epoch(1)
+    assert (info.status, info.close_cursor, info.expired_members) == ("closing", "member:bea", 2)
+    # While closing: no other close, no new epoch; transfers go on.
+    assert rejected(book.submit(book.close_(1))[0], 409, "state_conflict")
+    assert rejected(book.submit(book.open_(2, {"basic": 1}, None))[0], 409, "state_conflict")
+    book.accept(book.send("ann", "dot", 30))  # dot's expiry is still to come: it counts
+    book.accept(book.send("cyd", "bea", 50))  # bea's was done: it keeps what it gets
+    assert book.hold("eve", 60)  # a model call's hold on eve, not journaled: recorded
+    # A step that does not start where the close is refused, and changes nothing.
+    frozen = book.state()
+    wrong = ledger_step(book, after="member:ann", through="member:cyd")
+    with unit_of_work(book.sessions) as session:
+        assert rejected(envelopes.submit(session, book.ctx, [wrong])[0], 409, "state_conflict")
+    # Only the ledger signs a step.
+    forged = book.envelope("epoch.expire", "operator", epoch=1, after="member:bea",
+                           through="member:cyd")  # fmt: skip
+    assert rejected(book.submit(forged)[0], 403)
+    assert book.state() == frozen
+    assert next_step(book)  # cyd and dot
+    assert next_step(book)  # eve, and the epoch is closed
+    assert not next_step(book)
+    info = book.epoch(1)
+    assert (info.status, info.close_cursor) == ("closed", None)
+    accounts = book.accounts()
+    assert {h: accounts[f"member:{h}"][0] for h in handles} == {
+        "ann": 0,  # 100 - 70 expired - 30 sent
+        "bea": 80,  # 30 after its step, then +50
+        "cyd": 30,  # 100 - 50 sent, then 20 of 50 expired
+        "dot": 30,  # 100 + 30, then 130 - 100 expired
+        "eve": 90,  # 100 - 60 held = 40 available: 10 expired
+    }
+    assert accounts["member:eve"][1] == 60
+    assert accounts["system:expired"][0] == 70 + 70 + 20 + 100 + 10
+    steps = step_ids(book)
+    assert len(steps) == 3
+    assert steps[0] == closed.id
+    assert set(book.legs(steps[1])) == {f"{steps[1]}:0", f"{steps[1]}:1"}
+    [(entry,)] = book.query("SELECT entry FROM journal_entries WHERE envelope_id = :id",
+                            id=steps[2])  # fmt: skip
+    assert json.loads(bytes(entry))["summary"] == {
+        "epoch": 1,
+        "asset": "CU",
+        "members": 1,
+        "total": 10,
+        "closed": True,
+        "held": {"member:eve": 60},
+    }
+    check_invariants(accounts)
+    assert book.audit().findings == []
+    assert verify_journal(from_database(book.url), book.vkey, engine="database").findings == []
+
+
+def ledger_step(book: Ledger, *, after: str, through: str) -> Prechecked:
+    """An ``epoch.expire`` step signed by the ledger, as the server's close task makes it."""
+    payload = validate_payload(
+        "epoch.expire",
+        {
+            "ledger": ORIGIN,
+            "id": str(uuid.uuid4()),
+            "created_at": format_timestamp(utcnow()),
+            "actor": "ledger",
+            "epoch": 1,
+            "after": after,
+            "through": through,
+        },
+    )
+    return sign_internal(book.ctx, payload, "epoch.expire")
+
+
+def test_a_crash_in_the_middle_of_a_close_resumes_to_the_same_result(
+    book: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(epochs, "STEP", 2)
+    handles = ["ann", "bea", "cyd", "dot", "eve", "fay"]
+    small_epoch(book, handles)
+    book.accept(
+        *[
+            book.envelope(
+                "deposit",
+                "operator",
+                to=f"member:{h}",
+                asset="CU",
+                amount=10 * i,
+                external_ref=f"fund-{h}",
+            )  # fmt: skip
+            for i, h in enumerate(handles, 1)
+        ]
+    )
+    book.accept(book.open_(1, {"basic": 100}, 25))
+    book.accept(book.close_(1))
+    before = book.state()
+    real_move = epochs.bulk.move
+    calls = 0
+
+    def crashing_move(*args: Any, **kwargs: Any) -> tuple[int, int]:
+        nonlocal calls
+        calls += 1
+        real_move(*args, **kwargs)  # the rows are written, then the process dies
+        raise RuntimeError("crash in the middle of a step")
+
+    monkeypatch.setattr(epochs.bulk, "move", crashing_move)
+    with pytest.raises(RuntimeError, match="crash"):
+        next_step(book)
+    assert calls == 1
+    assert book.state() == before  # nothing of the step is left
+    monkeypatch.setattr(epochs.bulk, "move", real_move)
+    while next_step(book):
+        pass
+    accounts = book.accounts()
+    # Exactly a whole close: each member keeps at most the cap of what it could spend.
+    assert {h: accounts[f"member:{h}"][0] for h in handles} == dict.fromkeys(handles, 25)
+    assert book.epoch(1).status == "closed"
+    assert book.audit().findings == []
+
+
+# --- 6. an open in steps ----------------------------------------------------------------
+#
+# With more members than ``epochs.CHUNK`` the open's entry only counts them (its summary);
+# the server then fixes their allocations in steps by handle, each member as it was at
+# the entry, and credits them. A member that changes (or registers) before its step is
+# allocated by its state at the entry, so the result is the whole open's.
+
+
+def background_round(book: Ledger) -> bool:
+    """One round of the server's epoch task (``ubc.app._advance_once``)."""
+    app = SimpleNamespace(
+        state=SimpleNamespace(sessions=book.sessions, clock=SYSTEM_CLOCK, ctx=book.ctx)
+    )
+    return ubc.app._advance_once(app)  # type: ignore[arg-type]
+
+
+@st.composite
+def stepped_opens(draw: st.DrawFn) -> tuple[list[Member], int, list[list[tuple[str, str]]]]:
+    count = draw(st.integers(1, 9))
+    members = [
+        Member(
+            f"m{draw(st.sampled_from(['', '-', '_']))}{i:02d}",
+            draw(st.sampled_from(["active", "active", "suspended", "pending"])),
+            draw(st.sampled_from(["basic", "pro", "guest"])),
+            0,
+        )
+        for i in range(count)
+    ]
+    chunk = draw(st.integers(1, 3))
+    handles = [m.handle for m in members] + ["aa1", "m-99", "zz1"]
+    change = st.tuples(
+        st.sampled_from(handles),
+        st.sampled_from(["suspended", "active:basic", "active:pro", "active:guest", "new"]),
+    )
+    rounds = [draw(st.lists(change, max_size=3)) for _ in range(count // chunk + 2)]
+    return members, chunk, rounds
+
+
+@given(case=stepped_opens())
+@settings(max_examples=10, deadline=None)
+def test_an_open_in_steps_allocates_by_the_state_at_its_entry(
+    case: tuple[list[Member], int, list[list[tuple[str, str]]]], db_url: str, tmp_path: Path
+) -> None:
+    members, chunk, rounds = case
+    data_dir = tmp_path / "data"
+    if not data_dir.exists():
+        make_data_dir(data_dir)
+    empty(db_url)
+    book = Ledger(db_url, data_dir)
+    try:
+        with unittest.mock.patch.object(epochs, "CHUNK", chunk):
+            _run_stepped_open(book, members, rounds)
+    finally:
+        book.close()
+
+
+def _run_stepped_open(
+    book: Ledger, members: list[Member], rounds: list[list[tuple[str, str]]]
+) -> None:
+    allocations = {"basic": 100, "pro": 250}
+    book.accept(*[book.register(m.handle) for m in members])
+    book.accept(
+        *[
+            book.envelope("member.admit", "operator", handle=m.handle, tier=m.tier)
+            for m in members
+            if m.status != "pending"
+        ]
+    )
+    book.accept(
+        *[
+            book.envelope("member.update", "operator", handle=m.handle, status="suspended")
+            for m in members
+            if m.status == "suspended"
+        ]
+    )
+    # What a whole open at the entry allocates.
+    eligible = sorted(m.handle for m in members if m.status == "active" and m.tier != "guest")
+    tier_of = {m.handle: m.tier for m in members}
+    [opened] = book.accept(book.open_(1, allocations, None))
+    assert opened.summary is not None
+    assert opened.summary["members"] == len(eligible)
+    status = {m.handle: m.status for m in members}
+    for changes in rounds:
+        # Members change between steps: their allocation stays what the entry saw.
+        for handle, what in changes:
+            if what == "new" or handle not in status:
+                if handle not in status:
+                    book.accept(book.register(handle))
+                    status[handle] = "pending"
+                continue
+            if what == "suspended":
+                if status[handle] == "active":
+                    book.accept(
+                        book.envelope("member.update", "operator", handle=handle, status=what)
+                    )
+                    status[handle] = what
+                continue
+            tier = what.split(":")[1]
+            if status[handle] == "pending":
+                book.accept(book.envelope("member.admit", "operator", handle=handle, tier=tier))
+            else:
+                book.accept(
+                    book.envelope(
+                        "member.update", "operator", handle=handle, status="active", tier=tier
+                    )
+                )
+            status[handle] = "active"
+        if not background_round(book):
+            break
+    while background_round(book):
+        pass
+    info = book.epoch(1)
+    assert (info.status, info.members, info.applied) == ("open", len(eligible), len(eligible))
+    assert book.legs(opened.id) == {
+        f"{opened.id}:{leg}": (
+            "system:issuance",
+            f"member:{h}",
+            allocations[tier_of[h]],
+            "allocation",
+            "posted",
+        )
+        for leg, h in enumerate(eligible)
+    }
+    assert book.query("SELECT count(*) FROM epoch_fixes") == [(0,)]
+    check_invariants(book.accounts())
+    assert book.audit().findings == []
+
+
+def test_an_open_in_steps_lets_the_ledger_run_meanwhile(
+    book: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(epochs, "CHUNK", 2)
+    small_epoch(book, ["ann", "bea", "cyd", "dot", "eve"])
+    [opened] = book.accept(book.open_(1, {"basic": 100}, 20))
+    info = book.epoch(1)
+    assert (info.status, info.members, info.applied) == ("opening", 5, 0)
+    # Before its allocation is fixed: eve is suspended, then a newcomer registers and is
+    # admitted; eve still gets hers, the newcomer none (it was no member at the entry).
+    book.accept(book.envelope("member.update", "operator", handle="eve", status="suspended"))
+    book.accept(book.register("fin"))
+    book.accept(book.envelope("member.admit", "operator", handle="fin", tier="basic"))
+    assert background_round(book)  # ann, bea
+    book.accept(book.send("ann", "bea", 40))  # credited members spend at once
+    while background_round(book):
+        pass
+    accounts = book.accounts()
+    assert {h: accounts[f"member:{h}"][0] for h in ["ann", "bea", "cyd", "dot", "eve", "fin"]} == {
+        "ann": 60,
+        "bea": 140,
+        "cyd": 100,
+        "dot": 100,
+        "eve": 100,
+        "fin": 0,
+    }
+    assert len(book.legs(opened.id)) == 5
+    assert book.audit().findings == []
+    assert verify_journal(from_database(book.url), book.vkey, engine="database").findings == []

@@ -336,7 +336,8 @@ async def _sweep_holds(app: FastAPI, interval: float, stop: asyncio.Event) -> No
 
 
 async def _advance_epochs(app: FastAPI, stop: asyncio.Event) -> None:
-    """Apply opening epochs batch by batch (also one left half-applied by a crash)."""
+    """Fix and apply opening epochs' allocations batch by batch, and journal closing
+    epochs' expiry steps one by one (also an open or a close left half-done by a crash)."""
     while not stop.is_set():
         try:
             progressed = await asyncio.to_thread(_advance_once, app)
@@ -355,13 +356,29 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
 def _advance_once(app: FastAPI) -> bool:
     clock: Clock = app.state.clock
 
-    def work(session: Session) -> bool:
+    def fix(session: Session) -> bool:
+        return any(epochs.fix_ahead(session, n) for n in epochs.pending_epochs(session))
+
+    def allocate(session: Session) -> bool:
         now = clock.now()
         return any(
             epochs.apply_allocations(session, n, now=now) for n in epochs.pending_epochs(session)
         )
 
-    return run_unit_of_work(app.state.sessions, work)
+    def expire(session: Session) -> bool:
+        if not epochs.closing_epochs(session):
+            return False
+        return epochs.next_close_step(
+            session, app.state.ctx, now=clock.now(), submit=write_path.submit
+        )
+
+    # Each its own transaction: fixing locks the epoch's row, allocating its members'
+    # accounts, and a close step the journal.
+    fixed = False
+    while run_unit_of_work(app.state.sessions, fix):  # a batch's worth, step by step
+        fixed = True
+    allocated = run_unit_of_work(app.state.sessions, allocate)
+    return run_unit_of_work(app.state.sessions, expire) or allocated or fixed
 
 
 def sweep_once(app: FastAPI) -> None:

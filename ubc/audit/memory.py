@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from bisect import bisect_right, insort
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,12 +32,15 @@ from typing import Any
 from ubc.audit.workers import id_hash as _id_hash
 from ubc.causes.rules import CausesLookup, CauseStored, cause_address
 from ubc.epochs.rules import (
+    END_OF_MEMBERS,
     EpochClosed,
+    EpochExpired,
     EpochOpened,
     EpochsLookup,
     allocation_for,
     check_recorded_hold,
     close_summary,
+    expire_summary,
     expiry_for,
     open_summary,
 )
@@ -77,6 +81,8 @@ class Epoch:
     asset: str
     cap: int | None
     status: str
+    # While closing: the last member address a step has expired.
+    cursor: str = ""
 
 
 class IdTable:
@@ -164,6 +170,8 @@ class MemoryState:
     offers: dict[str, OfferView] = field(default_factory=dict)
     spend: dict[tuple[str, int], int] = field(default_factory=dict)
     epochs: dict[int, Epoch] = field(default_factory=dict)
+    # Per asset whose epoch is closing: its member addresses in code-point order.
+    closing: dict[str, list[str]] = field(default_factory=dict)
     # Per asset, the capped closes in order: (cap, index into ``close_balances``).
     capped: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     # After each capped close, the posted balances of the sellers with open offers.
@@ -196,6 +204,8 @@ class MemoryState:
         for address, asset in sorted(set(pairs)):
             kind, _ = parse_address(address)
             if (address, asset) not in self.accounts:
+                if asset in self.closing and address.startswith("member:"):
+                    insort(self.closing[asset], address)
                 self.accounts[(address, asset)] = AccountState(
                     0, address, asset, kind in NON_NEGATIVE_KINDS
                 )
@@ -332,6 +342,8 @@ class MemoryState:
             return self._open_epoch(change, now)
         elif isinstance(change, EpochClosed):
             return self._close_epoch(change)
+        elif isinstance(change, EpochExpired):
+            return self._expire_step(change)
         # UsageRecorded, CallSettled, FillRecorded: records of the server's own tables
         # that no rule reads back.
         return None
@@ -400,51 +412,94 @@ class MemoryState:
             raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
         if epoch.status != "open":
             raise StateConflict(f"epoch {payload.epoch} is {epoch.status}")
-        asset, cap = epoch.asset, epoch.cap
-        count = total = 0
-        held: dict[str, int] = {}
-        if cap is not None:
-            elsewhere = dict(change.held_elsewhere) if change.held_elsewhere else {}
-            for address, amount in elsewhere.items():
-                account = self.accounts.get((address, asset))
-                available = (
-                    account.available
-                    if account is not None and address.startswith("member:")
-                    else None
-                )
-                check_recorded_hold(address, amount, available, cap)
-            legs: list[tuple[AccountState, int]] = []
-            for (address, code), account in sorted(self.accounts.items()):
-                if code != asset or not address.startswith("member:"):
-                    continue
-                expires = expiry_for(account.available, elsewhere.get(address, 0), cap)
-                if expires:
-                    legs.append((account, expires))
-            expired = self.accounts[("system:expired", asset)]
-            count, total = self._move(payload.id, legs, expired, "expiry", source_is_debit=False)
-            held = elsewhere or {
-                a.address: a.debits_pending
-                for (address, code), a in self.accounts.items()
-                if code == asset
-                and address.startswith("member:")
-                and a.debits_pending > 0
-                and a.balance > cap
-            }
-            sellers = {
-                o.seller
-                for o in self.offers.values()
-                if o.status == "open" and o.sell_asset == asset
-            }
-            self.close_balances.append(
-                {
-                    s: self.accounts[(s, asset)].balance
-                    for s in sellers
-                    if (s, asset) in self.accounts
-                }
+        asset = epoch.asset
+        epoch.status = "closing"
+        if epoch.cap is None:
+            self._closed(epoch)
+            return close_summary(payload.epoch, asset, 0, 0, {}, None)
+        self.closing[asset] = sorted(
+            address
+            for (address, code) in self.accounts
+            if code == asset and address.startswith("member:")
+        )
+        # The server chose where the first step ends; the journal records it.
+        through = END_OF_MEMBERS if change.through is None else change.through
+        count, total, held, closed = self._expire_range(
+            epoch, payload.id, "", through, change.held_elsewhere
+        )
+        return close_summary(payload.epoch, asset, count, total, held, None if closed else through)
+
+    def _expire_step(self, change: EpochExpired) -> dict[str, Any]:
+        payload = change.payload
+        epoch = self.epochs.get(payload.epoch)
+        if epoch is None:
+            raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
+        if epoch.status != "closing":
+            raise StateConflict(f"epoch {payload.epoch} is {epoch.status}, not closing")
+        if epoch.cursor != payload.after:
+            raise StateConflict(
+                f"the close of epoch {payload.epoch} has reached {epoch.cursor!r}, "
+                f"not {payload.after!r}",
+                detail={"epoch": payload.epoch, "cursor": epoch.cursor},
             )
-            self.capped.setdefault(asset, []).append((cap, len(self.close_balances) - 1))
+        count, total, held, closed = self._expire_range(
+            epoch, payload.id, payload.after, payload.through, change.held_elsewhere
+        )
+        return expire_summary(payload.epoch, epoch.asset, count, total, held, closed)
+
+    def _expire_range(
+        self,
+        epoch: Epoch,
+        envelope_id: str,
+        after: str,
+        through: str,
+        held_elsewhere: Mapping[str, int],
+    ) -> tuple[int, int, dict[str, int], bool]:
+        """One step of a close, as ``ubc.epochs.service`` computes it in SQL."""
+        asset, cap = epoch.asset, epoch.cap
+        assert cap is not None
+        addresses = self.closing[asset]
+        start, end = bisect_right(addresses, after), bisect_right(addresses, through)
+        elsewhere = dict(held_elsewhere)
+        for address, amount in elsewhere.items():
+            if not after < address <= through:
+                raise StateConflict(
+                    f"the close records a hold on {address}, outside its step",
+                    detail={"address": address},
+                )
+            account = self.accounts.get((address, asset))
+            available = (
+                account.available if account is not None and address.startswith("member:") else None
+            )
+            check_recorded_hold(address, amount, available, cap)
+        legs: list[tuple[AccountState, int]] = []
+        for address in addresses[start:end]:
+            account = self.accounts[(address, asset)]
+            expires = expiry_for(account.available, elsewhere.get(address, 0), cap)
+            if expires:
+                legs.append((account, expires))
+        expired = self.accounts[("system:expired", asset)]
+        count, total = self._move(envelope_id, legs, expired, "expiry", source_is_debit=False)
+        epoch.cursor = through
+        closed = end == len(addresses)
+        if closed:
+            self._closed(epoch)
+        return count, total, elsewhere, closed
+
+    def _closed(self, epoch: Epoch) -> None:
+        """The epoch is closed: what the market reads of it from now on."""
         epoch.status = "closed"
-        return close_summary(payload.epoch, asset, count, total, held)
+        asset = epoch.asset
+        self.closing.pop(asset, None)
+        if epoch.cap is None:
+            return
+        sellers = {
+            o.seller for o in self.offers.values() if o.status == "open" and o.sell_asset == asset
+        }
+        self.close_balances.append(
+            {s: self.accounts[(s, asset)].balance for s in sellers if (s, asset) in self.accounts}
+        )
+        self.capped.setdefault(asset, []).append((epoch.cap, len(self.close_balances) - 1))
 
     def _move(
         self,

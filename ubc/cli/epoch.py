@@ -160,7 +160,7 @@ def epoch_close(
         config = CliConfig.load()
         with _client(config, server, key=_operator_key(config, operator_key)) as client:
             receipt = client.submit(client.envelope("epoch.close", actor="operator", epoch=epoch))
-            info: dict[str, Any] = client._get(f"/api/epochs/{epoch}")
+            info = _wait_until_closed(client, epoch)
         _say(f"Closed epoch {epoch} ({_entry(receipt)}).")
         cap = info["carryover_cap"]
         _say(f"Carryover cap: {'none' if cap is None else amount(cap, info['asset'])}")
@@ -375,6 +375,21 @@ def _wait_until_applied(client: UbcClient, number: int) -> dict[str, Any]:
     return info
 
 
+def _wait_until_closed(client: UbcClient, number: int) -> dict[str, Any]:
+    """Poll the epoch until its expiry steps have covered every member account."""
+    info: dict[str, Any] = client._get(f"/api/epochs/{number}")
+    if info["status"] != "closing":
+        return info
+    with Console(stderr=True).status("expiring") as status:
+        while info["status"] == "closing":
+            status.update(
+                f"expiring: {info['expired_members']} members, through {info['close_cursor']}"
+            )
+            time.sleep(POLL_SECONDS)
+            info = client._get(f"/api/epochs/{number}")
+    return info
+
+
 def _allocations(items: list[str]) -> dict[str, int]:
     allocations: dict[str, int] = {}
     for item in items:
@@ -414,6 +429,8 @@ def _percent(value: str) -> str:
 def _status(e: dict[str, Any]) -> str:
     if e["status"] == "opening":
         return f"opening ({e['applied']}/{e['members']})"
+    if e["status"] == "closing":
+        return f"closing (through {e['close_cursor']})"
     return str(e["status"])
 
 

@@ -12,7 +12,7 @@ from ubc.dbtypes import UTCDateTime
 
 class Epoch(SQLModel, table=True):
     """An epoch: ``opening`` while its allocations are applied in batches, then ``open``,
-    then ``closed``."""
+    then ``closing`` while its expiry steps run, then ``closed``."""
 
     __tablename__ = "epochs"
 
@@ -37,6 +37,12 @@ class Epoch(SQLModel, table=True):
     # epoch exactly when the journal puts it between them.
     first_posting: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     last_posting: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    # While opening: the last handle whose allocation is fixed ("" before the first; None
+    # once every one is), and how many allocations are fixed.
+    fix_cursor: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    fixed: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    # While closing: the last member address a step has expired ("" before the first).
+    close_cursor: str | None = Field(default=None, sa_column=Column(String(80), nullable=True))
 
 
 class EpochAllocation(SQLModel, table=True):
@@ -62,3 +68,28 @@ class EpochExpiry(SQLModel, table=True):
     leg: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
     account_id: int = Field(sa_column=Column(BigInteger, nullable=False))
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class EpochCloseStep(SQLModel, table=True):
+    """One ``epoch.expire`` step of a close: its legs are ``first_leg <= leg < first_leg +
+    legs`` of ``epoch_expiries``, their transfers ``<step id>:<leg - first_leg>``."""
+
+    __tablename__ = "epoch_close_steps"
+
+    envelope_id: str = Field(sa_column=Column(String(36), primary_key=True))
+    epoch: int = Field(sa_column=Column(BigInteger, nullable=False))
+    first_leg: int = Field(sa_column=Column(BigInteger, nullable=False))
+    legs: int = Field(sa_column=Column(BigInteger, nullable=False))
+    through: str = Field(sa_column=Column(String(80), nullable=False))
+
+
+class EpochFix(SQLModel, table=True):
+    """A member's state when an opening epoch's entry was journaled, kept when the member
+    changes (or first appears: ``status`` None) before its allocation is fixed."""
+
+    __tablename__ = "epoch_fixes"
+
+    epoch: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    handle: str = Field(sa_column=Column(String(32), primary_key=True))
+    status: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    tier: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))

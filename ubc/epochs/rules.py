@@ -1,4 +1,5 @@
-"""Rules of allocation epochs: ``epoch.open`` and ``epoch.close`` (operator only).
+"""Rules of allocation epochs: ``epoch.open`` and ``epoch.close`` (operator only), and
+``epoch.expire``, the steps of a close that the ledger signs itself.
 
 What they do is set-based (``ubc.epochs.service`` over ``ubc.ledger.bulk``); the rules
 check that the epoch may open or close now and say so as data.
@@ -10,12 +11,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ubc.epochs.payloads import EpochClose, EpochOpen
+from ubc.epochs.payloads import EpochClose, EpochExpire, EpochOpen
 from ubc.errors import BadRequest, NotFound, StateConflict
-from ubc.rules import Change, Lookup, Plan, RuleContext, RuleSpec, Signers, require_operator
+from ubc.rules import (
+    Change,
+    Lookup,
+    Plan,
+    RuleContext,
+    RuleSpec,
+    Signers,
+    require_ledger,
+    require_operator,
+)
 from ubc.rules.payload import parse_timestamp
 
-OPEN_STATES = ("opening", "open")
+# An epoch is ``opening`` while its allocations are applied, then ``open``, then
+# ``closing`` while its expiry steps run, then ``closed``. Only one is not closed at a time.
+OPEN_STATES = ("opening", "open", "closing")
+# After every member address in code-point order (";" follows ":"): a close's first step
+# that a journal records without a ``through`` covered every member account.
+END_OF_MEMBERS = "member;"
 
 
 class EpochsLookup(Lookup, Protocol):
@@ -41,11 +56,24 @@ class EpochOpened(Change):
 
 @dataclass(frozen=True, slots=True)
 class EpochClosed(Change):
-    """Expire what members can spend above the cap. ``held_elsewhere``: holds pending
-    outside the ledger's tables at this moment (address → amount), which limit expiries
-    as a pending hold does: none on the server, the journal's record in a re-run."""
+    """The close, and its first step: expire what the first member accounts (in address
+    order) can spend above the cap; the epoch is ``closed`` if that was all of them, else
+    ``closing`` until ``epoch.expire`` steps have covered the rest. ``through``: where
+    the first step ends, as the journal recorded it (a re-run); None on the server, which
+    chooses. ``held_elsewhere``: holds of model calls pending on those accounts at this
+    moment (address → amount; they are not journaled), which limit expiries as any
+    pending hold does: none on the server, the journal's record in a re-run."""
 
     payload: EpochClose
+    held_elsewhere: Mapping[str, int] = field(default_factory=dict)
+    through: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EpochExpired(Change):
+    """A later step of a close: the same over the member accounts in the step's range."""
+
+    payload: EpochExpire
     held_elsewhere: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -83,23 +111,59 @@ def epoch_close(
     if state is None:
         raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
     status = state[0]
-    if status == "closed":
-        raise StateConflict(f"epoch {payload.epoch} is already closed")
+    if status in ("closing", "closed"):
+        raise StateConflict(
+            f"epoch {payload.epoch} is already {status}",
+            detail={"epoch": payload.epoch, "status": status},
+        )
     if status != "open":
         raise StateConflict(
             f"epoch {payload.epoch} is still {status}: its allocations are being applied",
             detail={"epoch": payload.epoch, "status": status},
         )
-    # Holds are not journaled; the close's entry records those that limited an expiry.
-    record = ctx.record_of(payload.id)
+    held, through = _recorded_step(ctx, payload.id)
+    return Plan(changes=(EpochClosed(payload, held, through),))
+
+
+def epoch_expire(
+    look: EpochsLookup, ctx: RuleContext, payload: EpochExpire, signers: Signers
+) -> Plan:
+    """A step of a close. That ``after`` is where the previous step ended is checked by
+    the writer, which reads the close's progress in the same transaction."""
+    require_ledger(payload, signers)
+    state = look.epoch_state(payload.epoch)
+    if state is None:
+        raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
+    if state[0] != "closing":
+        raise StateConflict(
+            f"epoch {payload.epoch} is {state[0]}, not closing",
+            detail={"epoch": payload.epoch, "status": state[0]},
+        )
+    if payload.through < payload.after:
+        raise BadRequest("through must not come before after", detail={"after": payload.after})
+    held, _ = _recorded_step(ctx, payload.id)
+    return Plan(changes=(EpochExpired(payload, held),))
+
+
+def _recorded_step(ctx: RuleContext, envelope_id: str) -> tuple[dict[str, int], str | None]:
+    """In a re-run, what the journal recorded of a close step: the holds of model calls
+    that limited an expiry (they are not journaled), and where a close's first step ended
+    if it did not close the epoch."""
+    record = ctx.record_of(envelope_id)
     summary = (record.summary if record is not None else None) or {}
     held = summary.get("held", {})
-    return Plan(changes=(EpochClosed(payload, held),))
+    through = summary.get("through")
+    if not isinstance(held, dict) or not (through is None or isinstance(through, str)):
+        raise BadRequest("the entry's summary does not say what the close step did")
+    if record is not None and through is None:
+        through = END_OF_MEMBERS
+    return held, through
 
 
 RULES = (
     RuleSpec("epoch.open", EpochOpen, epoch_open),
     RuleSpec("epoch.close", EpochClose, epoch_close),
+    RuleSpec("epoch.expire", EpochExpire, epoch_expire, submit="ledger"),
 )
 
 
@@ -144,11 +208,31 @@ def open_summary(payload: EpochOpen, by_tier: Mapping[str, tuple[int, int]]) -> 
 
 
 def close_summary(
-    epoch: int, asset: str, members: int, total: int, held: Mapping[str, int]
+    epoch: int, asset: str, members: int, total: int, held: Mapping[str, int], through: str | None
 ) -> dict[str, Any]:
-    """The journal's summary of an ``epoch.close``: what expired, and the holds that
-    limited it (address → amount), if any."""
+    """The journal's summary of an ``epoch.close``: what its first step expired, the holds
+    that limited it (address → amount), if any, and, if the epoch is still closing, where
+    that step ended (``through``)."""
     summary: dict[str, Any] = {"epoch": epoch, "asset": asset, "members": members, "total": total}
+    if held:
+        summary["held"] = dict(sorted(held.items()))
+    if through is not None:
+        summary["through"] = through
+    return summary
+
+
+def expire_summary(
+    epoch: int, asset: str, members: int, total: int, held: Mapping[str, int], closed: bool
+) -> dict[str, Any]:
+    """The journal's summary of an ``epoch.expire`` step: what expired, the holds that
+    limited it (address → amount), if any, and whether this step closed the epoch."""
+    summary: dict[str, Any] = {
+        "epoch": epoch,
+        "asset": asset,
+        "members": members,
+        "total": total,
+        "closed": closed,
+    }
     if held:
         summary["held"] = dict(sorted(held.items()))
     return summary

@@ -19,7 +19,7 @@ class Epoch(Schema):
     carryover_cap: int | None
     starts_at: str
     ends_at: str
-    status: str = Field(description="opening, open or closed")
+    status: str = Field(description="opening, open, closing or closed")
     opened_at: str
     closed_at: str | None
     members: int
@@ -27,6 +27,10 @@ class Epoch(Schema):
     issued: int
     expired_members: int
     expired: int
+    close_cursor: str | None = Field(
+        default=None,
+        description="while closing: the last member address its expiry steps have covered",
+    )
 
 
 class EpochList(Schema):

@@ -44,6 +44,20 @@ class LegWindow:
         return {"n": self.epoch, "lo": self.lo, "hi": self.hi}
 
 
+@dataclass(frozen=True, slots=True)
+class AddressRange:
+    """The member accounts of ``asset`` with ``after < address <= through`` in code-point
+    order, and the cap above which a close expires."""
+
+    asset: str
+    after: str
+    through: str
+    cap: int
+
+    def params(self) -> dict[str, str | int]:
+        return {"asset": self.asset, "after": self.after, "through": self.through, "cap": self.cap}
+
+
 def account_id(session: Session, address: str, asset: str) -> int:
     value = session.execute(
         text("SELECT id FROM accounts WHERE address = :address AND asset = :asset"),
@@ -72,51 +86,90 @@ def lock_window(session: Session, window: LegWindow, source: int) -> None:
     )
 
 
-def lock_above(session: Session, asset: str, cap: int, source: int) -> None:
-    """Lock the member accounts of ``asset`` that can spend more than ``cap``, and
-    ``source``, in ascending id order (PostgreSQL only)."""
+def lock_range(session: Session, span: AddressRange, source: int) -> None:
+    """Lock the member accounts of the range whose posted balance is above its cap (those
+    a close step may debit or must record a hold of), and ``source``, in ascending id
+    order (PostgreSQL only)."""
     if not _postgres(session):
         return
     session.execute(
         text(
             "SELECT count(*) FROM (SELECT id FROM accounts WHERE id = :source "
-            f"OR ({_above()}) ORDER BY id FOR UPDATE) locked"
+            f"OR ({_in_range(session)} AND credits_posted - debits_posted > :cap) "
+            "ORDER BY id FOR UPDATE) locked"
         ),
-        {"asset": asset, "cap": cap, "source": source},
+        {**span.params(), "source": source},
     )
 
 
-def above_cap_legs(session: Session, epoch: int, asset: str, cap: int) -> int:
-    """Fill ``epoch_expiries`` with one leg per member account of ``asset`` that can spend
-    more than ``cap`` (numbered by address), for what it can spend above it; how many."""
-    session.execute(
+def range_above_cap_legs(session: Session, span: AddressRange, epoch: int, first_leg: int) -> int:
+    """Add to ``epoch_expiries`` one leg per member account of the range that can spend
+    more than the cap, for what it can spend above it, numbered by address from
+    ``first_leg``; how many."""
+    result = session.execute(
         text(
             "INSERT INTO epoch_expiries (epoch, leg, account_id, amount) "
-            f"SELECT :n, ROW_NUMBER() OVER (ORDER BY address{binary_order(session)}) - 1, id, "
-            f"{AVAILABLE} - :cap FROM accounts WHERE {_above()}"
+            f"SELECT :n, :first + ROW_NUMBER() OVER (ORDER BY address{binary_order(session)}) "
+            f"- 1, id, {AVAILABLE} - :cap FROM accounts "
+            f"WHERE {_in_range(session)} AND {AVAILABLE} > :cap"
         ),
-        {"asset": asset, "cap": cap, "n": epoch},
+        {**span.params(), "n": epoch, "first": first_leg},
     )
-    count = session.execute(
-        text("SELECT count(*) FROM epoch_expiries WHERE epoch = :n"), {"n": epoch}
-    ).scalar_one()
-    return int(count)
+    return int(getattr(result, "rowcount", 0))
 
 
-def held_above(session: Session, asset: str, cap: int) -> dict[str, int]:
-    """Member accounts of ``asset`` with a posted balance above ``cap`` and holds pending:
-    address → amount held."""
+def held_by_calls(session: Session, span: AddressRange) -> dict[str, int]:
+    """What model calls hold (pending ``hold:`` transfers, which the journal does not
+    record) on the member accounts of the range whose expiry they limit: those that could
+    spend more than the cap without them. Address → amount held."""
     return {
-        str(r.address): int(r.debits_pending)
+        str(r.address): int(r.held)
         for r in session.execute(
             text(
-                "SELECT address, debits_pending FROM accounts WHERE asset = :asset "
-                "AND address LIKE 'member:%' AND debits_pending > 0 "
-                "AND credits_posted - debits_posted > :cap"
+                "SELECT a.address, h.held FROM accounts a JOIN "
+                "(SELECT debit_account_id, sum(amount) AS held FROM transfers "
+                "WHERE state = 'pending' AND id LIKE 'hold:%' GROUP BY debit_account_id) h "
+                f"ON h.debit_account_id = a.id WHERE {_in_range(session, 'a.')} "
+                "AND a.credits_posted - a.debits_posted - a.debits_pending + h.held > :cap"
             ),
-            {"asset": asset, "cap": cap},
+            span.params(),
         )
     }
+
+
+def member_account_after(session: Session, asset: str, address: str) -> bool:
+    """Whether a member account of ``asset`` comes after ``address`` in code-point order."""
+    order = binary_order(session)
+    return (
+        session.execute(
+            text(
+                "SELECT 1 FROM accounts WHERE asset = :asset AND address LIKE 'member:%' "
+                f"AND address{order} > :address{order} LIMIT 1"
+            ),
+            {"asset": asset, "address": address},
+        ).first()
+        is not None
+    )
+
+
+def next_range_end(session: Session, asset: str, after: str, size: int) -> str | None:
+    """The address that ends a range of ``size`` member accounts of ``asset`` after
+    ``after`` (fewer if fewer are left); None if none is left."""
+    order = binary_order(session)
+    params = {"asset": asset, "after": after, "skip": size - 1}
+    member = f"asset = :asset AND address LIKE 'member:%' AND address{order} > :after{order}"
+    end = session.execute(
+        text(
+            f"SELECT address FROM accounts WHERE {member} ORDER BY address{order} "
+            "LIMIT 1 OFFSET :skip"
+        ),
+        params,
+    ).scalar_one_or_none()
+    if end is None:
+        end = session.execute(
+            text(f"SELECT max(address{order}) FROM accounts WHERE {member}"), params
+        ).scalar_one_or_none()
+    return None if end is None else str(end)
 
 
 def member_available(session: Session, address: str, asset: str) -> int | None:
@@ -150,9 +203,11 @@ def move(
     kind: str,
     source_is_debit: bool,
     now: datetime,
+    first_leg: int = 0,
 ) -> tuple[int, int]:
     """Transfers, postings and balances for the window's legs, between each leg's member
-    account and ``source`` (issuance debits, expiry credits); (count, total)."""
+    account and ``source`` (issuance debits, expiry credits); (count, total). The
+    transfers are ``<envelope id>:<leg - first_leg>``."""
     table = _legs_table(window)
     params_window = window.params()
     count, total = session.execute(
@@ -183,12 +238,13 @@ def move(
         "kind": kind,
         "balance": balance,
         "available": available,
+        "first_leg": first_leg,
     }
     member, other = ("credit_account_id", "debit_account_id")
     if not source_is_debit:
         member, other = other, member
     legs = f"FROM {table} e WHERE e.epoch = :n AND e.leg >= :lo AND e.leg < :hi"
-    transfer_id = ":envelope || CAST(e.leg AS VARCHAR(20))"
+    transfer_id = ":envelope || CAST(e.leg - :first_leg AS VARCHAR(20))"
     session.execute(
         text(
             "INSERT INTO transfers (id, debit_account_id, credit_account_id, asset, amount, "
@@ -249,8 +305,13 @@ def binary_order(session: Session) -> str:
     return ' COLLATE "C"' if _postgres(session) else ""
 
 
-def _above() -> str:
-    return f"asset = :asset AND address LIKE 'member:%' AND {AVAILABLE} > :cap"
+def _in_range(session: Session, prefix: str = "") -> str:
+    order = binary_order(session)
+    address = f"{prefix}address{order}"
+    return (
+        f"{prefix}asset = :asset AND {prefix}address LIKE 'member:%' "
+        f"AND {address} > :after{order} AND {address} <= :through{order}"
+    )
 
 
 def _legs_table(window: LegWindow) -> str:

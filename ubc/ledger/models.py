@@ -38,6 +38,9 @@ class Account(SQLModel, table=True):
     __tablename__ = "accounts"
     __table_args__ = (
         UniqueConstraint("address", "asset", name="uq_accounts_address_asset"),
+        # On PostgreSQL the address is COLLATE "C" in this index (migration 0006): member
+        # accounts by address in code-point order, as a close step and the report read them.
+        Index("ix_accounts_asset_address_c", "asset", "address"),
         CheckConstraint(
             "NOT non_negative OR credits_posted - debits_posted - debits_pending >= 0",
             name="ck_accounts_non_negative",

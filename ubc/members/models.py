@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, String, Text
+from sqlalchemy import BigInteger, Boolean, Column, ForeignKey, Index, String, Text
 from sqlmodel import Field, SQLModel
 
 from ubc.dbtypes import UTCDateTime
@@ -12,6 +12,9 @@ from ubc.dbtypes import UTCDateTime
 
 class Member(SQLModel, table=True):
     __tablename__ = "members"
+    # On PostgreSQL the handle is COLLATE "C" in this index (migration 0006): members by
+    # handle in code-point order, as an epoch's open fixes its allocations in steps.
+    __table_args__ = (Index("ix_members_handle_c", "handle"),)
 
     handle: str = Field(sa_column=Column(String(32), primary_key=True))
     # pending (registered, awaiting member.admit), active or suspended
