@@ -14,14 +14,20 @@ database and measures:
   the physical order of the accounts, as on a real ledger. Then ``VACUUM ANALYZE`` on
   PostgreSQL (what autovacuum would have done), nothing on SQLite (ubc never analyzes).
 - **open (service)**: an operator-signed ``epoch.open`` envelope through
-  ``ubc.envelopes.service.submit`` in ``ubc.db.run_unit_of_work`` (the snapshot into
-  ``epoch_allocations``, and the allocations themselves when the members are at most
-  ``ubc.epochs.service.CHUNK``), then, for a bigger epoch, one ``apply_allocations`` per
-  unit of work until the epoch is ``open``, exactly as the server's background task
-  (``ubc.app._advance_once``) does: the time is the envelope plus every batch.
-- **close (service)**: an ``epoch.close`` envelope, one transaction, with a carryover cap
-  of 100 CU, which expires 150 CU from every ``standard`` member (70%) and nothing from a
-  ``basic`` one.
+  ``ubc.envelopes.service.submit`` in ``ubc.db.run_unit_of_work`` (it counts the members
+  per tier; with at most ``ubc.epochs.service.CHUNK`` members it also fixes and applies
+  their allocations), then, for a bigger epoch, exactly as the server's background task
+  (``ubc.app._advance_once``) does: one ``fix_allocations`` step (the next ``CHUNK``
+  handles, into ``epoch_allocations``) and one ``apply_allocations`` batch per unit of
+  work, until the epoch is ``open``: the time is the envelope plus every step and batch.
+- **close (service)**: an ``epoch.close`` envelope (the close and its first step: the
+  first ``ubc.epochs.service.STEP`` member accounts by address), then every
+  ``epoch.expire`` step the server's task journals, each its own transaction; with a
+  carryover cap of 100 CU, which expires 150 CU from every ``standard`` member (70%) and
+  nothing from a ``basic`` one.
+- **locks**: how long each of those transactions held its lock: the open's and the
+  close's entries and every close step hold the journal's lock (every other write waits),
+  a fix step the epoch's row, an allocation batch its members' accounts.
 - **open (raw) / close (raw)**: the ceiling of the same database on this machine: the same
   rows (one transfer per member, a posting on each side of it with the running balances,
   the member balances and the issuance or expiry account's) written by plain set-based
@@ -105,6 +111,9 @@ OPEN_TARGET_SECONDS = 60.0  # for 1,000,000 members on PostgreSQL
 RATIO_TARGET = 2.0  # service within 2x the raw ceiling
 FLAT = 1.05  # "flat": peak RSS at the largest size at most this times the smallest's
 MIB = 1024 * 1024
+# Members a benchmark registers through the write path besides the population (with keys,
+# to sign transfers while an epoch opens or closes): left out of the balance checks.
+PROBE_PREFIX = "probe"
 
 # A handle per registration number i: a permutation of 0 .. 2^31 - 2 (prime modulus).
 HANDLE = {
@@ -294,12 +303,19 @@ def reset(db: Database, aux: Engine) -> None:
         if db.sqlite_path is None:
             conn.execute(
                 text(
-                    "TRUNCATE transfers, postings, epoch_allocations, epoch_expiries "
-                    "RESTART IDENTITY"
+                    "TRUNCATE transfers, postings, epoch_allocations, epoch_expiries, "
+                    "epoch_fixes, epoch_close_steps RESTART IDENTITY"
                 )
             )
         else:
-            for table in ("transfers", "postings", "epoch_allocations", "epoch_expiries"):
+            for table in (
+                "transfers",
+                "postings",
+                "epoch_allocations",
+                "epoch_expiries",
+                "epoch_fixes",
+                "epoch_close_steps",
+            ):
                 conn.execute(text(f"DELETE FROM {table}"))
         conn.execute(text("DELETE FROM epochs"))
     db.vacuum(full=True)
@@ -350,12 +366,26 @@ def _accepted(outcomes: list[Any], what: str) -> None:
         raise RuntimeError(f"{what} refused: {outcomes[0]!r}")
 
 
+def _fix(session: Session) -> bool:
+    """One step of fixing every opening epoch's allocations (``ubc.app._advance_once``)."""
+    return any(epochs.fix_ahead(session, n) for n in epochs.pending_epochs(session))
+
+
 def _advance(session: Session) -> bool:
-    """One batch of every opening epoch: ``ubc.app._advance_once``."""
+    """One batch of every opening epoch's allocations (``ubc.app._advance_once``)."""
     now = utcnow()
     return any(
         epochs.apply_allocations(session, n, now=now) for n in epochs.pending_epochs(session)
     )
+
+
+def _timed(sessions: Any, work: Any, into: list[float]) -> bool:
+    """``work`` in its own unit of work; its time appended to ``into`` if it did something."""
+    started = time.perf_counter()
+    done = bool(run_unit_of_work(sessions, work))
+    if done:
+        into.append(time.perf_counter() - started)
+    return done
 
 
 @dataclass
@@ -364,8 +394,14 @@ class RunTimes:
     open_envelope: float = 0.0
     open_batches: int = 0
     close_service: float = 0.0
+    close_envelope: float = 0.0
     open_raw: float = 0.0
     close_raw: float = 0.0
+    # Each step's time: fixing (locks the epoch's row), allocating (locks its members'
+    # accounts), and the close's expiry steps (each holds the journal's lock).
+    fix_steps: list[float] = field(default_factory=list)
+    allocation_batches: list[float] = field(default_factory=list)
+    close_steps: list[float] = field(default_factory=list)
 
 
 def service_open(sessions: Any, ctx: Any, keys: list[Any], number: int, times: RunTimes) -> None:
@@ -383,17 +419,30 @@ def service_open(sessions: Any, ctx: Any, keys: list[Any], number: int, times: R
     outcomes = run_unit_of_work(sessions, lambda s: submit(s, ctx, [raw]))
     times.open_envelope = time.perf_counter() - started
     _accepted(outcomes, "epoch.open")
-    while run_unit_of_work(sessions, _advance):
+    while True:
+        fixed = False
+        while _timed(sessions, _fix, times.fix_steps):
+            fixed = True
+        if not (_timed(sessions, _advance, times.allocation_batches) or fixed):
+            break
         times.open_batches += 1
     times.open_service = time.perf_counter() - started
 
 
 def service_close(sessions: Any, ctx: Any, keys: list[Any], number: int, times: RunTimes) -> None:
+    """The close's entry, then every ``epoch.expire`` step, as the server's task runs them."""
     raw = envelope(keys, "epoch.close", epoch=number)
     started = time.perf_counter()
     outcomes = run_unit_of_work(sessions, lambda s: submit(s, ctx, [raw]))
-    times.close_service = time.perf_counter() - started
+    times.close_envelope = time.perf_counter() - started
     _accepted(outcomes, "epoch.close")
+
+    def step(session: Session) -> bool:
+        return epochs.next_close_step(session, ctx, now=utcnow(), submit=submit)
+
+    while _timed(sessions, step, times.close_steps):
+        pass
+    times.close_service = time.perf_counter() - started
 
 
 # --- the raw ceiling ------------------------------------------------------------------------
@@ -536,7 +585,7 @@ def check(aux: Engine, members: int, *, closed: bool, service: bool) -> None:
             "SELECT count(*), coalesce(sum(CASE WHEN a.credits_posted - a.debits_posted = "
             f"{expect} AND a.debits_pending = 0 THEN 1 ELSE 0 END), 0) "
             "FROM members m JOIN accounts a ON a.address = 'member:' || m.handle "
-            "AND a.asset = :asset"
+            f"AND a.asset = :asset WHERE m.handle NOT LIKE '{PROBE_PREFIX}%'"
         )
         if got != (members, members):
             problems.append(f"member accounts with the expected balance: {got}")
@@ -763,6 +812,29 @@ def details(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _longest(r: dict[str, Any], key: str) -> str:
+    values = [v for run in r["runs"] for v in run[key]]
+    return f"{max(values) * 1000:,.0f} ({len(values) // len(r['runs'])})" if values else "–"
+
+
+def locks(results: list[dict[str, Any]]) -> str:
+    """How long each step held its lock: the longest over the runs, in ms (steps per run)."""
+    lines = [
+        "| engine | members | open entry ms | fix steps: longest ms (n) "
+        "| allocation batches: longest ms (n) | close entry ms | close steps: longest ms (n) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        entry_open = max(run["open_envelope"] for run in r["runs"]) * 1000
+        entry_close = max(run["close_envelope"] for run in r["runs"]) * 1000
+        lines.append(
+            f"| {r['engine']} | {r['members']:,} | {entry_open:,.0f} "
+            f"| {_longest(r, 'fix_steps')} | {_longest(r, 'allocation_batches')} "
+            f"| {entry_close:,.0f} | {_longest(r, 'close_steps')} |"
+        )
+    return "\n".join(lines)
+
+
 def verdicts(results: list[dict[str, Any]]) -> list[str]:
     out = []
     for r in results:
@@ -901,12 +973,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {name} {r['server_version']}: {r['settings']}")
     print(
         f"- tiers {TIERS} (30% basic, 70% standard), carryover cap {CAP}; "
-        f"batches of {epochs.CHUNK:,} legs; {args.runs} run(s) per size, medians"
+        f"open steps and batches of {epochs.CHUNK:,} members, close steps of "
+        f"{epochs.STEP:,} member accounts; {args.runs} run(s) per size, medians"
     )
     print()
     print(table(results))
     print()
     print(details(results))
+    print()
+    print(locks(results))
     print()
     for line in verdicts(results):
         print(f"- {line}")
