@@ -438,6 +438,26 @@ def test_a_tokenizer_json_model_is_held_for_its_count(env: Env) -> None:
     assert env.upstream.stats().last_request_body["max_tokens"] == 5
 
 
+def test_a_large_image_is_held_for_its_bound_not_its_url(env: Env) -> None:
+    """A 900 KB data URL (aiohttp warns about bodies above 1 MiB, an error under pytest):
+    no text to tokenize, held for the image's 1,500 and the text."""
+    url = "data:image/png;base64," + "iVBORw0KGgo" * (900_000 // 11)
+    parts = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    body = {"messages": [{"role": "user", "content": parts}]}
+    assert prompt_bound(body) > 900_000
+    assert prompt_bound(body) - tokens.image_bytes(body) < 100
+    bound = CL100K.bound(body)
+    assert bound < IMAGE_TOKEN_BOUND + 20
+    _, secret = env.member("alice", bound + 5)
+    answer = env.sdk(secret).chat.completions.create(model="chat-tk", max_tokens=30, **body)
+    assert env.upstream.stats().last_request_body["max_tokens"] == 5
+    assert answer.usage is not None
+    assert answer.usage.prompt_tokens == reported(body) <= bound
+
+
 def test_a_large_prompt_is_counted_in_the_keys_cpu_slot(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -41,7 +41,7 @@ from ubc.gateway.service import (
     check_chat_fields,
     prompt_bound,
 )
-from ubc.gateway.tokens import INLINE_TOKENIZE_BYTES, MAX_TOKENIZED_BYTES
+from ubc.gateway.tokens import INLINE_TOKENIZE_BYTES, MAX_TOKENIZED_BYTES, image_bytes
 from ubc.gateway.upstream import UPSTREAM_ERRORS
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -219,15 +219,19 @@ async def _chat_prompt(
     reports no usage (``None``: estimated from the byte bound).
 
     The byte bound first (O(bytes), no tokenizing); then, for a model with a tokenizer, its
-    tokenizer bound (``ubc.gateway.tokens``): counted on the event loop up to
+    tokenizer bound (``ubc.gateway.tokens``), whose text (the byte bound less the image
+    parts, which it does not read) is counted on the event loop up to
     ``INLINE_TOKENIZE_BYTES``, in one of the key's CPU slots above, and not at all above
     ``MAX_TOKENIZED_BYTES`` (held at the byte bound), so that no body makes the server
     tokenize more than that, and a large one only in its key's share of the cores."""
     size = prompt_bound(body)
     counter = spec.tokenizer
-    if counter is None or size > MAX_TOKENIZED_BYTES:
+    if counter is None:
         return size, None
-    if size <= INLINE_TOKENIZE_BYTES:
+    text = size - image_bytes(body)
+    if text > MAX_TOKENIZED_BYTES:
+        return size, None
+    if text <= INLINE_TOKENIZE_BYTES:
         tokens = counter.bound(body)
     else:
         async with gateway.cpu.key(grant.key_hash, settings.gateway_cpu_slots_per_key) as cpu:

@@ -140,6 +140,20 @@ def byte_bound(body: dict[str, Any]) -> int:
     return size + images * IMAGE_TOKEN_BOUND
 
 
+def image_bytes(body: dict[str, Any]) -> int:
+    """What the image parts of a chat body add to its byte bound: their compact JSON (a
+    data URL can be megabytes) and :data:`IMAGE_TOKEN_BOUND` each. The tokenizer bound
+    reads none of it: ``byte_bound(body) - image_bytes(body)`` is (about) the text it
+    tokenizes."""
+    return sum(
+        len(_compact(part).encode()) + IMAGE_TOKEN_BOUND
+        for message in body.get("messages", [])
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, dict) and _is_image(part)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Tokenizer:
     """A loaded tokenizer: ``count(text)`` is the number of tokens of ``text`` as plain
