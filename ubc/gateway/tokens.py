@@ -15,8 +15,8 @@ afford.
 entry in the models file): the model's own tokenizer counts every text-carrying value
 separately, and a fixed overhead is added on top::
 
-    request_overhead                                   (default 3: the reply's priming)
-    + Σ messages ( message_overhead                    (default 4)
+    request_overhead                                   (default 8)
+    + Σ messages ( message_overhead                    (default 5)
                    + tokens(each string value: role, content, name, tool_call_id...)
                    + 1 if the message has a name
                    + per content part: tokens(its text) + 1, or IMAGE_TOKEN_BOUND for an image
@@ -24,23 +24,29 @@ separately, and a fixed overhead is added on top::
     + Σ other counted fields ( tokens(their compact JSON) + FIELD_OVERHEAD )
 
 Why it is never below the true count. OpenAI's count of a chat prompt (the cookbook's
-``num_tokens_from_messages``, which is what its API reports as ``prompt_tokens``) is
-``3 per message + tokens of each value + 1 per name + 3``, each value tokenized on its
-own (the template puts special tokens between them, so no BPE merge crosses a value's
-edge). The bound tokenizes the same values the same way, and its overheads are at least
-the cookbook's (the models file refuses smaller ones), so it is ≥ that count for every
+``num_tokens_from_messages``, which is what its API reports as ``prompt_tokens``) is ``3
+per message + tokens of each value + 1 per name + 3``, each value tokenized on its own
+(the template puts special tokens between them, so no BPE merge crosses a value's edge).
+The bound tokenizes the same values the same way, and its overheads are at least the
+cookbook's (the models file refuses smaller ones), so it is ≥ that count for every
 message list: :func:`cookbook_tokens` is that count, and a hypothesis test checks the
-inequality on arbitrary Unicode messages. The one extra token per message (4, not 3)
-and per content part pays for templates that run the role and the content, or two text
-parts, together (a BPE merge across the seam changes the count by at most a token).
-Tools, schemas and the other JSON fields are counted as their JSON text: OpenAI renders
-tools in a terser TypeScript-like form (the cookbook's estimate: 7 + 12 per function
-list, 3 per property, plus the names', descriptions' and types' tokens), which the JSON
-— with its quotes, braces and ``"type":"function"`` keys — exceeds; FIELD_OVERHEAD adds
-3 per field on top. Images cost at most :data:`IMAGE_TOKEN_BOUND` (OpenAI: 85–1,445),
-and their URL (a data URL can be megabytes) is not text the model reads. Models whose
-chat template adds more (a default system prompt with dates, a tool preamble) say so
-with ``message_overhead`` / ``request_overhead`` in their ``tokenizer`` entry.
+inequality on arbitrary Unicode messages. The defaults go beyond OpenAI's for the open
+models' templates: per message, ChatML (Qwen...: ``<|im_start|>`` role ``\\n`` content
+``<|im_end|>\\n``) and Llama 3 (``<|start_header_id|>`` role ``<|end_header_id|>\\n\\n``
+content ``<|eot_id|>``) add 4 tokens besides the role and the content, and 1 more pays
+for a seam where the template runs template text and a value together (there the text at
+the seam is whitespace, whose merges only lower the count; the 1 per content part is for
+the same); per request, Llama 3 adds 5 (``<|begin_of_text|>`` and the assistant's
+header), ChatML and OpenAI 3, and 3 more are margin. That is a check of known templates,
+not a proof for every one: a template that adds more (a default system prompt, such as
+Llama 3.1's dates or Qwen 2.5's "You are Qwen...", ~20–30 tokens; a tool preamble) needs
+its ``request_overhead`` / ``message_overhead`` raised in the models file. Tools,
+schemas and the other JSON fields are counted as their JSON text: OpenAI renders tools
+in a terser TypeScript-like form (the cookbook's estimate: 7 + 12 per function list, 3
+per property, plus the names', descriptions' and types' tokens), which the JSON — with
+its quotes, braces and ``"type":"function"`` keys — exceeds; FIELD_OVERHEAD adds 3 per
+field on top. Images cost at most :data:`IMAGE_TOKEN_BOUND` (OpenAI: 85–1,445), and
+their URL (a data URL can be megabytes) is not text the model reads.
 
 CPU. Measured on one core of the 2-core reference machine over 1 MB prompts of the
 corpus: tiktoken (cl100k_base) 49–87 µs per KB (English fastest, code slowest: 11–20
@@ -103,9 +109,10 @@ CHAT_COUNTED_FIELDS = (
 COOKBOOK_PER_MESSAGE = 3
 COOKBOOK_PER_NAME = 1
 COOKBOOK_PRIMING = 3
-#: The bound's defaults (the models file may raise them, never below the cookbook's).
-DEFAULT_MESSAGE_OVERHEAD = COOKBOOK_PER_MESSAGE + 1
-DEFAULT_REQUEST_OVERHEAD = COOKBOOK_PRIMING
+#: The bound's defaults (the models file may change them, never below the cookbook's):
+#: ChatML's and Llama 3's 4 per message + 1; Llama 3's 5 per request + 3 (see above).
+DEFAULT_MESSAGE_OVERHEAD = 5
+DEFAULT_REQUEST_OVERHEAD = 8
 #: Added per content part (a seam between parts) and per counted field besides messages.
 PART_OVERHEAD = 1
 FIELD_OVERHEAD = 3
