@@ -318,6 +318,16 @@ input_price = 1000
 output_price = 1000
 tokenizer = {{ tiktoken = "cl100k_base" }}
 
+[models."chat-tk-cut-stream"]
+backend = "upstream"
+kind = "chat"
+url = "{api_base}"
+upstream_model = "fake:cut-after-3"
+api_key_env = "UBC_TEST_UPSTREAM_KEY"
+input_price = 1000
+output_price = 1000
+tokenizer = {{ tiktoken = "cl100k_base" }}
+
 [models."chat-wp"]
 backend = "upstream"
 kind = "chat"
@@ -427,6 +437,23 @@ def test_without_reported_usage_the_tokenizer_count_is_billed(env: Env) -> None:
     assert (entry["input_tokens"], entry["output_tokens"]) == (CL100K.bound(body), 5), text
     # Never more than the hold: the prompt's bound and the 4 tokens asked.
     assert balance(member)["posted"] == 100_000 - min(billed, CL100K.bound(body) + 4)
+
+
+def test_a_cut_stream_bills_the_tokenizer_count(env: Env) -> None:
+    """A stream cut before its usage chunk: billed the prompt's tokenizer bound and one
+    token per content chunk received (before: a quarter of the byte bound)."""
+    body = next(p["body"] for p in CORPUS if p["name"] == "ar-long")
+    member, secret = env.member("alice", 100_000)
+    response = httpx.post(
+        f"{env.server.url}/v1/chat/completions",
+        headers={"authorization": f"Bearer {secret}"},
+        json={"model": "chat-tk-cut-stream", "stream": True, "max_tokens": 10, **body},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert response.text.count('"content":"tok') == 3
+    env.settled()
+    assert balance(member)["posted"] == 100_000 - (CL100K.bound(body) + 3)
 
 
 def test_a_tokenizer_json_model_is_held_for_its_count(env: Env) -> None:

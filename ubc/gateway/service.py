@@ -246,7 +246,7 @@ def prompt_bound(body: dict[str, Any]) -> int:
     A byte-level BPE token covers at least one byte, so the UTF-8 size of every field that
     carries text (:data:`CHAT_COUNTED_FIELDS`: the messages, tools, schemas, stop
     sequences...) as compact JSON bounds their tokens, chat-template overhead included;
-    each image part adds the most an image may cost (:data:`IMAGE_TOKEN_BOUND`). The other
+    each image part adds the most an image may cost (``tokens.IMAGE_TOKEN_BOUND``). The other
     forwarded fields are numbers, booleans and short enums (:func:`check_chat_fields`),
     which are no prompt. A model with a tokenizer is held for its tokenizer bound instead
     (:meth:`ubc.gateway.tokens.PromptTokenizer.bound`).
