@@ -127,6 +127,62 @@ def test_the_bound_is_never_below_the_cookbook_count(messages: list[dict[str, An
     assert CL100K.bound(body) >= reported(body)
 
 
+_text = st.text(max_size=60)
+_calls = st.lists(
+    st.fixed_dictionaries(
+        {
+            "id": _text,
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries({"name": _text, "arguments": _text}),
+        }
+    ),
+    min_size=1,
+    max_size=3,
+)
+_property = st.fixed_dictionaries(
+    {"type": st.sampled_from(["string", "integer", "boolean"]), "description": _text},
+    optional={"enum": st.lists(_text, max_size=4)},
+)
+_tools = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries(
+                {
+                    "name": _text,
+                    "description": _text,
+                    "parameters": st.fixed_dictionaries(
+                        {
+                            "type": st.just("object"),
+                            "properties": st.dictionaries(_text, _property, max_size=4),
+                        }
+                    ),
+                }
+            ),
+        }
+    ),
+    max_size=3,
+)
+
+
+@given(calls=_calls, tools=_tools, content=_text)
+def test_tools_and_tool_calls_are_held_for_at_least_openais_count(
+    calls: list[dict[str, Any]], tools: list[dict[str, Any]], content: str
+) -> None:
+    """Tool calls and tools are counted as their JSON, which is at least OpenAI's count of
+    them (the cookbook's estimate for tools; a call's name and arguments + 3). Checked
+    on 3,000 examples once; the default number here."""
+    body: dict[str, Any] = {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+        ]
+    }
+    if tools:
+        body["tools"] = tools
+    assert CL100K.bound(body) >= reported(body)
+
+
 @given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=200))
 def test_a_string_value_is_counted_as_its_tokens(text: str) -> None:
     """Each value is tokenized alone, as OpenAI's template does (special tokens between
