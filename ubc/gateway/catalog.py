@@ -16,10 +16,11 @@ A TOML file (``UBC_MODELS_FILE``), read with the standard library::
     rpm = 60                                # default requests per minute per API key
     tpm = 100000                            # default tokens per minute per API key
     max_output_tokens = 4096                # max_tokens when the caller gives none
-    # Count prompts with the model's tokenizer for the hold (chat models; optional):
-    tokenizer = { tiktoken = "cl100k_base" }  # a tiktoken encoding (offline, see below)
-    # tokenizer = { tokenizers = "llama-3.1/tokenizer.json" }  # relative to this file
-    # tokenizer = { tokenizers = "t.json", message_overhead = 8, request_overhead = 40 }
+    # Count prompts with the model's tokenizer for the hold (chat models; optional): its
+    # tokenizer.json (relative to this file), and here the tokens of Llama 3.1's default
+    # system header on top of the default overheads (5 per message, 8 per request).
+    tokenizer = { tokenizers = "llama-3.1/tokenizer.json", request_overhead = 40 }
+    # tokenizer = { tiktoken = "cl100k_base" }  # an OpenAI model: a tiktoken encoding
 
     [models."all-minilm-l6-v2"]             # the local model, re-priced
     backend = "local"
