@@ -574,3 +574,36 @@ def test_a_large_prompt_is_counted_in_the_keys_cpu_slot(
     assert len(threads) == 2  # not tokenized
     env.settled()
     assert usage_entries(env)[-1]["held"] == prompt_bound(body) + 1
+
+
+def measure() -> None:
+    """The figures of the docs: the bound's ratio to the byte bound on the corpus, and the
+    cost of counting per KB (``PYTHONPATH=. python -m tests.test_prompt_tokens``)."""
+    import statistics
+    import sys
+    import time
+
+    ratios = [CL100K.bound(p["body"]) / prompt_bound(p["body"]) for p in CORPUS]
+    sys.stdout.write(
+        f"corpus: {len(CORPUS)} prompts; tokenizer bound / byte bound: mean "
+        f"{statistics.mean(ratios):.3f}, median {statistics.median(ratios):.3f}, "
+        f"min {min(ratios):.3f}, max {max(ratios):.3f}\n"
+    )
+    longs = {p["name"]: p["body"] for p in CORPUS if p["name"].endswith("-long")}
+    for label, prompt in (("tiktoken cl100k_base", CL100K), ("tokenizers MiniLM", WORDPIECE)):
+        for name, body in longs.items():
+            big = {"messages": body["messages"] * max(1, (1 << 20) // prompt_bound(body))}
+            kb = prompt_bound(big) / 1024
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                prompt.bound(big)
+                best = min(best, time.perf_counter() - start)
+            sys.stdout.write(
+                f"{label:21} {name:9} {kb:6.0f} KB {best * 1e3:7.1f} ms "
+                f"{best * 1e6 / kb:6.1f} µs/KB\n"
+            )
+
+
+if __name__ == "__main__":
+    measure()

@@ -49,9 +49,10 @@ field on top. Images cost at most :data:`IMAGE_TOKEN_BOUND` (OpenAI: 85–1,445)
 their URL (a data URL can be megabytes) is not text the model reads.
 
 CPU. Measured on one core of the 2-core reference machine over 1 MB prompts of the
-corpus: tiktoken (cl100k_base) 49–87 µs per KB (English fastest, code slowest: 11–20
-MB/s), `tokenizers` (the MiniLM WordPiece) 235–485 µs per KB (2–4 MB/s); a short prompt
-costs 8 µs and 44 µs. The endpoint therefore (``ubc.gateway.routes``): computes the byte
+corpus (``python -m tests.test_prompt_tokens``; the machine was shared, so figures vary
+by a third): tiktoken (cl100k_base) 33–87 µs per KB (English fastest, code slowest:
+11–30 MB/s), `tokenizers` (the MiniLM WordPiece) 190–490 µs per KB (2–5 MB/s); a short
+prompt costs 8 µs and 44 µs. The endpoint therefore (``ubc.gateway.routes``): computes the byte
 bound first (one ``json.dumps``, O(bytes)); takes the prompt's text as that less its
 image parts (:func:`image_bytes`, which the bound does not read); counts on the event
 loop only a text of at most :data:`INLINE_TOKENIZE_BYTES` (4 KiB: ≤ 0.4 ms with
