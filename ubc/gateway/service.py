@@ -37,6 +37,7 @@ from ubc.gateway.metering import (
     usage_envelope,
 )
 from ubc.gateway.ratelimit import Limit, RateLimited, RateLimiter
+from ubc.gateway.tokens import CHAT_COUNTED_FIELDS, byte_bound
 from ubc.gateway.upstream import UpstreamPool
 from ubc.members.models import ApiKey
 from ubc.metering import rules
@@ -51,8 +52,6 @@ apikeys_t = table(ApiKey)
 # How long a grant read from the database is trusted for the early checks; the hold's
 # transaction checks it again under its lock (revocation, expiry, member status).
 GRANT_TTL_SECONDS = 2.0
-# Tokens an image part of a chat message may cost at most (OpenAI: 85–1,445 per image).
-IMAGE_TOKEN_BOUND = 1500
 
 
 class GatewayError(Exception):
@@ -180,19 +179,8 @@ def key_hash_of(authorization: str | None) -> str:
 # may read text from fields the gateway does not know (vLLM's ``documents``,
 # ``chat_template``, ``guided_json``; OpenAI's ``prediction``...) that the hold would not
 # cover.
-#: Fields that carry text the upstream may read as prompt: their compact JSON is counted.
-CHAT_COUNTED_FIELDS = (
-    "messages",
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "response_format",
-    "stop",
-    "logit_bias",
-    "user",
-    "metadata",
-)
+#: Fields that carry text the upstream may read as prompt (``CHAT_COUNTED_FIELDS``, in
+#: ``ubc.gateway.tokens``): counted by the prompt's bound.
 #: Fields that carry no text, checked to be a small value of their type (or null): not
 #: counted. ``model``, ``n``, ``max_tokens``, ``max_completion_tokens`` and
 #: ``stream_options`` are checked and rewritten by the endpoint itself.
@@ -252,29 +240,25 @@ def check_chat_fields(body: dict[str, Any]) -> None:
 
 
 def prompt_bound(body: dict[str, Any]) -> int:
-    """An upper bound of a chat prompt's tokens without the upstream's tokenizer.
+    """An upper bound of a chat prompt's tokens without the model's tokenizer: the byte
+    bound (:func:`ubc.gateway.tokens.byte_bound`).
 
     A byte-level BPE token covers at least one byte, so the UTF-8 size of every field that
     carries text (:data:`CHAT_COUNTED_FIELDS`: the messages, tools, schemas, stop
     sequences...) as compact JSON bounds their tokens, chat-template overhead included;
-    each image part adds the most an image may cost. The other forwarded fields are
-    numbers, booleans and short enums (:func:`check_chat_fields`), which are no prompt.
+    each image part adds the most an image may cost (``tokens.IMAGE_TOKEN_BOUND``). The other
+    forwarded fields are numbers, booleans and short enums (:func:`check_chat_fields`),
+    which are no prompt. A model with a tokenizer is held for its tokenizer bound instead
+    (:meth:`ubc.gateway.tokens.PromptTokenizer.bound`).
     """
-    parts = {k: body[k] for k in CHAT_COUNTED_FIELDS if k in body}
-    size = len(json.dumps(parts, ensure_ascii=False, separators=(",", ":")).encode())
-    images = sum(
-        1
-        for message in body.get("messages", [])
-        if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"]
-        if isinstance(part, dict) and part.get("type") == "image_url"
-    )
-    return size + images * IMAGE_TOKEN_BOUND
+    return byte_bound(body)
 
 
 def estimate_tokens(bound: int) -> int:
     """What is billed for a prompt when the upstream reports no usage (a stream cut before
-    its usage chunk): a quarter of its byte bound, the usual bytes per BPE token."""
+    its usage chunk) and the model has no tokenizer: a quarter of its byte bound, the usual
+    bytes per BPE token. (With a tokenizer, its count is billed: ``usage_tokens``'s
+    ``estimate``.)"""
     return math.ceil(bound / 4)
 
 
@@ -285,12 +269,14 @@ def usage_tokens(
     *,
     answer: dict[str, Any] | None = None,
     completion: bool = True,
+    estimate: int | None = None,
 ) -> tuple[int, int]:
     """The input and output tokens a call is billed: the upstream's ``usage`` (a JSON
     answer's, or a stream's last usage chunk) when it reports ``prompt_tokens``, else
-    estimates: the prompt's byte ``bound`` (:func:`estimate_tokens`) and what was
-    ``delivered`` (a stream's content chunks), or the estimate of a JSON ``answer``'s
-    text. ``completion=False`` (embeddings): no output tokens."""
+    estimates: the prompt's ``estimate`` when it was counted by the model's tokenizer,
+    else the byte ``bound``'s (:func:`estimate_tokens`), and what was ``delivered`` (a
+    stream's content chunks), or the estimate of a JSON ``answer``'s text.
+    ``completion=False`` (embeddings): no output tokens."""
     if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
         output = int(usage.get("completion_tokens") or 0) if completion else 0
         return usage["prompt_tokens"], output
@@ -300,7 +286,7 @@ def usage_tokens(
             for choice in answer.get("choices", [])
         )
         delivered = estimate_tokens(len(text.encode()))
-    return estimate_tokens(bound), delivered
+    return (estimate_tokens(bound) if estimate is None else estimate), delivered
 
 
 def max_output_tokens(held: int, input_tokens: int, price: dict[str, int], cap: int) -> int:
@@ -520,11 +506,12 @@ class Metered:
         *,
         answer: dict[str, Any] | None = None,
         completion: bool = True,
+        estimate: int | None = None,
     ) -> None:
         """Record the upstream's ``usage``, or the estimates without it
         (:func:`usage_tokens`)."""
         self.input_tokens, self.output_tokens = usage_tokens(
-            usage, bound, delivered, answer=answer, completion=completion
+            usage, bound, delivered, answer=answer, completion=completion, estimate=estimate
         )
 
     def detach(self) -> Metered:
