@@ -38,7 +38,9 @@ from ubc.epochs.rules import (
     EpochOpened,
     EpochsLookup,
     allocation_for,
+    check_held_in_step,
     check_recorded_hold,
+    check_step,
     close_summary,
     expire_summary,
     expiry_for,
@@ -405,11 +407,15 @@ class MemoryState:
         parse_timestamp(payload.starts_at)
         return open_summary(payload, by_tier)
 
+    def _epoch(self, number: int) -> Epoch:
+        epoch = self.epochs.get(number)
+        if epoch is None:
+            raise NotFound(f"no epoch {number}", detail={"epoch": number})
+        return epoch
+
     def _close_epoch(self, change: EpochClosed) -> dict[str, Any]:
         payload = change.payload
-        epoch = self.epochs.get(payload.epoch)
-        if epoch is None:
-            raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
+        epoch = self._epoch(payload.epoch)
         if epoch.status != "open":
             raise StateConflict(f"epoch {payload.epoch} is {epoch.status}")
         asset = epoch.asset
@@ -431,17 +437,8 @@ class MemoryState:
 
     def _expire_step(self, change: EpochExpired) -> dict[str, Any]:
         payload = change.payload
-        epoch = self.epochs.get(payload.epoch)
-        if epoch is None:
-            raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
-        if epoch.status != "closing":
-            raise StateConflict(f"epoch {payload.epoch} is {epoch.status}, not closing")
-        if epoch.cursor != payload.after:
-            raise StateConflict(
-                f"the close of epoch {payload.epoch} has reached {epoch.cursor!r}, "
-                f"not {payload.after!r}",
-                detail={"epoch": payload.epoch, "cursor": epoch.cursor},
-            )
+        epoch = self._epoch(payload.epoch)
+        check_step(payload.epoch, epoch.status, epoch.cursor, payload.after)
         count, total, held, closed = self._expire_range(
             epoch, payload.id, payload.after, payload.through, change.held_elsewhere
         )
@@ -461,12 +458,8 @@ class MemoryState:
         addresses = self.closing[asset]
         start, end = bisect_right(addresses, after), bisect_right(addresses, through)
         elsewhere = dict(held_elsewhere)
+        check_held_in_step(elsewhere, after, through)
         for address, amount in elsewhere.items():
-            if not after < address <= through:
-                raise StateConflict(
-                    f"the close records a hold on {address}, outside its step",
-                    detail={"address": address},
-                )
             account = self.accounts.get((address, asset))
             available = (
                 account.available if account is not None and address.startswith("member:") else None

@@ -238,6 +238,28 @@ def expire_summary(
     return summary
 
 
+def check_step(number: int, status: str, cursor: str | None, after: str) -> None:
+    """A later step of a close must continue it: the epoch is closing and the step starts
+    where the close has come to."""
+    if status != "closing":
+        raise StateConflict(f"epoch {number} is {status}, not closing")
+    if cursor != after:
+        raise StateConflict(
+            f"the close of epoch {number} has reached {cursor!r}, not {after!r}",
+            detail={"epoch": number, "cursor": cursor},
+        )
+
+
+def check_held_in_step(held: Mapping[str, int], after: str, through: str) -> None:
+    """The holds a journal's close step records are on accounts of that step."""
+    for address in held:
+        if not after < address <= through:
+            raise StateConflict(
+                f"the close records a hold on {address}, outside its step",
+                detail={"address": address},
+            )
+
+
 def check_recorded_hold(address: str, amount: object, available: int | None, cap: int) -> None:
     """A hold a journal's close records must be possible: on a member account (whose
     ``available`` is known) with more than the cap available, positive and at most what

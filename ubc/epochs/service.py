@@ -46,7 +46,9 @@ from ubc.epochs.rules import (
     EpochClosed,
     EpochExpired,
     EpochOpened,
+    check_held_in_step,
     check_recorded_hold,
+    check_step,
     close_summary,
     expire_summary,
     open_summary,
@@ -477,14 +479,7 @@ def expire_step(
     ).first()
     if row is None:
         raise NotFound(f"no epoch {payload.epoch}", detail={"epoch": payload.epoch})
-    if str(row.status) != "closing":
-        raise StateConflict(f"epoch {payload.epoch} is {row.status}, not closing")
-    if str(row.close_cursor) != payload.after:
-        raise StateConflict(
-            f"the close of epoch {payload.epoch} has reached {row.close_cursor!r}, "
-            f"not {payload.after!r}",
-            detail={"epoch": payload.epoch, "cursor": row.close_cursor},
-        )
+    check_step(payload.epoch, str(row.status), row.close_cursor, payload.after)
     count, total, held, closed = _expire_range(
         session, payload.epoch, payload.id, payload.after, payload.through, held_elsewhere, now
     )
@@ -515,12 +510,8 @@ def _expire_range(
     asset, cap, first = str(epoch.asset), int(epoch.carryover_cap), int(epoch.expired_members)
     span = bulk.AddressRange(asset, after, through, cap)
     elsewhere = dict(held_elsewhere or {})
+    check_held_in_step(elsewhere, after, through)
     for address, amount in elsewhere.items():
-        if not after < address <= through:
-            raise StateConflict(
-                f"the close records a hold on {address}, outside its step",
-                detail={"address": address},
-            )
         check_recorded_hold(address, amount, bulk.member_available(session, address, asset), cap)
     with bulk.pending_elsewhere(session, asset, elsewhere):
         expired_account = bulk.account_id(session, "system:expired", asset)
