@@ -1560,3 +1560,34 @@ def test_an_open_in_steps_lets_the_ledger_run_meanwhile(
     assert len(book.legs(opened.id)) == 5
     assert book.audit().findings == []
     assert verify_journal(from_database(book.url), book.vkey, engine="database").findings == []
+
+
+def test_a_served_close_runs_its_steps_in_the_background_while_members_send(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over HTTP: the close answers at once with its first step; the server journals the
+    others by itself; members' transfers are accepted meanwhile; the auditor agrees."""
+    monkeypatch.setattr(epochs, "STEP", 2)
+    tiers: dict[str, str | None] = {f"u{i:02d}": "basic" for i in range(7)}
+    with (
+        run_server(db_url, make_data_dir(tmp_path / "data")) as server,
+        served(server, tiers) as http,
+    ):
+        op, members = http.op, http.members
+        op.submit(http.open_({"basic": 100}, 40))
+        http.wait(1, lambda i: i["status"] == "open")
+        closed: dict[str, Any] = dict(op.submit(op.envelope("epoch.close", epoch=1)))
+        assert closed["summary"]["through"] == "member:u01"
+        sent = 0
+        for sender in ("u06", "u05", "u04"):  # while the steps run: accepted
+            members[sender].send("u00", 10)
+            sent += 10
+        info = http.wait(1, lambda i: i["status"] == "closed")
+        assert info["close_cursor"] is None
+        posted = http.posted()
+        # u00's step was the first: it keeps every transfer it got after it.
+        assert posted["member:u00"] == 40 + sent
+        for h in ("u01", "u02", "u03"):
+            assert posted[f"member:{h}"] == 40
+        assert info["expired"] == posted["system:expired"]
+        assert http.audit().findings == []
