@@ -138,6 +138,7 @@ class Ledger:
         self.operator = load_signing_key(data_dir / "operator.key")
         self.ledger_key = load_signing_key(data_dir / "ledger.key")
         self.keys: dict[str, SigningKey] = {}
+        self.last_hold = ""
 
     def close(self) -> None:
         self.engine.dispose()
@@ -206,20 +207,21 @@ class Ledger:
     def close_(self, epoch: int) -> dict[str, Any]:
         return self.envelope("epoch.close", "operator", epoch=epoch)
 
-    def hold(self, handle: str, amount: int) -> bool:
+    def hold(self, handle: str, amount: int, timeout: timedelta = timedelta(hours=1)) -> bool:
         """A pending model call: a hold from the member to system:consumption (not journaled),
-        named as the gateway names its holds."""
+        named as the gateway names its holds (the last one's id: ``last_hold``)."""
         leg = ledger.Leg(
             f"member:{handle}",
             "system:consumption",
             "CU",
             amount,
             "usage",
-            timeout=timedelta(hours=1),
+            timeout=timeout,
         )
+        self.last_hold = f"hold:{uuid.uuid4()}"
         with self.sessions() as session:
             try:
-                ledger.apply(session, ledger.LedgerRequest(f"hold:{uuid.uuid4()}", (leg,)))
+                ledger.apply(session, ledger.LedgerRequest(self.last_hold, (leg,)))
                 placed = True
             except UbcError:
                 placed = False
@@ -1296,6 +1298,26 @@ def test_a_close_runs_in_steps_that_the_auditor_re_derives(
     book.accept(book.send("ann", "dot", 30))  # dot's expiry is still to come: it counts
     book.accept(book.send("cyd", "bea", 50))  # bea's was done: it keeps what it gets
     assert book.hold("eve", 60)  # a model call's hold on eve, not journaled: recorded
+    # A model call on dot held and settled (its hold expired, journaled) before its step.
+    assert book.hold("dot", 90, timeout=timedelta(seconds=1))
+    expire = validate_payload(
+        "hold.expire",
+        {
+            "ledger": ORIGIN,
+            "id": str(uuid.uuid4()),
+            "created_at": format_timestamp(utcnow() + timedelta(seconds=2)),
+            "actor": "ledger",
+            "hold_id": f"{book.last_hold}:0",
+        },
+    )
+    with unit_of_work(book.sessions) as session:
+        [settled] = envelopes.submit(
+            session,
+            book.ctx,
+            [sign_internal(book.ctx, expire, "hold.expire")],
+            now=utcnow() + timedelta(seconds=2),
+        )
+    assert isinstance(settled, envelopes.Accepted), settled
     # A step that does not start where the close is refused, and changes nothing.
     frozen = book.state()
     wrong = ledger_step(book, after="member:ann", through="member:cyd")
