@@ -36,6 +36,8 @@ from ubc.db import make_engine
 from ubc.envelopes.payloads import format_timestamp, validate_payload
 from ubc.envelopes.service import sign_payload
 from ubc.journal.checkpoint import format_checkpoint, parse_checkpoint
+from ubc.journal.merkle import MemoryHashStore, append_leaves, consistency_proof, leaf_hash
+from ubc.journal.merkle import root as tree_root
 from ubc.signing import NoteSigner, NoteVerifier, encode_public_key, generate_signing_key
 from ubc.signing.keys import load_signing_key
 from ubc.witness.app import create_witness_app
@@ -597,5 +599,40 @@ def test_a_request_that_loses_the_swap_gets_409(ledger: Ledger, db_url: str) -> 
         assert (info.value.status, info.value.size) == (409, size_of(b))
         del store.get
         assert store.size(ORIGIN) == size_of(b)
+    finally:
+        engine.dispose()
+
+
+def test_the_worked_example_of_the_docs(tmp_path: Path) -> None:
+    """docs/witness.md section 5, recomputed: keys from fixed seeds, a fixed clock."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "witness.md").read_text()
+    origin = "ubc.example.org/ledger"
+    log = NoteSigner(origin, SigningKey(hashlib.sha256(b"example ledger key").digest()))
+    cosigner = Cosigner(
+        "witness.example.org/w1", SigningKey(hashlib.sha256(b"example witness key").digest())
+    )
+    hashes = MemoryHashStore()
+    nodes, frontier = append_leaves(0, [], [leaf_hash(b"entry %d" % i) for i in range(4)])
+    hashes.add(nodes)
+    nodes, frontier = append_leaves(4, frontier, [leaf_hash(b"entry %d" % i) for i in range(4, 7)])
+    hashes.add(nodes)
+    c4 = log.sign(format_checkpoint(origin, 4, tree_root(4, hashes)))
+    c7 = log.sign(format_checkpoint(origin, 7, tree_root(7, hashes)))
+    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    try:
+        store = WitnessStore(engine)
+        store.create()
+        witness = Witness(cosigner, {origin: [log.verifier()]}, store, clock=lambda: 1796313600)
+        assert log.vkey in doc
+        assert cosigner.vkey in doc
+        first = format_add_checkpoint(0, [], c4)
+        second = format_add_checkpoint(4, consistency_proof(4, 7, hashes), c7)
+        for request in (first, second):
+            answer = witness.handle(request.encode())
+            assert answer.status == 200
+            assert f"```\n{request}```" in doc
+            assert f"```\n{answer.body}```" in doc
+        again = witness.handle(second.encode())
+        assert (again.status, again.content_type, again.body) == (409, SIZE_CONTENT_TYPE, "7\n")
     finally:
         engine.dispose()
