@@ -634,5 +634,10 @@ def test_the_worked_example_of_the_docs(tmp_path: Path) -> None:
             assert f"```\n{answer.body}```" in doc
         again = witness.handle(second.encode())
         assert (again.status, again.content_type, again.body) == (409, SIZE_CONTENT_TYPE, "7\n")
+        # The Python snippet runs as shown, and prints what its comment says.
+        snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+        printed: list[str] = []
+        exec(snippet, {"print": lambda *a: printed.append(" ".join(map(str, a)))})  # noqa: S102
+        assert printed == ["witness.example.org/w1 1796313600"]
     finally:
         engine.dispose()
