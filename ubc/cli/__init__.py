@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ubc.cli import audit, epoch, gateway, market, member, server
+from ubc.cli import audit, epoch, gateway, market, member, server, witness
 
 app = typer.Typer(
     name="ubc",
@@ -18,6 +18,7 @@ audit.register(app)
 epoch.register(app)
 market.register(app)
 gateway.register(app)
+witness.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,13 @@
+"""A C2SP ``tlog-witness``: cosigns the checkpoints of the logs it is configured for.
+
+- :mod:`ubc.witness.cosignature`: Ed25519 cosignatures (C2SP ``tlog-cosignature``,
+  ``cosignature/v1``, key type 0x04): sign, verify, and the witness's vkey.
+- :mod:`ubc.witness.protocol`: the ``add-checkpoint`` request, parsed strictly, and the
+  checks a witness makes before it cosigns (C2SP ``tlog-witness``).
+- :mod:`ubc.witness.store`: the latest cosigned checkpoint per origin, in SQLite or
+  PostgreSQL, in a table of its own (not part of the ledger's schema).
+- :mod:`ubc.witness.app`: the HTTP service, ``POST /add-checkpoint``.
+
+The witness needs only the signed-note and Merkle code: it never imports the ledger's
+write path. Documentation: docs/witness.md.
+"""
