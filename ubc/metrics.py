@@ -255,14 +255,21 @@ class StateCollector:
         amount = GaugeMetricFamily(
             "ubc_holds_open_amount", "Amount reserved by open holds", labels=["asset"]
         )
-        for row in session.execute(
-            text(
-                "SELECT asset, count(*) AS n, coalesce(sum(amount), 0) AS total "
-                "FROM transfers WHERE state = 'pending' GROUP BY asset"
+        held = {
+            str(row.asset): (int(row.n), int(row.total))
+            for row in session.execute(
+                text(
+                    "SELECT asset, count(*) AS n, coalesce(sum(amount), 0) AS total "
+                    "FROM transfers WHERE state = 'pending' GROUP BY asset"
+                )
             )
-        ):
-            count.add_metric([row.asset], int(row.n))
-            amount.add_metric([row.asset], int(row.total))
+        }
+        # Every asset (a few rows), 0 without open holds: a series that exists is alertable.
+        assets = session.execute(text("SELECT code FROM assets")).scalars()
+        for asset in sorted({str(code) for code in assets} | set(held)):
+            n, total = held.get(asset, (0, 0))
+            count.add_metric([asset], n)
+            amount.add_metric([asset], total)
         yield count
         yield amount
         overdue = session.execute(
