@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -327,7 +327,7 @@ def _accepted_by_worker(temp: Path) -> dict[str, float]:
     counts: dict[str, float] = {}
     for path in temp.glob("ubc-metrics-*/counter_*.db"):
         pid = re.sub(r"\D", "", path.name)
-        for key, count, *_ in MmapedDict.read_all_values_from_file(str(path)):
+        for key, count, *_ in MmapedDict.read_all_values_from_file(str(path)):  # type: ignore[no-untyped-call]
             if json.loads(key)[1] == "ubc_envelopes_accepted_total":
                 counts[pid] = counts.get(pid, 0.0) + count
     return counts
@@ -433,3 +433,32 @@ def test_dashboard_is_valid_and_uses_known_metrics() -> None:
         "ubc_ledger_balance_sum",
     ):
         assert name in shown, name
+
+
+def test_a_worker_that_exits_is_marked_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor of ``ubc serve --workers N`` tells prometheus-client of every worker
+    it replaced or removed, which drops that worker's live gauges."""
+    from ubc.serving import _Supervisor
+
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    for pid in (101, 102):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+        (tmp_path / f"counter_{pid}.db").write_bytes(b"")
+
+    class Worker:
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+
+    supervisor = _Supervisor.__new__(_Supervisor)
+    supervisor.processes = [Worker(101), Worker(102)]  # type: ignore[list-item]
+
+    def replace_first() -> None:
+        supervisor.processes[0] = Worker(103)  # type: ignore[call-overload]
+
+    supervisor._replaced(replace_first)
+    assert not (tmp_path / "gauge_livesum_101.db").exists()
+    assert (tmp_path / "gauge_livesum_102.db").exists()
+    # Counters of an exited worker stay: they are part of the totals.
+    assert (tmp_path / "counter_101.db").exists()
