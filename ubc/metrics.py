@@ -62,8 +62,9 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 ENVELOPES_ACCEPTED = Counter(
     "ubc_envelopes_accepted_total",
-    "Envelopes applied (201) or answered as a replay of an accepted one (200), by payload "
-    "type; the server's own envelopes (usage, expiries) included",
+    "Envelopes applied (201) or answered as a replay of an accepted one (200) by the "
+    "group-commit writer, by payload type: those of clients and the gateway's usage "
+    "entries (the background expiries and epoch steps are journaled without it)",
     ["type", "status"],
 )
 ENVELOPES_REFUSED = Counter(
