@@ -82,6 +82,17 @@ def test_metrics_after_a_known_sequence(env: Env) -> None:  # noqa: F811 - the f
     with pytest.raises(UbcApiError) as refused:
         alice.send("bob", 10**9)  # more than alice has
     assert refused.value.status == 409
+    # An atomic batch that cannot apply whole: both its envelopes refused, 409.
+    transfer = {"from_": alice.address, "to": "member:bob", "asset": "CU"}
+    with pytest.raises(UbcApiError) as batch_refused:
+        alice.submit_batch(
+            [
+                alice.envelope("transfer", amount=1, **transfer),
+                alice.envelope("transfer", amount=10**9, **transfer),
+            ],
+            atomic=True,
+        )
+    assert batch_refused.value.status == 409
     secret, receipt = alice.grant_api_key("sdk")
     receipts.append(receipt)
     sdk = env.sdk(secret)
@@ -111,7 +122,8 @@ def test_metrics_after_a_known_sequence(env: Env) -> None:  # noqa: F811 - the f
         assert delta(before, after, "ubc_envelopes_accepted_total", type=kind, status="201") == (
             count
         ), kind
-    assert delta(before, after, "ubc_envelopes_refused_total", type="transfer", status="409") == 1
+    refusals = delta(before, after, "ubc_envelopes_refused_total", type="transfer", status="409")
+    assert refusals == 1 + 2
     # The server's own usage entries (one per call that held: 4) went through the writer.
     assert delta(before, after, "ubc_envelopes_accepted_total", type="usage", status="201") == 4
     batches = total(after, "ubc_writer_batch_size_count", writer="envelopes") - total(

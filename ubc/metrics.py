@@ -133,10 +133,6 @@ class _Receipt(Protocol):
     type: str
 
 
-class _Outcome(Protocol):
-    status_code: int
-
-
 def observe_commit(
     raws: Sequence[object], outcomes: Sequence[object], started: float, writer: str = "envelopes"
 ) -> None:
@@ -166,8 +162,12 @@ def observe_failed_commit(raws: Sequence[object], error: BaseException) -> None:
     """A group commit that applied nothing (an atomic batch refused whole, the database
     unavailable): every envelope in it refused with the error's status."""
     status = str(getattr(error, "status_code", 500))
+    kinds: dict[str, int] = {}
     for raw in raws:
-        ENVELOPES_REFUSED.labels(_type_of(raw), status).inc()
+        kind = _type_of(raw)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    for kind, count in kinds.items():
+        ENVELOPES_REFUSED.labels(kind, status).inc(count)
 
 
 def observe_batch(writer: str, size: int, started: float) -> None:
