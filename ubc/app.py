@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -12,12 +14,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ubc import __version__, apikey_routes, http_guard
+from ubc import __version__, apikey_routes, http_guard, metrics
 from ubc import schemas as api_schemas
 from ubc.causes import routes as cause_routes
 from ubc.clock import SYSTEM_CLOCK, Clock
@@ -37,7 +39,7 @@ from ubc.envelopes import service as write_path
 from ubc.envelopes.writer import GroupCommitWriter
 from ubc.epochs import routes as epoch_routes
 from ubc.epochs import service as epochs
-from ubc.errors import BadRequest, UbcError
+from ubc.errors import BadRequest, Forbidden, NotFound, UbcError, Unauthenticated
 from ubc.gateway import metering
 from ubc.gateway import routes as gateway_routes
 from ubc.gateway import schemas as gateway_schemas
@@ -53,7 +55,7 @@ from ubc.market import service as market
 from ubc.members import routes as member_routes
 from ubc.members.auth import api_key_principal
 from ubc.migrations import current_revision, head_revision
-from ubc.runtime import Runtime, load_runtime
+from ubc.runtime import Runtime, is_loopback, load_runtime
 from ubc.schemas import ErrorBody, Health, Readiness, error_responses
 
 log = logging.getLogger("ubc")
@@ -138,6 +140,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     epoch_reads: EpochReads = epochs
     app.state.epoch_reads = epoch_reads
     app.state.precheck = write_path.precheck
+    # The ledger's state for GET /metrics, read once per scrape (not registered globally).
+    app.state.metrics = metrics.StateCollector(
+        app.state.read_sessions,
+        ledger_clock.now,
+        balance_interval=settings.metrics_balance_interval_seconds,
+    )
     for router in (
         envelope_routes.router,
         ledger_routes.router,
@@ -247,7 +255,71 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             )
         return JSONResponse({"status": "ok", "revision": current})
 
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        summary="Prometheus metrics (text format)",
+        response_class=PlainTextResponse,
+        responses={
+            200: {
+                "description": "the Prometheus text exposition format 0.0.4",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **error_responses(
+                401,
+                403,
+                404,
+                notes={
+                    401: "UBC_METRICS_ACCESS requires a token and none was given",
+                    403: "the token is wrong, or no UBC_METRICS_TOKEN is configured",
+                    404: "UBC_METRICS_ACCESS=off",
+                },
+            ),
+        },
+    )
+    def get_metrics(request: Request) -> Response:
+        check_metrics_access(settings, request)
+        body = metrics.exposition(app.state.metrics)
+        return Response(body, media_type=metrics.CONTENT_TYPE)
+
     return app
+
+
+class MetricsUnauthenticated(Unauthenticated):
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="metrics"'}
+
+
+def check_metrics_access(settings: Settings, request: Request) -> None:
+    """Whether ``request`` may read ``/metrics`` (``UBC_METRICS_ACCESS``), else the error.
+
+    ``auto`` is open when the server listens on loopback only: the host ``ubc serve`` was
+    given, or, when it is unknown (an app served otherwise), the local address this
+    connection came to; else it is ``token``. A token is compared in constant time."""
+    mode = settings.metrics_access
+    if mode == "off":
+        raise NotFound("no route /metrics (UBC_METRICS_ACCESS=off)", detail={"path": "/metrics"})
+    if mode == "open":
+        return
+    if mode == "auto":
+        host = os.environ.get(metrics.BIND_HOST_ENV)
+        if host is None:
+            server = request.scope.get("server")
+            host = str(server[0]) if server else ""
+        if is_loopback(host):
+            return
+    expected = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    if not expected:
+        raise Forbidden(
+            "/metrics requires a token here and none is configured: set UBC_METRICS_TOKEN "
+            "(or UBC_METRICS_ACCESS=open)"
+        )
+    authorization = request.headers.get("authorization", "")
+    if not authorization.lower().startswith("bearer "):
+        raise MetricsUnauthenticated("/metrics requires Authorization: Bearer <metrics token>")
+    if not hmac.compare_digest(authorization[7:].strip().encode(), expected.encode()):
+        raise Forbidden("wrong metrics token")
 
 
 class RefuseNul:
@@ -398,6 +470,7 @@ def sweep_once(app: FastAPI) -> None:
         released = calls + run_unit_of_work(
             app.state.sessions, lambda session: ledger.expire_holds(session, now=clock.now())
         )
+        metrics.HOLDS_EXPIRED.inc(released)
         expired = run_unit_of_work(
             app.state.sessions,
             lambda session: market.expire_due_offers(

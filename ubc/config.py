@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ubc.dburl import normalise_database_url
@@ -78,6 +78,22 @@ class Settings(BaseSettings):
         default=600.0,
         gt=0,
         description="a model call's hold expires (unbilled) this long after it was placed",
+    )
+    # Prometheus metrics at GET /metrics (issue 17; README "Metrics and alerts").
+    metrics_access: Literal["auto", "open", "token", "off"] = Field(
+        default="auto",
+        description="who may read GET /metrics: auto (open when the server listens on "
+        "loopback only, else as token), open, token (Authorization: Bearer "
+        "$UBC_METRICS_TOKEN), off (404)",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None, description="the bearer token of GET /metrics (access token or auto)"
+    )
+    metrics_balance_interval_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="the per-asset balance sums of GET /metrics read every account: computed "
+        "at most this often per process, cached in between",
     )
 
     @field_validator("database_url")

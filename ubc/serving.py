@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -43,6 +44,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
+from ubc import metrics
 from ubc.config import Settings, get_settings
 
 log = logging.getLogger("uvicorn.error")
@@ -101,15 +103,37 @@ def run(config: ServerConfig) -> None:
     """Serve ``config`` in this process or in ``config.workers`` processes: what
     ``uvicorn.run`` does with the ``Config`` it builds, which cannot carry ours."""
     server = uvicorn.Server(config)
+    os.environ[metrics.BIND_HOST_ENV] = config.host  # GET /metrics: open on loopback (auto)
     try:
         if config.workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            # Every worker's metrics in files of one fresh directory, set before they start.
+            directory = metrics.prepare_multiprocess_dir()
+            try:
+                _Supervisor(config, sockets=[config.bind_socket()]).run()
+            finally:
+                metrics.remove_multiprocess_dir(directory)
         else:
             server.run()
     except KeyboardInterrupt:  # pragma: no cover - Ctrl+C
         pass
     if config.workers == 1 and not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor, telling prometheus-client of every worker that exited."""
+
+    def keep_subprocess_alive(self) -> None:
+        self._replaced(super().keep_subprocess_alive)
+
+    def handle_signals(self) -> None:  # HUP restarts them all, TTOU removes one
+        self._replaced(super().handle_signals)
+
+    def _replaced(self, step: Any) -> None:
+        before = {process.pid for process in self.processes}
+        step()
+        for pid in before - {process.pid for process in self.processes}:
+            metrics.worker_exited(pid)
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from ubc import metrics
 from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.db import as_unavailable, run_unit_of_work
 from ubc.envelopes.service import LedgerContext, Outcome, Prechecked, precheck, submit
@@ -100,6 +102,7 @@ class GroupCommitWriter:
 
     async def _run(self, jobs: list[_Job]) -> None:
         raws = [raw for job in jobs for raw in job.raws]
+        started = time.perf_counter()
         try:
             self._inflight = asyncio.ensure_future(
                 asyncio.to_thread(self._apply, raws, jobs[0].atomic)
@@ -108,10 +111,12 @@ class GroupCommitWriter:
         except Exception as exc:  # answer every caller, keep the writer alive
             # A database unreachable or full answers each caller 503 (nothing was applied).
             error = as_unavailable(exc) or exc
+            metrics.observe_failed_commit(raws, error)
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(error)
             return
+        metrics.observe_commit(raws, outcomes, started)
         start = 0
         for job in jobs:
             if not job.future.done():

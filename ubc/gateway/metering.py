@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from ubc import metrics
 from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.db import run_unit_of_work, table
 from ubc.db.driver import Driver
@@ -334,6 +336,7 @@ class HoldWriter:
             while not self._queue.empty() and len(jobs) < self.max_batch:
                 jobs.append(self._queue.get_nowait())
             requests = [job.request for job in jobs]
+            started = time.perf_counter()
             try:
                 self._inflight = asyncio.ensure_future(asyncio.to_thread(self._apply, requests))
                 outcomes = await asyncio.shield(self._inflight)
@@ -342,6 +345,7 @@ class HoldWriter:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            metrics.observe_batch("holds", len(requests), started)
             for job, outcome in zip(jobs, outcomes, strict=True):
                 if not job.future.done():
                     job.future.set_result(outcome)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ubc import metrics
 from ubc.config import Settings
 from ubc.db import as_unavailable
 from ubc.gateway import schemas
@@ -170,6 +172,7 @@ async def chat_completions(request: Request) -> Response:
         body = await _body(request)
         check_chat_fields(body)
         spec = gateway.model(body.get("model"), "chat")
+        request.state.model = spec.id  # the label of ubc_model_calls_total (FastPath)
         gateway.permit(grant, spec)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -280,6 +283,7 @@ def _unexpected(exc: Exception, call: Call | None, *, upstream: bool) -> Gateway
 
 def _upstream_failed(call: Call, message: str, code: str) -> GatewayError:
     """A 502 in plain words, with the request id the operator's log names."""
+    metrics.UPSTREAM_ERRORS.labels(call.spec.id, code).inc()
     return GatewayError(
         502, message, type_="upstream_error", code=code, headers={"x-request-id": call.request_id}
     )
@@ -322,12 +326,14 @@ async def _chat_stream(
     estimate: int | None,
 ) -> Response:
     call = m.held
+    started = time.perf_counter()
     try:
         upstream = await gateway.upstreams.session(spec).post(
             gateway.upstreams.url(spec, "/chat/completions"), json=forwarded
         )
     except UPSTREAM_ERRORS as exc:
         raise _failed(call, exc) from None
+    metrics.UPSTREAM_SECONDS.labels(spec.id).observe(time.perf_counter() - started)
     if upstream.status != 200:
         try:
             content = await upstream.read()
@@ -414,6 +420,7 @@ class MeteredStream(Response):
                 self.complete = True
                 break
             except UPSTREAM_ERRORS:
+                metrics.UPSTREAM_ERRORS.labels(self.spec.id, "upstream_disconnected").inc()
                 break  # a cut stream: the caller gets what came; it is billed as received
             except Exception:
                 # Anything else from the upstream's side ends the stream the same way.
@@ -548,6 +555,7 @@ async def embeddings(request: Request) -> Response:
                     param=name,
                 )
         spec = gateway.model(body.get("model"), "embeddings")
+        request.state.model = spec.id  # the label of ubc_model_calls_total (FastPath)
         gateway.permit(grant, spec)
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
@@ -745,7 +753,10 @@ class FastPath:
         if scope["type"] == "http" and scope["method"] == "POST":
             handler = self.handlers.get(scope["path"])
             if handler is not None:
-                response = await handler(Request(scope, receive))
+                request = Request(scope, receive)
+                response = await handler(request)
+                model = getattr(request.state, "model", metrics.NO_MODEL)
+                metrics.MODEL_CALLS.labels(model, str(response.status_code)).inc()
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

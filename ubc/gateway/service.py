@@ -26,6 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from ubc import metrics
 from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.db import table
 from ubc.errors import UbcError
@@ -647,6 +648,7 @@ class Gateway:
         try:
             rate_headers = self.limiter.acquire(limits, reserved)
         except RateLimited as exc:
+            metrics.RATELIMIT_REFUSALS.labels(spec.id).inc()
             raise GatewayError(
                 429,
                 f"Rate limit reached: {exc}. Retry after {exc.retry_after} s.",
@@ -701,6 +703,7 @@ class Gateway:
         call.settled = True
         now = self.clock.now()
         cost = rules.call_cost(input_tokens, output_tokens, call.price, call.held)
+        metrics.observe_billing(call.spec.id, input_tokens, output_tokens, cost)
 
         def item() -> Prechecked:
             # Built and signed in the writer's thread, off the event loop.

@@ -10,10 +10,12 @@ synchronous client of ``ubc.client``.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import aiohttp
 
+from ubc import metrics
 from ubc.gateway.catalog import ModelSpec
 
 #: What a failed upstream call raises: connection errors, cut streams, timeouts.
@@ -55,8 +57,11 @@ class UpstreamPool:
 
     async def post(self, spec: ModelSpec, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
         """POST ``body`` as JSON; the status and the whole answer."""
+        started = time.perf_counter()
         async with self.session(spec).post(self.url(spec, path), json=body) as response:
-            return response.status, await response.read()
+            content = await response.read()
+        metrics.UPSTREAM_SECONDS.labels(spec.id).observe(time.perf_counter() - started)
+        return response.status, content
 
     async def aclose(self) -> None:
         for session in self._sessions.values():
