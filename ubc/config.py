@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         gt=0,
         description="a model call's hold expires (unbilled) this long after it was placed",
     )
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://host:port/db shared by every worker and host for the API keys' "
+        "rpm/tpm limits; unset: each process keeps its own (with N processes, N times the "
+        "limit); Redis unreachable: per process until it is back",
+    )
 
     @field_validator("database_url")
     @classmethod
