@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -501,9 +502,63 @@ def test_a_redis_outage_falls_back_to_per_process_limits_and_recovers(
                     assert time.monotonic() < deadline, "Redis was not tried again"
                     time.sleep(0.2)
             assert _redis_up() == 1.0
-            # Shared again: 2 of the fresh bucket's 4 are taken, 2 are left for both.
-            assert [call(a), call(b), call(a), call(b)] == [200, 200, 429, 429]
+            # Shared again: what the fresh bucket has left (4 less the two calls that
+            # found Redis back, less any take that Redis counted after the call had
+            # stopped waiting for it) is admitted once, by either server.
+            before = _fallbacks()
+            [bucket] = keys_of(own_redis.url, a.app.state.ctx.origin).values()
+            left = int(float(bucket["l"]))
+            assert 0 <= left <= rpm - 2
+            answers = [call(server) for server in (a, b) * 3]
+            assert answers == [200] * left + [429] * (6 - left)
+            assert _fallbacks() == before
             back = [r for r in caplog.records if "shared again" in r.getMessage()]
             assert len(back) == 2
             [key] = keys_of(own_redis.url, a.app.state.ctx.origin)
             assert key.endswith(f"key:{api_key_hash(secret)}:requests")
+
+
+def test_a_redis_that_does_not_answer_is_not_waited_for(own_redis: RedisServer) -> None:
+    """A Redis that accepts connections and answers nothing (stopped with SIGSTOP): the
+    call falls back after the timeout (tens of ms), the next ones at once; it answers
+    again, it is used again after the back-off."""
+    assert own_redis.process is not None
+    limits = [Limit("key:k", 2, None)]
+
+    async def run() -> None:
+        limiter = SharedRateLimiter(
+            own_redis.url, "slow", RateLimiter(), clock=lambda: FROZEN, backoff=(0.2, 0.2)
+        )
+        await limiter.start()
+        try:
+            await limiter.acquire(limits, 1)  # through Redis: 1 request left there
+            before = _fallbacks()
+            own_redis.process.send_signal(signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                await limiter.acquire(limits, 1)  # the process's own bucket: 1 left
+                first = time.monotonic() - began
+                began = time.monotonic()
+                await limiter.acquire(limits, 1)
+                with pytest.raises(RateLimited):
+                    await limiter.acquire(limits, 1)
+                then = time.monotonic() - began
+            finally:
+                own_redis.process.send_signal(signal.SIGCONT)
+            assert first < 0.5, first
+            assert then < 0.05, then
+            assert _fallbacks() - before == 3
+            assert _redis_up() == 0.0
+            await asyncio.sleep(0.3)  # the back-off
+            # Redis ran the take it received while stopped once it went on (the call
+            # had been answered by the process): its last request is gone too.
+            with pytest.raises(RateLimited):
+                await limiter.acquire(limits, 1)
+            assert _redis_up() == 1.0
+            assert _fallbacks() - before == 3
+            [bucket] = keys_of(own_redis.url, "slow").values()
+            assert float(bucket["l"]) == 0.0
+        finally:
+            await limiter.aclose()
+
+    asyncio.run(run())

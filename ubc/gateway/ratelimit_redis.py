@@ -137,13 +137,15 @@ class SharedRateLimiter:
         local: RateLimiter,
         *,
         timeout: float = 0.05,
+        connect_timeout: float = 0.25,
         backoff: tuple[float, float] = (0.5, 5.0),
         clock: Callable[[], float] | None = None,
+        connections: int = 64,
     ) -> None:
         self.local = local
         self._where = _redacted(url)
         self._prefix = f"ubc:{namespace}:ratelimit:"
-        self._timeout = timeout
+        self._timeout = timeout + connect_timeout  # a whole round trip, connecting included
         self._backoff_first, self._backoff_max = backoff
         self._backoff = self._backoff_first
         #: The buckets' time in seconds (tests); None: the Redis server's clock.
@@ -151,10 +153,14 @@ class SharedRateLimiter:
         self._redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            # A new connection in a burst of them waits for the event loop as well.
+            socket_connect_timeout=connect_timeout,
             retry=Retry(NoBackoff(), 0),  # redis-py's default retries for seconds
-            max_connections=64,
+            max_connections=connections,
         )
+        # Round trips at once: more wait here (not as errors of a full pool), and look
+        # again whether Redis is still up once their turn comes.
+        self._slots = asyncio.Semaphore(connections)
         self._script = self._redis.register_script(_SCRIPT)
         self._up = True  # until shown otherwise: the first failure is logged
         self._retry_at = 0.0  # monotonic; while down, Redis is not tried before this
@@ -165,7 +171,7 @@ class SharedRateLimiter:
     async def start(self) -> None:
         """Check Redis once (a warning if it cannot be reached; the server starts anyway)."""
         try:
-            async with asyncio.timeout(self._timeout * 4):
+            async with asyncio.timeout(self._timeout * 2):
                 await cast(Awaitable[bool], self._redis.ping())
                 # Loaded once here, so that calls need no second round trip (NOSCRIPT).
                 await cast(Awaitable[str], self._redis.script_load(_SCRIPT))
@@ -238,7 +244,7 @@ class SharedRateLimiter:
 
     async def aclose(self) -> None:
         if self._pending:
-            await asyncio.wait(list(self._pending), timeout=self._timeout * 4)
+            await asyncio.wait(list(self._pending), timeout=self._timeout)
         await self._redis.aclose()
 
     # -- internals --
@@ -246,19 +252,22 @@ class SharedRateLimiter:
     async def _run(self, keys: Sequence[str], args: Sequence[str]) -> _Reply | None:
         """The script's answer, or None when Redis cannot be asked (down, slow, or
         waiting out its back-off)."""
-        probe = not self._up
-        if probe:
-            now = time.monotonic()
-            if now < self._retry_at:
-                return None
-            # One call probes; the others go on locally until it has answered.
-            self._retry_at = now + self._backoff
-        try:
-            async with asyncio.timeout(self._timeout * 2):
-                reply = await self._script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._failed(exc, probe=probe)
+        if not self._up and time.monotonic() < self._retry_at:
             return None
+        async with self._slots:
+            probe = not self._up
+            if probe:
+                now = time.monotonic()
+                if now < self._retry_at:
+                    return None
+                # One call probes; the others go on locally until it has answered.
+                self._retry_at = now + self._backoff
+            try:
+                async with asyncio.timeout(self._timeout):
+                    reply = await self._script(keys=keys, args=args)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc, probe=probe)
+                return None
         self._succeeded()
         assert isinstance(reply, list)
         return reply
