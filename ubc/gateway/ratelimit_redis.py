@@ -24,12 +24,20 @@ Keys: ``ubc:<namespace>:ratelimit:<scope>:<kind>``, the namespace being the ledg
 origin (two ledgers sharing a Redis never share a bucket) and the scope the gateway's
 (``key:<SHA-256 of the API key>[:<model>]``: never the key itself).
 
-When Redis cannot be reached (refused, or no answer within ``timeout``, 50 ms by
-default) the call is limited by the process's own buckets, as without Redis; the outage
-is logged once when it starts and once when it ends, every such call counts in
-``ubc_ratelimit_redis_fallbacks_total`` and ``ubc_ratelimit_redis_up`` reads 0. While
-Redis is down it is tried again by one call at a time after a back-off (0.5 s, doubling
-up to 5 s), so that a dead Redis adds no latency to the others.
+When Redis cannot be reached (refused, no connection within 250 ms, or no answer within
+``timeout``, 50 ms by default) the call is limited by the process's own buckets, as
+without Redis; the outage is logged once when it starts and once when it ends, every such
+call counts in ``ubc_ratelimit_redis_fallbacks_total`` and ``ubc_ratelimit_redis_up``
+reads 0. While Redis is down it is tried again by one call at a time after a back-off
+(0.5 s, doubling up to 5 s), so that a dead Redis adds no latency to the others. Two
+approximations, both at the edges of an outage: a take that timed out may still be run
+by Redis when it answers late (the shared buckets are then charged for a call the
+process judged: stricter, never looser), and tokens given back go where the limits are
+kept at that moment, which is not always where they were taken.
+
+The path without Redis is untouched: the gateway calls :class:`RateLimiter` as before
+and awaits nothing more; only with ``UBC_REDIS_URL`` is the take awaited (one round trip,
+off the event loop's critical path only in that it yields while waiting).
 """
 
 from __future__ import annotations
