@@ -36,8 +36,8 @@ process judged: stricter, never looser), and tokens given back go where the limi
 kept at that moment, which is not always where they were taken.
 
 The path without Redis is untouched: the gateway calls :class:`RateLimiter` as before
-and awaits nothing more; only with ``UBC_REDIS_URL`` is the take awaited (one round trip,
-off the event loop's critical path only in that it yields while waiting).
+and awaits nothing more. With ``UBC_REDIS_URL`` the take is awaited: one round trip, during
+which the event loop serves other requests; a give-back runs as a background task.
 """
 
 from __future__ import annotations
