@@ -417,6 +417,8 @@ def test_three_servers_share_one_keys_rpm(
     keys = keys_of(redis_url, origin)
     assert list(keys) == [f"ubc:{origin}:ratelimit:key:{api_key_hash(secret)}:requests"]
     assert secret not in repr(keys)
+    with contextlib.closing(redis.Redis.from_url(redis_url)) as client:
+        client.delete(*keys)
 
 
 # --- (c) Redis stopped and started again mid-run ------------------------------------------

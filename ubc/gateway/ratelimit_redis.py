@@ -22,7 +22,9 @@ exactly, and a bucket is three fields of one hash that expires once it is full a
 
 Keys: ``ubc:<namespace>:ratelimit:<scope>:<kind>``, the namespace being the ledger's
 origin (two ledgers sharing a Redis never share a bucket) and the scope the gateway's
-(``key:<SHA-256 of the API key>[:<model>]``: never the key itself).
+(``key:<SHA-256 of the API key>[:<model>]``: never the key itself). One Redis server
+(with replicas or Sentinel if wanted), not Redis Cluster: the keys of one call are not
+given a common hash slot.
 
 When Redis cannot be reached (refused, no connection within 250 ms, or no answer within
 ``timeout``, 50 ms by default) the call is limited by the process's own buckets, as
