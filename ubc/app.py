@@ -97,7 +97,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             holds=holds,
             writer=writer,
             clock=ledger_clock,
+            redis_url=settings.redis_url,
         )
+        if gateway.shared_limiter is not None:
+            await gateway.shared_limiter.start()  # a warning if Redis is down; serve anyway
         app.state.gateway = gateway
         stop = asyncio.Event()
         background = [

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
         description="the per-asset balance sums of GET /metrics read every account: computed "
         "at most this often per process, cached in between",
     )
+    redis_url: str | None = Field(
+        default=None,
+        description="redis://host:port/db shared by every worker and host for the API keys' "
+        "rpm/tpm limits; unset: each process keeps its own (with N processes, N times the "
+        "limit); Redis unreachable: per process until it is back",
+    )
 
     @field_validator("database_url")
     @classmethod

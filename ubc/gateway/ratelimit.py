@@ -5,7 +5,8 @@ limit per minute; a call takes one request and its token estimate (prompt bound 
 ``max_tokens``), and gets back what it did not use when it ends. The grant's ``rpm`` and
 ``tpm`` apply to the key across models; a model's defaults from the models file apply
 to each key on that model. Buckets live in one process: with N server processes a key
-gets up to N times its limit (documented in the README).
+gets up to N times its limit (documented in the README), unless ``UBC_REDIS_URL`` shares
+them (:mod:`ubc.gateway.ratelimit_redis`, which keeps this limiter for when Redis is down).
 
 Every call that passes (and every 429) reports the state of its buckets in OpenAI's
 headers: ``x-ratelimit-limit-requests``, ``x-ratelimit-remaining-requests``,

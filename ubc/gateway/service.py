@@ -38,6 +38,7 @@ from ubc.gateway.metering import (
     usage_envelope,
 )
 from ubc.gateway.ratelimit import Limit, RateLimited, RateLimiter
+from ubc.gateway.ratelimit_redis import SharedRateLimiter
 from ubc.gateway.tokens import CHAT_COUNTED_FIELDS, byte_bound
 from ubc.gateway.upstream import UpstreamPool
 from ubc.members.models import ApiKey
@@ -543,6 +544,7 @@ class Gateway:
         holds: HoldWriter,
         writer: InternalWriter,
         clock: Clock = SYSTEM_CLOCK,
+        redis_url: str | None = None,
     ) -> None:
         self.clock = clock
         self.ctx = ctx
@@ -552,6 +554,11 @@ class Gateway:
         self.holds = holds
         self.writer = writer
         self.limiter = RateLimiter()
+        # With UBC_REDIS_URL, the limits of every worker and host, in Redis (the process's
+        # own buckets stand in while Redis cannot be reached).
+        self.shared_limiter = (
+            SharedRateLimiter(redis_url, ctx.origin, self.limiter) if redis_url else None
+        )
         self.upstreams = UpstreamPool()
         self.cpu = CpuSlots()
         self._grants: dict[str, tuple[float, Grant | None]] = {}
@@ -645,8 +652,12 @@ class Gateway:
         if spec.rpm is not None or spec.tpm is not None:
             limits.append(Limit(f"key:{grant.key_hash}:{spec.id}", spec.rpm, spec.tpm))
         reserved = input_bound + output_cap
+        shared = self.shared_limiter
         try:
-            rate_headers = self.limiter.acquire(limits, reserved)
+            if shared is None:
+                rate_headers = self.limiter.acquire(limits, reserved)
+            else:
+                rate_headers = await shared.acquire(limits, reserved)
         except RateLimited as exc:
             metrics.RATELIMIT_REFUSALS.labels(spec.id).inc()
             raise GatewayError(
@@ -671,10 +682,10 @@ class Gateway:
                 request = replace(request, request_id=new_request_id())
                 outcome = await self.holds.hold(request)
         except BaseException:
-            self.limiter.refund(limits, reserved)
+            (shared or self.limiter).refund(limits, reserved)
             raise
         if isinstance(outcome, UbcError):
-            self.limiter.refund(limits, reserved)
+            (shared or self.limiter).refund(limits, reserved)
             if outcome.status_code in (401, 403):
                 self._grants.pop(grant.key_hash, None)
             raise from_ledger_error(outcome)
@@ -720,7 +731,9 @@ class Gateway:
                 now=now,
             )
 
-        self.limiter.refund(call.limits, call.reserved_tokens - input_tokens - output_tokens)
+        (self.shared_limiter or self.limiter).refund(
+            call.limits, call.reserved_tokens - input_tokens - output_tokens
+        )
         task = asyncio.get_running_loop().create_task(self._settle(call, item))
         self._settling.add(task)
         account = call.grant.account
@@ -745,6 +758,8 @@ class Gateway:
     async def aclose(self) -> None:
         await self.drain()
         await self.upstreams.aclose()
+        if self.shared_limiter is not None:
+            await self.shared_limiter.aclose()
         self.cpu.shutdown()
 
     # -- internals --
