@@ -336,6 +336,11 @@ def _print_report(report: Report, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
         return
+    if report.witnesses is not None:
+        console.print(
+            f"Witnesses (quorum {report.witnesses.quorum}): {report.witnesses.summary()}",
+            soft_wrap=True,
+        )
     if report.ok:
         console.print(
             f"[green]OK[/green]: {report.entries} entries verified, checkpoint size "
