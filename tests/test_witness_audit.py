@@ -422,7 +422,13 @@ def test_a_split_view_is_caught_by_the_witness(db_url: str, tmp_path: Path) -> N
         refused = witness.add(size_of(note_a), [], note_b)
         assert refused.status_code == 409
         assert refused.headers["content-type"].startswith("text/plain")
-        # B's entries do not extend A's checkpoint either: no proof could convince it.
+        # B grows past A: B's consistency proof from A's size cannot lead from A's root to
+        # B's (422), whatever B sends.
+        size_a = size_of(note_a)
+        branch_b.grow(1)
+        note_b = branch_b.checkpoint()
+        refused = witness.add(size_a, branch_b.proof(size_a, size_of(note_b)), note_b)
+        assert refused.status_code == 422, refused.text
         a_line = cosigned_a.removeprefix(note_a)
 
         files = {}
