@@ -65,7 +65,7 @@ Quorum = Annotated[
     int | None,
     typer.Option(
         "--quorum",
-        help="how many of the --witness witnesses must have cosigned [default: all of them]",
+        help="how many of the --witness witnesses must have cosigned (default: all of them)",
     ),
 ]
 
