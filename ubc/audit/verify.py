@@ -54,6 +54,7 @@ from ubc.signing import (
     verified_keyids,
 )
 from ubc.signing.keys import key_id
+from ubc.witness.quorum import WitnessPolicy, WitnessVerdict
 
 accounts_t = table(Account)
 transfers_t = table(Transfer)
@@ -80,19 +81,25 @@ class Report:
     entries: int = 0
     checkpoint_size: int = 0
     root: str = ""
+    #: The witnesses' verdicts on the checkpoint, when witnesses were required.
+    witnesses: WitnessVerdict | None = None
 
     @property
     def ok(self) -> bool:
         return not self.findings
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "ok": self.ok,
             "entries": self.entries,
             "checkpoint_size": self.checkpoint_size,
             "root": self.root,
             "findings": [asdict(f) for f in self.findings],
         }
+        if self.witnesses is not None:
+            out["quorum"] = self.witnesses.quorum
+            out["witnesses"] = [r.to_json() for r in self.witnesses.results]
+        return out
 
 
 ProgressFn = Callable[[int], None]
@@ -117,6 +124,7 @@ def verify_journal(
     progress: ProgressFn | None = None,
     against: Callable[[Replayed], list[Finding]] | None = None,
     engine: str | None = None,
+    witnesses: WitnessPolicy | None = None,
 ) -> Report:
     """Verify ``journal`` under ``vkey``.
 
@@ -125,7 +133,8 @@ def verify_journal(
     it through the server's write path into that database instead, and stores the
     journal's exact bytes there; ``engine="database"`` does the same into a scratch
     SQLite file removed at the end. ``against`` compares the replayed ledger (the state,
-    or the database's URL) with a live ledger.
+    or the database's URL) with a live ledger. ``witnesses``: the checkpoint must carry
+    valid cosignatures from at least that many of those witnesses.
     """
     try:
         verifier = NoteVerifier.from_vkey(vkey)
@@ -136,6 +145,8 @@ def verify_journal(
         raise VerifyError(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
     report = Report()
     checkpoint = _checked_checkpoint(journal.checkpoint, verifier, report, "checkpoint")
+    if witnesses is not None:
+        _check_witnesses(journal.checkpoint, witnesses, report)
     old = None
     if old_checkpoint is not None:
         old = _checked_checkpoint(old_checkpoint, verifier, report, "old_checkpoint")
@@ -262,6 +273,32 @@ def _checked_checkpoint(
     if checkpoint.origin != verifier.name:
         report.findings.append(Finding(None, f"{what}.origin", verifier.name, checkpoint.origin))
     return checkpoint
+
+
+def _check_witnesses(note: str, policy: WitnessPolicy, report: Report) -> None:
+    """A finding for every given witness's cosignature that does not verify, and one if
+    fewer than the quorum cosigned (``checkpoint.cosignature``, ``checkpoint.witnesses``)."""
+    verdict = policy.check(note)
+    report.witnesses = verdict
+    for result in verdict.invalid:
+        report.findings.append(
+            Finding(
+                None,
+                "checkpoint.cosignature",
+                f"a valid cosignature by {result.name}",
+                result.reason or "invalid",
+            )
+        )
+    if not verdict.ok:
+        names = ", ".join(r.name for r in verdict.results)
+        report.findings.append(
+            Finding(
+                None,
+                "checkpoint.witnesses",
+                f"cosignatures by at least {verdict.quorum} of {names}",
+                verdict.summary(),
+            )
+        )
 
 
 @dataclass(slots=True)

@@ -41,6 +41,7 @@ from ubc.journal.checkpoint import format_tlog_proof, parse_checkpoint, parse_tl
 from ubc.journal.merkle import ProofError, leaf_hash, verify_inclusion
 from ubc.migrations import upgrade
 from ubc.signing import NoteError, NoteVerifier
+from ubc.witness.quorum import WitnessPolicy
 
 console = Console(stderr=True)
 audit = typer.Typer(help="Export and verify the journal offline.", no_args_is_help=True)
@@ -49,6 +50,23 @@ proof = typer.Typer(help="Receipts: inclusion proofs of journal entries.", no_ar
 Token = Annotated[
     str | None,
     typer.Option("--token", envvar="UBC_TOKEN", help="auditor or operator token for a server"),
+]
+
+
+Witnesses = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--witness",
+        help="a witness's vkey (<name>+<hash>+<key>, type 0x04) whose cosignature the "
+        "checkpoint must carry; repeat it for each witness",
+    ),
+]
+Quorum = Annotated[
+    int | None,
+    typer.Option(
+        "--quorum",
+        help="how many of the --witness witnesses must have cosigned (default: all of them)",
+    ),
 ]
 
 
@@ -88,6 +106,16 @@ def verify(
     checkpoint: Annotated[
         Path | None, typer.Option("--checkpoint", help="a checkpoint saved earlier")
     ] = None,
+    cosigned: Annotated[
+        Path | None,
+        typer.Option(
+            "--cosigned-checkpoint",
+            help="verify against this signed checkpoint (e.g. one carrying witnesses' "
+            "cosignatures) instead of the one the source carries",
+        ),
+    ] = None,
+    witness: Witnesses = None,
+    quorum: Quorum = None,
     against: Annotated[
         str | None,
         typer.Option("--against", help="compare replayed balances with a live server or db"),
@@ -104,7 +132,10 @@ def verify(
     ] = None,
 ) -> None:
     """Verify signatures, Merkle root, consistency and every rule; exit 1 on any finding."""
+    policy = _witness_policy(witness, quorum)
     journal = _open(source, token)
+    if cosigned is not None:
+        journal = _with_checkpoint(journal, _read_note(cosigned))
     old = checkpoint.read_text(encoding="utf-8") if checkpoint else None
     compare = None if against is None else _comparison(against, token)
     with _progress(journal.size, quiet=as_json) as (progress, task):
@@ -116,6 +147,7 @@ def verify(
                 against=compare,
                 progress=lambda n: progress.advance(task, n),
                 engine=engine,
+                witnesses=policy,
             )
         )
     _print_report(report, as_json)
@@ -161,8 +193,14 @@ def proof_get(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o")] = None,
     token: Token = None,
+    witness: Witnesses = None,
+    quorum: Quorum = None,
 ) -> None:
-    """Fetch and verify the inclusion proof of entry SEQ; write a C2SP tlog-proof file."""
+    """Fetch and verify the inclusion proof of entry SEQ; write a C2SP tlog-proof file.
+
+    The receipt keeps the checkpoint as served, with every signature line (the ledger's
+    and any witness's cosignatures)."""
+    policy = _witness_policy(witness, quorum)
     token = token or saved_api_key()  # a member's own entries, with its API key
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=server, headers=headers, timeout=30) as client:
@@ -179,18 +217,25 @@ def proof_get(
     entry = base64.b64decode(item["entry"])
     hashes = [base64.b64decode(h) for h in answer.json()["proof"]]
     _check_proof(trusted, note, seq, entry, hashes)
+    witnessed = _check_witnesses(policy, note)
     target = out or Path(f"proof-{seq}.tlog-proof")
     with open_private(target) as f:  # the proof carries a journal entry: 0600
         f.write(format_tlog_proof(seq, hashes, note, extra=entry))
-    console.print(f"Entry {seq} is in the journal of size {size}: proof written to {target}")
+    console.print(
+        f"Entry {seq} is in the journal of size {size}{witnessed}: proof written to {target}"
+    )
 
 
 @proof.command("check")
 def proof_check(
     file: Annotated[Path, typer.Argument(help="a tlog-proof file written by `ubc proof get`")],
     vkey: Annotated[str, typer.Option("--vkey", help="the ledger's trusted verifier key")],
+    witness: Witnesses = None,
+    quorum: Quorum = None,
 ) -> None:
-    """Check a saved proof offline: checkpoint signature and the entry's inclusion."""
+    """Check a saved proof offline: checkpoint signature, the entry's inclusion, and the
+    witnesses' cosignatures on the checkpoint when --witness is given."""
+    policy = _witness_policy(witness, quorum)
     try:
         parsed = parse_tlog_proof(file.read_text(encoding="utf-8"))
     except ValueError as exc:
@@ -198,7 +243,8 @@ def proof_check(
     if parsed.extra is None:
         _fail("the proof file does not carry the entry")
     _check_proof(vkey, parsed.checkpoint, parsed.index, parsed.extra, list(parsed.proof))
-    console.print(f"Entry {parsed.index} is included in the signed checkpoint.")
+    witnessed = _check_witnesses(policy, parsed.checkpoint)
+    console.print(f"Entry {parsed.index} is included in the signed checkpoint{witnessed}.")
 
 
 def _check_proof(vkey: str, note: str, seq: int, entry: bytes, hashes: list[bytes]) -> None:
@@ -207,6 +253,47 @@ def _check_proof(vkey: str, note: str, seq: int, entry: bytes, hashes: list[byte
         verify_inclusion(leaf_hash(entry), seq, checkpoint.size, hashes, checkpoint.root)
     except (NoteError, ProofError, ValueError) as exc:
         _fail(f"the proof does not verify: {exc}")
+
+
+def _witness_policy(vkeys: list[str] | None, quorum: int | None) -> WitnessPolicy | None:
+    """The witnesses required by --witness and --quorum; a usage error when they are not
+    valid vkeys, name one key twice, or the quorum is not between 1 and their number."""
+    if not vkeys:
+        if quorum is not None:
+            raise typer.BadParameter("--quorum needs at least one --witness", param_hint="--quorum")
+        return None
+    try:
+        return WitnessPolicy.from_vkeys(vkeys, quorum)
+    except ValueError as exc:
+        hint = "--quorum" if "quorum" in str(exc) else "--witness"
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _check_witnesses(policy: WitnessPolicy | None, note: str) -> str:
+    """Fail unless the checkpoint ``note`` carries the cosignatures ``policy`` requires
+    (and none of its witnesses' lines is invalid); the phrase to print when it does."""
+    if policy is None:
+        return ""
+    verdict = policy.check(note)
+    if not verdict.ok or verdict.invalid:
+        _fail(f"the checkpoint is not witnessed as required: {verdict.summary()}")
+    return ", cosigned by " + ", ".join(r.describe() for r in verdict.cosigned)
+
+
+def _read_note(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {path}: {exc}")
+
+
+def _with_checkpoint(journal: Journal, note: str) -> Journal:
+    """``journal`` verified against ``note`` instead of the checkpoint its source carries."""
+    try:
+        size = parse_checkpoint(note.split("\n\n", 1)[0] + "\n").size
+    except ValueError as exc:
+        _fail(f"not a signed checkpoint: {exc}")
+    return Journal(note, size, journal.entries, journal.export)
 
 
 def _open(source: str, token: str | None) -> Journal:
@@ -249,6 +336,11 @@ def _print_report(report: Report, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(report.to_json(), indent=2) + "\n")
         return
+    if report.witnesses is not None:
+        console.print(
+            f"Witnesses (quorum {report.witnesses.quorum}): {report.witnesses.summary()}",
+            soft_wrap=True,
+        )
     if report.ok:
         console.print(
             f"[green]OK[/green]: {report.entries} entries verified, checkpoint size "

@@ -7,6 +7,9 @@
 - :mod:`ubc.witness.store`: the latest cosigned checkpoint per origin, in SQLite or
   PostgreSQL, in a table of its own (not part of the ledger's schema).
 - :mod:`ubc.witness.app`: the HTTP service, ``POST /add-checkpoint``.
+- :mod:`ubc.witness.quorum`: what a reader requires: valid cosignatures on a checkpoint
+  from at least K of the witnesses it trusts (``ubc audit verify --witness``, ``ubc
+  proof check --witness``).
 
 The witness needs only the signed-note and Merkle code: it never imports the ledger's
 write path. Documentation: docs/witness.md.

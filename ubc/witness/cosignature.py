@@ -38,6 +38,7 @@ __all__ = [
     "COSIGNATURE_SIZE",
     "Cosignature",
     "CosignatureError",
+    "CosignatureMissing",
     "Cosigner",
     "CosignatureVerifier",
     "cosignature_key_id",
@@ -60,6 +61,10 @@ _SIG_PREFIX = "\u2014 "
 
 class CosignatureError(NoteError):
     """A cosignature, a cosigner vkey or the note carrying it is malformed or invalid."""
+
+
+class CosignatureMissing(CosignatureError):
+    """The note carries no cosignature of this cosigner (no line of its name and key ID)."""
 
 
 def cosignature_key_id(name: str, public_key: bytes) -> bytes:
@@ -245,7 +250,9 @@ class CosignatureVerifier:
             ):
                 found = cosignature
         if found is None:
-            raise CosignatureError(f"note has no cosignature by {self._name}+{self._key_id.hex()}")
+            raise CosignatureMissing(
+                f"note has no cosignature by {self._name}+{self._key_id.hex()}"
+            )
         return found
 
 
