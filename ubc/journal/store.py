@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from ubc.db import table
@@ -69,7 +70,13 @@ def lock_head_with(session: Session, *extra: Any) -> tuple[Any, ...] | None:
 
 
 def create_head(session: Session) -> None:
-    session.execute(insert(head_t).values(id=1, size=0, checkpoint=""))
+    """Create the empty journal's head, unless a concurrent start (another worker process of
+    the same server) has: that one's genesis is then the journal's, and this one waits for
+    it and finds it."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(
+        dialect.insert(head_t).values(id=1, size=0, checkpoint="").on_conflict_do_nothing()
+    )
 
 
 def append(
