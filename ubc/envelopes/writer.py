@@ -130,6 +130,9 @@ class GroupCommitWriter:
         return run_unit_of_work(
             self.sessions,
             # The ledger's time, read once per batch (each attempt of the unit of work).
-            lambda session: submit(session, self.ctx, raws, atomic=atomic, now=self.clock.now()),
+            # The batch's rows go with the commit (``commit_sends``).
+            lambda session: submit(
+                session, self.ctx, raws, atomic=atomic, now=self.clock.now(), commit_sends=True
+            ),
             idempotent=True,
         )

@@ -19,7 +19,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from ubc.db import table
-from ubc.db.driver import Driver
+from ubc.db.driver import COPY_THRESHOLD, Driver
+from ubc.db.driver import defer as defer_statements
 from ubc.journal.checkpoint import format_checkpoint
 from ubc.journal.merkle import (
     EMPTY_ROOT,
@@ -62,11 +63,61 @@ def lock_head(session: Session) -> int | None:
 
 def lock_head_with(session: Session, *extra: Any) -> tuple[Any, ...] | None:
     """Lock the journal head and read ``extra`` scalar subqueries with it: the size first."""
+    row = session.execute(head_statement(session, *extra)).first()
+    return None if row is None else tuple(row)
+
+
+def head_statement(session: Session, *extra: Any) -> Any:
+    """The statement that locks the journal head and reads ``extra`` with its size."""
     stmt = select(head_t.c.size, *extra).where(head_t.c.id == 1)
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update(of=head_t)
-    row = session.execute(stmt).first()
-    return None if row is None else tuple(row)
+    return stmt
+
+
+# The hashes of the frontier of the tree the head names (``frontier_ids`` of its size, one
+# per set bit), by primary key: read in the head lock's round trip on PostgreSQL.
+_FRONTIER_SQL = (
+    'SELECT n.level, n."index", n.hash FROM journal_head h '
+    "CROSS JOIN generate_series(0, 62) AS g(l) "
+    'JOIN merkle_nodes n ON n.level = g.l AND n."index" = (h.size >> g.l) - 1 '
+    "WHERE h.id = 1 AND (h.size >> g.l) & 1 = 1"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LockedHead:
+    """The journal head as locked for a batch, and what was read with it."""
+
+    row: tuple[Any, ...]
+    # The Merkle frontier of the tree of ``row[0]`` entries, when it was read with the lock.
+    frontier: list[bytes] | None
+    reads: list[list[Any]]
+
+
+def lock_head_and_read(
+    session: Session, head_sql: str, reads: Sequence[tuple[str, Sequence[Any]]]
+) -> LockedHead | None:
+    """Lock the journal head with ``head_sql`` (a compiled :func:`head_statement`), then
+    run the statements of ``reads``: on PostgreSQL in the same round trip, with the tree's
+    frontier. The reads run once the lock is granted, so they see every batch committed
+    before; None if there is no head (no genesis yet)."""
+    driver = Driver(session)
+    statements: list[tuple[str, Sequence[Any]]] = [(head_sql, [])]
+    if driver.postgres:
+        statements.append((_FRONTIER_SQL, []))
+    statements.extend(reads)
+    results = driver.fetch_many(statements)
+    if not results[0]:
+        return None
+    row = tuple(results[0][0])
+    frontier = None
+    if driver.postgres:
+        found = {(int(level), int(index)): bytes(h) for level, index, h in results[1]}
+        ids = frontier_ids(int(row[0]))
+        if all(i in found for i in ids):
+            frontier = [found[i] for i in ids]
+    return LockedHead(row, frontier, results[2 if driver.postgres else 1 :])
 
 
 def create_head(session: Session) -> None:
@@ -87,11 +138,17 @@ def append(
     now: datetime,
     signer: NoteSigner,
     checkpoint: str | None = None,
+    frontier: Sequence[bytes] | None = None,
+    before: Sequence[tuple[str, Sequence[Any]]] = (),
+    defer: bool = False,
 ) -> list[int]:
     """Append ``new`` after ``size`` entries (the caller holds the head lock); their seqs.
 
     ``checkpoint`` is the head's checkpoint as read under the lock, if the caller has it:
     the Merkle frontier it names may then come from the cache of the last appends.
+    ``frontier``, if given, is the tree's frontier as read under the lock. ``before`` are
+    the caller's statements to run first, in the same round trip (PostgreSQL); with
+    ``defer`` that round trip is the commit's (:func:`ubc.db.driver.defer`).
     """
     committed_at = format_timestamp(now)
     rows = []
@@ -107,7 +164,17 @@ def append(
             body["summary"] = item.summary
         entry = encode_entry(body)
         rows.append(RawEntry(item.envelope_id, item.type, item.actor, item.accounts, entry))
-    return append_raw(session, size, rows, now=now, signer=signer, current=checkpoint)
+    return append_raw(
+        session,
+        size,
+        rows,
+        now=now,
+        signer=signer,
+        current=checkpoint,
+        frontier=frontier,
+        before=before,
+        defer=defer,
+    )
 
 
 def encode_entry(entry: dict[str, Any]) -> bytes:
@@ -140,49 +207,77 @@ def append_raw(
     signer: NoteSigner | None = None,
     checkpoint: str | None = None,
     current: str | None = None,
+    frontier: Sequence[bytes] | None = None,
+    before: Sequence[tuple[str, Sequence[Any]]] = (),
+    defer: bool = False,
 ) -> list[int]:
     """Store entries' exact bytes and their Merkle nodes, then the new checkpoint.
 
     The checkpoint is signed by ``signer``, or given (``restore`` keeps the exported one).
     ``current`` is the checkpoint the head holds now (read under the lock): a tree is
     identified by its size and root, so the frontier cached under that checkpoint's body
-    is this tree's, and the stored nodes need not be read.
+    is this tree's, and the stored nodes need not be read. ``frontier``, if given, is that
+    tree's frontier as read under the lock.
+
+    On PostgreSQL the rows and the head's update go in one round trip (``COPY`` first for
+    large batches), after the caller's statements ``before`` (which need PostgreSQL); with
+    ``defer``, the round trip of the commit (:func:`ubc.db.driver.defer`).
     """
+    driver = Driver(session)
     if not rows:
+        if before:
+            _send(session, driver, before, defer)
         return []
-    key = _tree_key(current)
-    frontier = _FRONTIERS.get(key) if key is not None else None
+    if frontier is None or len(frontier) != len(frontier_ids(size)):
+        key = _tree_key(current)
+        frontier = _FRONTIERS.get(key) if key is not None else None
     if frontier is None or len(frontier) != len(frontier_ids(size)):
         frontier = HashTable(session).get_hashes(frontier_ids(size))
     leaves = [leaf_hash(r.entry) for r in rows]
     nodes, new_frontier = append_leaves(size, frontier, leaves)
     new_size = size + len(rows)
-    driver = Driver(session)
     stamp = driver.timestamp(now)
-    driver.insert(
-        "journal_entries",
-        "seq, envelope_id, type, actor, accounts, entry, committed_at",
-        [
-            (
-                size + offset,
-                r.envelope_id,
-                r.type,
-                r.actor,
-                " ".join(sorted(r.accounts)),
-                r.entry,
-                stamp,
-            )
-            for offset, r in enumerate(rows)
-        ],
-    )
-    driver.insert("merkle_nodes", 'level, "index", hash', nodes)
-    connection = session.connection()
+    entry_rows = [
+        (
+            size + offset,
+            r.envelope_id,
+            r.type,
+            r.actor,
+            " ".join(sorted(r.accounts)),
+            r.entry,
+            stamp,
+        )
+        for offset, r in enumerate(rows)
+    ]
     if signer is not None:
         root = root_from_frontier(new_size, new_frontier)
         checkpoint = signer.sign(format_checkpoint(signer.name, new_size, root))
-    connection.execute(
-        update(head_t).where(head_t.c.id == 1).values(size=new_size, checkpoint=checkpoint or "")
-    )
+    if driver.postgres:
+        statements = list(before)
+        for table, columns, table_rows in (
+            ("journal_entries", _ENTRY_COLUMNS, entry_rows),
+            ("merkle_nodes", _NODE_COLUMNS, nodes),
+        ):
+            if len(table_rows) >= COPY_THRESHOLD:
+                driver.insert(table, columns, table_rows)
+            elif table_rows:
+                statements.append(driver.insert_statement(table, columns, table_rows))
+        statements.append(
+            (
+                "UPDATE journal_head SET size = %s, checkpoint = %s WHERE id = 1",
+                [new_size, checkpoint or ""],
+            )
+        )
+        _send(session, driver, statements, defer)
+    else:
+        assert not before, "statements sent ahead are PostgreSQL's"
+        driver.insert("journal_entries", _ENTRY_COLUMNS, entry_rows)
+        driver.insert("merkle_nodes", _NODE_COLUMNS, nodes)
+        session.connection().execute(
+            update(head_t)
+            .where(head_t.c.id == 1)
+            .values(size=new_size, checkpoint=checkpoint or "")
+        )
     new_key = _tree_key(checkpoint)
     if new_key is not None:
         if len(_FRONTIERS) >= 64:
@@ -192,6 +287,18 @@ def append_raw(
         _FRONTIERS[new_key] = list(new_frontier)
     return list(range(size, new_size))
 
+
+def _send(
+    session: Session, driver: Driver, statements: Sequence[tuple[str, Sequence[Any]]], defer: bool
+) -> None:
+    if defer:
+        defer_statements(session, statements)
+    else:
+        driver.execute_many(statements)
+
+
+_ENTRY_COLUMNS = "seq, envelope_id, type, actor, accounts, entry, committed_at"
+_NODE_COLUMNS = 'level, "index", hash'
 
 # Merkle frontiers by the checkpoint body (origin, size, root) of the tree they belong to.
 _FRONTIERS: dict[str, list[bytes]] = {}
