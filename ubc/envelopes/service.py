@@ -103,9 +103,9 @@ _PUBLIC_KEYS_MAX = 1_000_000
 def precheck(session: Session, ctx: LedgerContext, raws: Sequence[object]) -> list[Prechecked]:
     """Decode envelopes and verify their signatures outside the write lock.
 
-    This is the CPU-heavy part of a write (Ed25519 and strict parsing); callers run it
-    in parallel before queueing for the group commit, which then only re-checks what
-    can change: whether a verified key is still current, and the rules.
+    This is the CPU-heavy part of a write (Ed25519 and strict parsing); the group-commit
+    writer runs it for a batch before it takes the journal lock, and then only re-checks
+    what can change: whether a verified key is still current, and the rules.
     """
     items: list[Prechecked] = []
     decoded: list[_Decoded | UbcError] = []
