@@ -335,9 +335,9 @@ class _Writer:
         ledger_keys = {self.ctx.ledger_keyid, *self.ctx.operator_keys}
         keyids = sorted({s.keyid for d in good for s in d.envelope.signatures} - ledger_keys)
         handles = sorted({h for d in good if (h := actor_handle(d.payload.actor)) is not None})
-        # The head lock, the configuration in force, the spend epoch, the Merkle frontier,
-        # the ids already recorded and the signers' keys and members: on PostgreSQL one
-        # round trip, whose reads run once the lock is granted.
+        # The head lock, the configuration in force, the spend epoch, the Merkle frontier
+        # (kept on the head), the ids already recorded and the signers' keys and members:
+        # on PostgreSQL one round trip, whose reads run once the lock is granted.
         driver = Driver(self.session)
         request_ids = sorted({d.payload.id for d in good})
         reads = [
@@ -367,7 +367,7 @@ class _Writer:
         )
         if locked is None:
             raise BadRequest("the ledger has no genesis entry yet")
-        head_size, config_version, spend_epoch, checkpoint = locked.row
+        head_size, config_version, spend_epoch, checkpoint, frontier = locked.row
         size = int(head_size)
         results = iter(locked.reads)
         request_rows, key_rows, member_rows, *account_rows = (
@@ -418,7 +418,7 @@ class _Writer:
             now=self.now,
             signer=self.ctx.note_signer,
             checkpoint=checkpoint,
-            frontier=locked.frontier,
+            frontier=journal.stored_frontier(size, frontier),
             before=self.pending or (),
             # The rows go with the commit's round trip: the group commit's unit of work
             # (``ubc.db.run_unit_of_work``) sends them; nothing reads them before.
@@ -715,8 +715,9 @@ def _head_sql(session: Session) -> str:
     dialect = session.get_bind().dialect
     sql = _HEAD_SQL.get(dialect.name)
     if sql is None:
+        head = journal.head_t
         stmt = journal.head_statement(
-            session, config_version_query(), spend_epoch_query(), journal.head_t.c.checkpoint
+            session, config_version_query(), spend_epoch_query(), head.c.checkpoint, head.c.frontier
         )
         sql = _HEAD_SQL[dialect.name] = str(
             stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True})

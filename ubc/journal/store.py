@@ -75,23 +75,11 @@ def head_statement(session: Session, *extra: Any) -> Any:
     return stmt
 
 
-# The hashes of the frontier of the tree the head names (``frontier_ids`` of its size, one
-# per set bit), by primary key: read in the head lock's round trip on PostgreSQL.
-_FRONTIER_SQL = (
-    'SELECT n.level, n."index", n.hash FROM journal_head h '
-    "CROSS JOIN generate_series(0, 62) AS g(l) "
-    'JOIN merkle_nodes n ON n.level = g.l AND n."index" = (h.size >> g.l) - 1 '
-    "WHERE h.id = 1 AND (h.size >> g.l) & 1 = 1"
-)
-
-
 @dataclass(frozen=True, slots=True)
 class LockedHead:
     """The journal head as locked for a batch, and what was read with it."""
 
     row: tuple[Any, ...]
-    # The Merkle frontier of the tree of ``row[0]`` entries, when it was read with the lock.
-    frontier: list[bytes] | None
     reads: list[list[Any]]
 
 
@@ -99,25 +87,25 @@ def lock_head_and_read(
     session: Session, head_sql: str, reads: Sequence[tuple[str, Sequence[Any]]]
 ) -> LockedHead | None:
     """Lock the journal head with ``head_sql`` (a compiled :func:`head_statement`), then
-    run the statements of ``reads``: on PostgreSQL in the same round trip, with the tree's
-    frontier. The reads run once the lock is granted, so they see every batch committed
-    before; None if there is no head (no genesis yet)."""
-    driver = Driver(session)
-    statements: list[tuple[str, Sequence[Any]]] = [(head_sql, [])]
-    if driver.postgres:
-        statements.append((_FRONTIER_SQL, []))
-    statements.extend(reads)
-    results = driver.fetch_many(statements)
+    run the statements of ``reads``: on PostgreSQL in the same round trip. The reads run
+    once the lock is granted, so they see every batch committed before; None if there is
+    no head (no genesis yet)."""
+    results = Driver(session).fetch_many([(head_sql, []), *reads])
     if not results[0]:
         return None
-    row = tuple(results[0][0])
-    frontier = None
-    if driver.postgres:
-        found = {(int(level), int(index)): bytes(h) for level, index, h in results[1]}
-        ids = frontier_ids(int(row[0]))
-        if all(i in found for i in ids):
-            frontier = [found[i] for i in ids]
-    return LockedHead(row, frontier, results[2 if driver.postgres else 1 :])
+    return LockedHead(tuple(results[0][0]), results[1:])
+
+
+def stored_frontier(size: int, value: bytes | None) -> list[bytes] | None:
+    """The frontier the head keeps (its ``frontier`` column) for a tree of ``size``
+    leaves, or None if it keeps none (a journal not appended to since it was added)."""
+    if value is None:
+        return None
+    value = bytes(value)
+    count = len(frontier_ids(size))
+    if len(value) != 32 * count:
+        return None
+    return [value[i * 32 : (i + 1) * 32] for i in range(count)]
 
 
 def create_head(session: Session) -> None:
@@ -252,6 +240,7 @@ def append_raw(
     if signer is not None:
         root = root_from_frontier(new_size, new_frontier)
         checkpoint = signer.sign(format_checkpoint(signer.name, new_size, root))
+    stored = b"".join(new_frontier)
     if driver.postgres:
         statements = list(before)
         for table, columns, table_rows in (
@@ -264,8 +253,8 @@ def append_raw(
                 statements.append(driver.insert_statement(table, columns, table_rows))
         statements.append(
             (
-                "UPDATE journal_head SET size = %s, checkpoint = %s WHERE id = 1",
-                [new_size, checkpoint or ""],
+                "UPDATE journal_head SET size = %s, checkpoint = %s, frontier = %s WHERE id = 1",
+                [new_size, checkpoint or "", stored],
             )
         )
         _send(session, driver, statements, defer)
@@ -276,7 +265,7 @@ def append_raw(
         session.connection().execute(
             update(head_t)
             .where(head_t.c.id == 1)
-            .values(size=new_size, checkpoint=checkpoint or "")
+            .values(size=new_size, checkpoint=checkpoint or "", frontier=stored)
         )
     new_key = _tree_key(checkpoint)
     if new_key is not None:
