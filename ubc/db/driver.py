@@ -82,13 +82,14 @@ class Driver:
     ) -> tuple[str, Sequence[Any]]:
         """One statement inserting every row of ``rows`` on PostgreSQL (``unnest`` over one
         array per column, typed like the table's columns: a single parse, plan and execution
-        for the whole batch instead of one per row)."""
+        for the whole batch instead of one per row). The arrays are sent in binary: psycopg
+        dumps an array of entries' bytes about fifteen times faster than as text."""
         assert self.postgres
         names = [c.strip() for c in columns.split(",")]
         sql = (
             f"INSERT INTO {table} ({columns}) SELECT * FROM unnest("
             + ", ".join(
-                f"%s::{_ARRAY_TYPES[table].get(name.strip(chr(34)), 'text')}[]" for name in names
+                f"%b::{_ARRAY_TYPES[table].get(name.strip(chr(34)), 'text')}[]" for name in names
             )
             + ")"
         )

@@ -199,15 +199,15 @@ class LedgerDriver(Driver):
                 (
                     "UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp, "
                     "debits_pending = u.dpe, credits_pending = u.cpe FROM "
-                    "unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], "
-                    "%s::bigint[]) AS u(dp, cp, dpe, cpe, id) WHERE accounts.id = u.id",
+                    "unnest(%b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], "
+                    "%b::bigint[]) AS u(dp, cp, dpe, cpe, id) WHERE accounts.id = u.id",
                     [list(column) for column in zip(*accounts, strict=True)],
                 )
             )
         if holds:
             statements.append(
                 (
-                    "UPDATE transfers SET state = u.state FROM unnest(%s::text[], %s::text[]) "
+                    "UPDATE transfers SET state = u.state FROM unnest(%b::text[], %b::text[]) "
                     "AS u(state, id) WHERE transfers.id = u.id",
                     [list(column) for column in zip(*holds, strict=True)],
                 )
