@@ -53,7 +53,7 @@ class Driver:
         """``column`` is one of ``values``: a condition and its parameters (one array
         parameter on PostgreSQL, so that the statement's text does not vary with the count)."""
         if self.postgres:
-            return f"{column} = ANY(%s)", [list(values)]
+            return f"{column} = ANY(%b::text[])", [list(values)]
         if not values:
             return "0 = 1", []
         return f"{column} IN ({self._marks(len(values))})", list(values)

@@ -99,7 +99,7 @@ class LedgerDriver(Driver):
         params: list[Any] = []
         for asset, addresses in sorted(addresses_by_asset.items()):
             if self.postgres:
-                terms.append("(asset = %s AND address = ANY(%s))")
+                terms.append("(asset = %s AND address = ANY(%b::text[]))")
                 params.extend([asset, list(addresses)])
             else:
                 terms.append(f"(asset = ? AND address IN ({self._marks(len(addresses))}))")
@@ -107,7 +107,7 @@ class LedgerDriver(Driver):
                 params.extend(addresses)
         if account_ids:
             if self.postgres:
-                terms.append("id = ANY(%s)")
+                terms.append("id = ANY(%b::bigint[])")
                 params.append(list(account_ids))
             else:
                 terms.append(f"id IN ({self._marks(len(account_ids))})")

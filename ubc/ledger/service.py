@@ -637,11 +637,16 @@ class _Batch(Postings):
         )
 
 
+# What ``_encode_outcome`` stores for an applied request of 0 to 15 legs (json.dumps'
+# bytes, computed once: every applied request of a group commit writes one).
+_LEGS = {n: json.dumps({"legs": n}) for n in range(16)}
+
+
 def _encode_outcome(outcome: Outcome) -> str:
     """A failure's error; for an applied request its number of legs, whose transfers are
     ``<id>:0`` … ``<id>:<n-1>`` (the effects are read back from them on a repeat)."""
     if isinstance(outcome, Applied):
-        return json.dumps({"legs": len(outcome.effects)})
+        return _LEGS.get(len(outcome.effects)) or json.dumps({"legs": len(outcome.effects)})
     return json.dumps(
         {
             "status": outcome.status_code,
