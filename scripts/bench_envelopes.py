@@ -33,6 +33,30 @@ which costs 1 to 3 ms of CPU per request with 32 connections and then is the bot
 a small machine. Client CPU is reported beside the server's and PostgreSQL's.
 
     python scripts/bench_envelopes.py --engines sqlite,postgresql --runs 3 --seconds 5
+
+**Comparisons on PostgreSQL, in the same run** (each round, after ubc's modes, against the
+same server with the same durable commits): ``pgbench`` with ``--clients`` connections
+(prepared statements) drives
+
+- **plain SQL** (always, unless ``--no-plain-sql``): the least a double-entry transfer
+  takes, one transaction of two balance ``UPDATE`` statements (in account order) and one
+  ``INSERT``, in a scratch database;
+- **pgledger** (github.com/pgr0ss/pgledger, a ledger in PostgreSQL functions), with
+  ``--pgledger-sql PATH`` given once per file, in load order: pgledger's ``pgledger.sql``
+  needs ``uuid_to_ulid``, which its repository vendors from scoville/pgsql-ulid
+  (``uuid-to-ulid.sql``), so give that file first. Nothing of pgledger is in this
+  repository: fetch the files at run time (for example into ``/var/tmp/pgledger/``; the
+  commit measured is in BENCHMARKS.md). It creates ``--members`` accounts with
+  ``pgledger_create_account`` and each transaction calls ``pgledger_create_transfer``
+  between two random ones (their ids are looked up by number in a side table).
+
+``--wrk`` also sends single envelopes through wrk (one thread, ``--clients`` connections,
+a Lua script posting each pre-signed envelope once and counting 201s), to check that the
+built-in load generator measures the server, not itself.
+
+    python scripts/bench_envelopes.py --engines sqlite,postgresql --runs 3 --seconds 4 \\
+        --workers 2 --wrk --pgledger-sql /var/tmp/pgledger/uuid-to-ulid.sql \\
+        --pgledger-sql /var/tmp/pgledger/pgledger.sql
 """
 
 from __future__ import annotations
@@ -522,6 +546,9 @@ class Mode:
     name: str
     batch: int  # envelopes per request; 0 for single envelopes on /api/envelopes
     clients: int
+    # Not ubc: one of the comparisons driven by pgbench (``Comparison.name``), or the
+    # external load generator (wrk) on single envelopes.
+    external: str = ""
 
     @property
     def per_request(self) -> int:
@@ -795,6 +822,248 @@ def measure(
     )
 
 
+# --- pgledger and plain SQL through pgbench, and wrk ----------------------------------------
+
+# Plain SQL: the least a durable double-entry transfer takes (two balance updates in a
+# fixed order, so that concurrent transfers never deadlock, and one insert), one
+# transaction per transfer.
+PLAIN_SETUP = """
+CREATE TABLE plain_accounts (id integer PRIMARY KEY, balance bigint NOT NULL);
+CREATE TABLE plain_transfers (
+    id bigserial PRIMARY KEY,
+    debit_account integer NOT NULL,
+    credit_account integer NOT NULL,
+    amount bigint NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO plain_accounts SELECT n, 0 FROM generate_series(1, {members}) AS n;
+"""
+_PAIR = """\\set a random(1, {members})
+\\set k random(1, {others})
+\\set b (:a + :k - 1) % {members} + 1
+"""
+PLAIN_SCRIPT = (
+    _PAIR
+    + """\\set lo least(:a, :b)
+\\set hi greatest(:a, :b)
+\\if :a < :b
+\\set dlo -1
+\\set dhi 1
+\\else
+\\set dlo 1
+\\set dhi -1
+\\endif
+BEGIN;
+UPDATE plain_accounts SET balance = balance + :dlo WHERE id = :lo;
+UPDATE plain_accounts SET balance = balance + :dhi WHERE id = :hi;
+INSERT INTO plain_transfers (debit_account, credit_account, amount) VALUES (:a, :b, 1);
+END;
+"""
+)
+# pgledger: its accounts are made by its own function; their generated ids are kept in a
+# side table so that pgbench can pick two at random by number.
+PGLEDGER_SETUP = """
+CREATE TABLE bench_accounts (n integer PRIMARY KEY, id text NOT NULL);
+INSERT INTO bench_accounts
+SELECT n, (SELECT id FROM pgledger_create_account('m' || n, 'CU'))
+FROM generate_series(1, {members}) AS n;
+"""
+PGLEDGER_SCRIPT = (
+    _PAIR
+    + """SELECT id FROM pgledger_create_transfer(
+    (SELECT id FROM bench_accounts WHERE n = :a),
+    (SELECT id FROM bench_accounts WHERE n = :b),
+    1);
+"""
+)
+
+
+@dataclass
+class Comparison:
+    """A ledger in SQL in its own scratch database, driven by ``pgbench``."""
+
+    name: str
+    conninfo: str
+    script: Path
+
+
+def _psql(conninfo: str, *args: str) -> None:
+    subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", conninfo, *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+@contextlib.contextmanager
+def comparison_databases(
+    postgres_url: str, tmp: Path, pgledger_sql: list[Path], members: int
+) -> Iterator[list[Comparison]]:
+    """Plain SQL and (with ``pgledger_sql``, its SQL files in load order) pgledger, each
+    in a fresh database on the same server, dropped afterwards."""
+    admin = make_url(postgres_url).set(drivername="postgresql")
+    admin_conninfo = admin.render_as_string(hide_password=False)
+    wanted = [("plain SQL", "plain")] + ([("pgledger", "pgledger")] if pgledger_sql else [])
+    names = [f"ubc_bench_{key}_{os.getpid()}" for _, key in wanted]
+    try:
+        comparisons = []
+        for (title, key), name in zip(wanted, names, strict=True):
+            with psycopg.connect(admin_conninfo, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                conn.execute(f'CREATE DATABASE "{name}"')
+            conninfo = admin.set(database=name).render_as_string(hide_password=False)
+            script = tmp / f"{key}.pgbench"
+            others = members - 1
+            if key == "plain":
+                _psql(conninfo, "-c", PLAIN_SETUP.format(members=members))
+                script.write_text(PLAIN_SCRIPT.format(members=members, others=others))
+            else:
+                _psql(conninfo, *[a for path in pgledger_sql for a in ("-f", str(path))])
+                _psql(conninfo, "-c", PGLEDGER_SETUP.format(members=members))
+                script.write_text(PGLEDGER_SCRIPT.format(members=members, others=others))
+            comparisons.append(Comparison(title, conninfo, script))
+        yield comparisons
+    finally:
+        with psycopg.connect(admin_conninfo, autocommit=True) as conn:
+            for name in names:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_pgbench(comparison: Comparison, clients: int, seconds: float) -> Measurement:
+    """One ``pgbench`` run of ``clients`` connections (prepared statements, 2 threads)."""
+    command = [
+        "pgbench",
+        "-n",
+        "-M",
+        "prepared",
+        "-c",
+        str(clients),
+        "-j",
+        str(min(clients, os.cpu_count() or 1)),
+        "-T",
+        str(max(1, round(seconds))),
+        "-f",
+        str(comparison.script),
+        comparison.conninfo,  # the database argument takes a connection string
+    ]
+    children = os.times()
+    started = time.monotonic()
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        # PostgreSQL's CPU is sampled while pgbench's connections live (a backend that has
+        # exited is not counted), from 0.5 s in to 0.3 s before the end.
+        length = max(1, round(seconds))
+        time.sleep(min(0.5, length / 4))
+        window = time.monotonic()
+        pg_before, busy = postgres_cpu(), machine_busy_seconds()
+        time.sleep(max(0.1, length - (window - started) - 0.3))
+        pg_cpu = _cpu_used(pg_before, postgres_cpu())
+        busy = machine_busy_seconds() - busy
+        window = time.monotonic() - window
+        stdout, stderr = process.communicate()
+    elapsed = time.monotonic() - started
+    after = os.times()
+    client_cpu = (after.children_user - children.children_user) + (
+        after.children_system - children.children_system
+    )
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"pgbench failed ({comparison.name}): {done.stderr[-2000:]}")
+    values = {}
+    for line in done.stdout.splitlines():
+        key, _, value = line.partition(":")
+        values[key.strip()] = value.strip()
+        if line.startswith("tps = "):
+            values["tps"] = line.split()[2]
+    processed = int(values["number of transactions actually processed"].split("/")[0])
+    failed = int(values.get("number of failed transactions", "0").split()[0])
+    tps = float(values["tps"])
+    # pgbench's tps excludes connecting; the transactions are spread over its -T seconds.
+    duration = processed / tps if tps else elapsed
+    return Measurement(
+        ok=processed,
+        failed=failed,
+        seconds=duration,
+        client_cpu=client_cpu / elapsed,
+        server_cpu=0.0,
+        postgres_cpu=pg_cpu / window,
+        machine_cpu=busy / window,
+        errors=[done.stderr.strip()[-300:]] if failed else [],
+    )
+
+
+WRK_SCRIPT = """
+-- Posts pre-signed envelopes, one per request, each once (a file of one JSON per line);
+-- counts 201 (accepted) and anything else apart.
+local bodies = {}
+for line in io.lines(os.getenv("UBC_BENCH_BODIES")) do bodies[#bodies + 1] = line end
+local i = 0
+created, other = 0, 0
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function request()
+  i = i + 1
+  if i > #bodies then i = 1 end -- out of envelopes: repeats answer 200 and count as other
+  return wrk.format(nil, "/api/envelopes", nil, bodies[i])
+end
+function response(status, headers, body)
+  if status == 201 then created = created + 1 else other = other + 1 end
+end
+function done(summary, latency, requests)
+  local c, o = 0, 0
+  for _, t in ipairs(threads) do c = c + t:get("created"); o = o + t:get("other") end
+  io.write(string.format("UBC created=%d other=%d duration_us=%d\\n", c, o, summary.duration))
+end
+"""
+
+
+def run_wrk(
+    server: Server, envelopes: list[bytes], clients: int, seconds: float, tmp: Path
+) -> Measurement:
+    """Single envelopes through ``wrk`` (one thread, ``clients`` connections, a Lua script
+    posting each pre-signed envelope once): the external check of the load generator."""
+    bodies = tmp / "wrk-bodies.jsonl"
+    bodies.write_bytes(b"\n".join(envelopes) + b"\n")
+    script = tmp / "envelopes.lua"
+    script.write_text(WRK_SCRIPT)
+    env = {**os.environ, "UBC_BENCH_BODIES": str(bodies)}
+    command = ["wrk", "-t", "1", "-c", str(clients), "-d", f"{max(1, round(seconds))}s"]
+    command += ["-s", str(script), server.url]
+    children = os.times()
+    server_before, pg_before, busy = server.cpu(), postgres_cpu(), machine_busy_seconds()
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    elapsed = time.monotonic() - started
+    server_cpu = _cpu_used(server_before, server.cpu())
+    pg_cpu = _cpu_used(pg_before, postgres_cpu())
+    busy = machine_busy_seconds() - busy
+    after = os.times()
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed: {done.stderr[-2000:]}")
+    line = next(x for x in done.stdout.splitlines() if x.startswith("UBC "))
+    fields = dict(item.split("=") for item in line.split()[1:])
+    created, other = int(fields["created"]), int(fields["other"])
+    duration = int(fields["duration_us"]) / 1e6
+    client_cpu = (after.children_user - children.children_user) + (
+        after.children_system - children.children_system
+    )
+    return Measurement(
+        ok=created,
+        failed=other,
+        seconds=duration,
+        client_cpu=client_cpu / elapsed,
+        server_cpu=server_cpu / elapsed,
+        postgres_cpu=pg_cpu / elapsed,
+        machine_cpu=busy / elapsed,
+        errors=[f"{other} answers other than 201 (repeats if wrk ran out of envelopes)"]
+        if other
+        else [],
+    )
+
+
 # --- one engine -----------------------------------------------------------------------------
 
 
@@ -833,6 +1102,9 @@ class Options:
     workers: int
     clients: Clients
     max_envelopes: int
+    # PostgreSQL only: the ledgers in SQL run by pgbench in each round
+    comparisons: list[Comparison] = field(default_factory=list)
+    wrk: bool = False  # single envelopes through wrk too, in each round
 
 
 def envelopes_for(mode: Mode, rate: float, seconds: float, limit: int) -> int:
@@ -847,18 +1119,36 @@ def bench_engine(
 ) -> list[Row]:
     data_dir = tmp / "data"
     ubc_init(db, data_dir)
+    single = next((m for m in modes if not m.batch), None)
+    if opts.wrk and single is not None:
+        modes = [*modes, Mode("single (wrk)", 0, single.clients, external="wrk")]
+    comparisons = opts.comparisons if db.engine == "postgresql" else []
+    clients = single.clients if single is not None else TARGET_SINGLE_CLIENTS
+    modes = [*modes, *(Mode(f"{c.name} (pgbench)", 0, clients, c.name) for c in comparisons)]
+    by_name = {c.name: c for c in comparisons}
     rows = [Row(db.engine, mode) for mode in modes]
+
+    def measure_mode(mode: Mode, n: int, seconds: float) -> Measurement:
+        if mode.external == "wrk":
+            return run_wrk(server, signer.transfers(n), mode.clients, seconds, tmp)
+        if mode.external:
+            return run_pgbench(by_name[mode.external], mode.clients, seconds)
+        return measure(server, mode, signer.transfers(n), opts.clients, seconds)
+
     with running_server(db, data_dir, opts.workers, tmp / "server.log") as server:
         log(f"  server up at {server.url} (workers {opts.workers}); setting up members")
         size = set_up_members(server, data_dir, members)
-        accepted = 0
+        accepted = in_flight = 0
         # Warm up each mode (connections, statement caches, buffer pool) and estimate its
         # rate, so that each run gets enough pre-signed envelopes to last --seconds.
         estimate: dict[Mode, float] = {}
         for mode in modes:
-            n = envelopes_for(mode, 1000, min(opts.seconds, 2), opts.max_envelopes)
-            warm = measure(server, mode, signer.transfers(n), opts.clients, min(opts.seconds, 2))
-            accepted += warm.ok
+            n = envelopes_for(mode, 2000, min(opts.seconds, 2), opts.max_envelopes)
+            warm = measure_mode(mode, n, min(opts.seconds, 2))
+            if not mode.external or mode.external == "wrk":
+                accepted += warm.ok
+            if mode.external == "wrk":
+                in_flight += mode.clients
             estimate[mode] = warm.rate
             log(f"  {db.engine:<10} {mode.name:<10} warm-up {warm.rate:9.0f}/s")
             _check_failures(warm)
@@ -866,9 +1156,11 @@ def bench_engine(
             for row in rows:
                 mode = row.mode
                 n = envelopes_for(mode, estimate[mode], opts.seconds, opts.max_envelopes)
-                envelopes = signer.transfers(n)
-                m = measure(server, mode, envelopes, opts.clients, opts.seconds)
-                accepted += m.ok
+                m = measure_mode(mode, n, opts.seconds)
+                if not mode.external or mode.external == "wrk":
+                    accepted += m.ok
+                if mode.external == "wrk":
+                    in_flight += mode.clients
                 estimate[mode] = max(estimate[mode], m.rate)
                 row.runs.append(m)
                 log(
@@ -878,14 +1170,19 @@ def bench_engine(
                     f"{m.postgres_cpu:.2f}, machine {m.machine_cpu:.2f})"
                 )
                 _check_failures(m)
-                if m.ok + m.failed == n and m.seconds < 0.9 * opts.seconds:
+                if not mode.external and m.ok + m.failed == n and m.seconds < 0.9 * opts.seconds:
                     log("    (ran out of pre-signed envelopes before --seconds; rate still valid)")
         with httpx.Client(base_url=server.url, timeout=30) as client:
             grown = journal_size(client) - size
-        if grown != accepted:
+        # wrk stops counting at its deadline: what its connections had in flight then was
+        # applied too (at most one request per connection), so the journal may hold more.
+        if not accepted <= grown <= accepted + in_flight:
             raise RuntimeError(
                 f"the journal grew by {grown} entries but {accepted} transfers were accepted"
+                + (f" (and up to {in_flight} in flight when wrk stopped)" if in_flight else "")
             )
+        if in_flight:
+            log(f"  journal: {grown - accepted} applied after wrk stopped counting (≤ {in_flight})")
     return rows
 
 
@@ -899,19 +1196,25 @@ def _check_failures(m: Measurement) -> None:
 # --- reporting ------------------------------------------------------------------------------
 
 
-def target(row: Row, ceiling: float) -> str:
-    if row.engine != "postgresql":
+def target(row: Row, ceiling: float, pgledger_best: float | None = None) -> str:
+    if row.engine != "postgresql" or row.mode.external:
         return "—"
     if row.mode.batch:
         ok = row.median / ceiling >= TARGET_CEILING
         return f"≥ {TARGET_CEILING:.0%} of ceiling: {'yes' if ok else 'no'}"
     if row.mode.clients == TARGET_SINGLE_CLIENTS:
-        return f"≥ {TARGET_SINGLE:,}/s: {'yes' if row.median >= TARGET_SINGLE else 'no'}"
+        answer = f"≥ {TARGET_SINGLE:,}/s: {'yes' if row.median >= TARGET_SINGLE else 'no'}"
+        if pgledger_best is not None:
+            ok = row.median >= pgledger_best
+            answer += f"; ≥ pgledger's best ({pgledger_best:,.0f}/s): {'yes' if ok else 'no'}"
+        return answer
     return f"(target is for {TARGET_SINGLE_CLIENTS} clients)"
 
 
 def table(rows: list[Row], ceilings: list[Ceiling]) -> str:
     ceiling = max(c.rate for c in ceilings)
+    pgledger = [max(r.rates) for r in rows if r.mode.external == "pgledger" and r.runs]
+    pgledger_best = max(pgledger) if pgledger else None
     lines = [
         "| engine | mode | clients | transfers/s (median) | runs (min–max) | failed "
         "| ratio to ceiling | target | CPU cores server / client / postgres / machine |",
@@ -921,7 +1224,7 @@ def table(rows: list[Row], ceilings: list[Ceiling]) -> str:
         lines.append(
             f"| {r.engine} | {r.mode.name} | {r.mode.clients} | {r.median:,.0f} "
             f"| {len(r.runs)} ({min(r.rates):,.0f}–{max(r.rates):,.0f}) | {r.failed} "
-            f"| {r.median / ceiling:.1%} | {target(r, ceiling)} "
+            f"| {r.median / ceiling:.1%} | {target(r, ceiling, pgledger_best)} "
             f"| {r.median_of('server_cpu'):.2f} / {r.median_of('client_cpu'):.2f} / "
             f"{r.median_of('postgres_cpu'):.2f} / {r.median_of('machine_cpu'):.2f} |"
         )
@@ -973,6 +1276,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     parser.add_argument("--markdown", action="store_true", help="print only the table")
+    parser.add_argument(
+        "--pgledger-sql",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="pgledger's SQL, loaded in order into a scratch database (give uuid-to-ulid.sql "
+        "first, then pgledger.sql): pgledger is then run by pgbench in each PostgreSQL round",
+    )
+    parser.add_argument(
+        "--no-plain-sql",
+        action="store_true",
+        help="skip plain SQL through pgbench (run by default in each PostgreSQL round)",
+    )
+    parser.add_argument(
+        "--wrk", action="store_true", help="single envelopes through wrk too (external check)"
+    )
     args = parser.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for engine in engines:
@@ -985,12 +1305,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need at least 2 members")
     modes = [Mode("single", 0, args.clients)]
     modes += [Mode(f"batch {b:,}", b, args.batch_clients) for b in batches]
+    for path in args.pgledger_sql:
+        if not path.is_file():
+            parser.error(f"--pgledger-sql {path}: no such file")
+    for tool, wanted in (
+        ("pgbench", "postgresql" in engines and not args.no_plain_sql or args.pgledger_sql),
+        ("psql", "postgresql" in engines and not args.no_plain_sql or args.pgledger_sql),
+        ("wrk", args.wrk),
+    ):
+        if wanted and shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed")
     opts = Options(
         args.runs,
         args.seconds,
         args.workers,
         Clients(args.http_client, args.client_processes),
         args.max_envelopes,
+        wrk=args.wrk,
     )
 
     # Ctrl-C (even if the shell started us ignoring it) and SIGTERM unwind the same way:
@@ -1010,13 +1341,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for engine in engines:
             log(f"{engine}: fresh database and data dir, {args.members} members")
-            with (
-                tempfile.TemporaryDirectory(prefix="ubc-bench-envelopes-") as tmp,
-                fresh_database(engine, args.postgres_url, Path(tmp)) as db,
-            ):
+            with contextlib.ExitStack() as stack:
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ubc-bench-")))
+                db = stack.enter_context(fresh_database(engine, args.postgres_url, tmp))
+                if engine == "postgresql" and (args.pgledger_sql or not args.no_plain_sql):
+                    log("  plain SQL" + (" and pgledger" if args.pgledger_sql else ""))
+                    opts.comparisons = stack.enter_context(
+                        comparison_databases(
+                            args.postgres_url, tmp, args.pgledger_sql, args.members
+                        )
+                    )
+                    if args.no_plain_sql:
+                        opts.comparisons = [c for c in opts.comparisons if c.name != "plain SQL"]
                 versions[engine] = db.server_version
                 settings[engine] = db.settings
-                rows.extend(bench_engine(db, modes, members, signer, opts, Path(tmp)))
+                rows.extend(bench_engine(db, modes, members, signer, opts, tmp))
     finally:
         signer.close()
     log("verification ceiling again")

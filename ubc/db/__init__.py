@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 
+from ubc.db import driver
 from ubc.dburl import normalise_database_url
 from ubc.errors import Unavailable
 from ubc.files import create_private_sqlite
@@ -202,7 +203,8 @@ def run_unit_of_work(
         try:
             result = work(session)
             committing = True
-            session.commit()
+            # With the statements the work left for the commit (one round trip).
+            driver.commit(session)
             return result
         except _RETRYABLE as exc:
             _rollback_quietly(session)

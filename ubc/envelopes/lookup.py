@@ -11,7 +11,7 @@ the server shares across batches and a re-run of a journal gets fresh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +101,25 @@ class DatabaseLookup:
                 )
             ):
                 self.members[member.handle] = MemberInfo(member.handle, member.status, member.tier)
+
+    def preloaded(
+        self,
+        keyids: Sequence[str],
+        key_rows: Sequence[Sequence[Any]],
+        handles: Sequence[str],
+        member_rows: Sequence[Sequence[Any]],
+    ) -> None:
+        """What the write path read for the batch with the head lock (the rows of
+        ``member_keys`` for ``keyids`` and of ``members`` for ``handles``, columns as in
+        :meth:`preload`): known from now on, as if preloaded."""
+        for keyid in keyids:
+            self.keys.setdefault(keyid, None)
+        for keyid, handle, public_key, current in key_rows:
+            self.keys[keyid] = KeyInfo(keyid, handle, decode_public_key(public_key), bool(current))
+        for handle in handles:
+            self.members.setdefault(handle, None)
+        for handle, status, tier in member_rows:
+            self.members[handle] = MemberInfo(handle, status, tier)
 
     def planned(self, plan: Plan) -> None:
         """A plan was made: what it claims counts for the next envelopes of the batch."""

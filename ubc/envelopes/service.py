@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from ubc.clock import SYSTEM_CLOCK
 from ubc.db import table
+from ubc.db.driver import Driver
 from ubc.envelopes.lookup import PROCESS_CACHES, Caches, DatabaseLookup
 from ubc.envelopes.payloads import (
     MAX_PAYLOAD_BYTES,
@@ -61,6 +62,7 @@ from ubc.journal import store as journal
 from ubc.ledger import service as ledger
 from ubc.ledger.config import config_version_query, store_config
 from ubc.ledger.models import Request
+from ubc.ledger.payloads import TransferPayload
 from ubc.members.models import MemberKey
 from ubc.metering.store import spend_epoch_query
 from ubc.rules import Change, Plan, Recorded, RuleContext, actor_handle, authenticate, new_id
@@ -101,9 +103,9 @@ _PUBLIC_KEYS_MAX = 1_000_000
 def precheck(session: Session, ctx: LedgerContext, raws: Sequence[object]) -> list[Prechecked]:
     """Decode envelopes and verify their signatures outside the write lock.
 
-    This is the CPU-heavy part of a write (Ed25519 and strict parsing); callers run it
-    in parallel before queueing for the group commit, which then only re-checks what
-    can change: whether a verified key is still current, and the rules.
+    This is the CPU-heavy part of a write (Ed25519 and strict parsing); the group-commit
+    writer runs it for a batch before it takes the journal lock, and then only re-checks
+    what can change: whether a verified key is still current, and the rules.
     """
     items: list[Prechecked] = []
     decoded: list[_Decoded | UbcError] = []
@@ -160,6 +162,7 @@ def submit(
     now: datetime | None = None,
     replay: Replay | None = None,
     internal: bool = False,
+    commit_sends: bool = False,
 ) -> list[Outcome]:
     """Check, apply and journal a batch of envelopes; one outcome per envelope, in order.
 
@@ -171,8 +174,20 @@ def submit(
     human text) are not checked, ledger-only types are admitted, an epoch allocates at
     once, no process cache is used and nothing is journaled: the caller compares or
     stores the entries.
+
+    ``commit_sends``: the caller commits through :func:`ubc.db.run_unit_of_work` (which
+    sends what was left with :func:`ubc.db.driver.defer`), so that on PostgreSQL the rows
+    of a batch of transfers go in the commit's round trip.
     """
-    writer = _Writer(session, ctx, now or SYSTEM_CLOCK.now(), atomic, replay, internal=internal)
+    writer = _Writer(
+        session,
+        ctx,
+        now or SYSTEM_CLOCK.now(),
+        atomic,
+        replay,
+        internal=internal,
+        commit_sends=commit_sends,
+    )
     return writer.run(raws)
 
 
@@ -283,6 +298,7 @@ class _Writer:
     atomic: bool
     replay: Replay | None
     internal: bool = False
+    commit_sends: bool = False
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     accepted: list[tuple[_Decoded, Receipt, frozenset[str]]] = field(default_factory=list)
     run_: list[_Pending] = field(default_factory=list)
@@ -294,19 +310,12 @@ class _Writer:
     rule_ctx: RuleContext | None = None
     # Changes whose writer takes a whole batch's at once, by change type.
     deferred: dict[type[Change], list[Change]] = field(default_factory=dict)
+    # Rows the batch's first run need not read again (locked with the journal head).
+    prefetched: ledger.Prefetched | None = None
+    # The final run's statements, sent with the journal's (a batch of transfers only).
+    pending: list[tuple[str, Sequence[Any]]] | None = None
 
     def run(self, raws: Sequence[object]) -> list[Outcome]:
-        # The head lock, the configuration in force and the spend epoch: one round trip.
-        head = journal.lock_head_with(
-            self.session,
-            config_version_query(),
-            spend_epoch_query(),
-            journal.head_t.c.checkpoint,
-        )
-        if head is None:
-            raise BadRequest("the ledger has no genesis entry yet")
-        head_size, config_version, spend_epoch, checkpoint = head
-        size = int(head_size)
         decoded: list[_Decoded | UbcError] = []
         for index, raw in enumerate(raws):
             if isinstance(raw, Prechecked):
@@ -323,7 +332,51 @@ class _Writer:
             except UbcError as error:
                 decoded.append(error)
         good = [d for d in decoded if isinstance(d, _Decoded)]
-        self._preload(good)
+        ledger_keys = {self.ctx.ledger_keyid, *self.ctx.operator_keys}
+        keyids = sorted({s.keyid for d in good for s in d.envelope.signatures} - ledger_keys)
+        handles = sorted({h for d in good if (h := actor_handle(d.payload.actor)) is not None})
+        # The head lock, the configuration in force, the spend epoch, the Merkle frontier
+        # (kept on the head), the ids already recorded and the signers' keys and members:
+        # on PostgreSQL one round trip, whose reads run once the lock is granted.
+        driver = Driver(self.session)
+        request_ids = sorted({d.payload.id for d in good})
+        reads = [
+            _in_chunks(driver, _REQUESTS_SQL, "id", request_ids),
+            _in_chunks(driver, _KEYS_SQL, "keyid", keyids),
+            _in_chunks(driver, _MEMBERS_SQL, "handle", handles),
+        ]
+        # A batch of transfers only (the hot path) on PostgreSQL: their accounts are
+        # locked in the same round trip too, and the ledger's rows are sent with the
+        # journal's (one flush, which nothing reads between).
+        addresses: dict[str, list[str]] = {}
+        if driver.postgres and self.replay is None and good:
+            transfers = [
+                d.payload
+                for d in good
+                if d.type == "transfer" and isinstance(d.payload, TransferPayload)
+            ]
+            if len(transfers) == len(good):
+                wanted: dict[str, set[str]] = {}
+                for p in transfers:
+                    wanted.setdefault(p.asset, set()).update((p.from_, p.to))
+                addresses = {asset: sorted(names) for asset, names in wanted.items()}
+                reads.append([ledger.prefetch_statement(self.session, addresses)])
+                self.pending = []
+        locked = journal.lock_head_and_read(
+            self.session, _head_sql(self.session), [st for group in reads for st in group]
+        )
+        if locked is None:
+            raise BadRequest("the ledger has no genesis entry yet")
+        head_size, config_version, spend_epoch, checkpoint, frontier = locked.row
+        size = int(head_size)
+        results = iter(locked.reads)
+        request_rows, key_rows, member_rows, *account_rows = (
+            [row for _ in group for row in next(results)] for group in reads
+        )
+        for request_id, payload_hash, status, result in request_rows:
+            self.known[request_id] = (bytes(payload_hash), status, result)
+        if account_rows:
+            self.prefetched = ledger.prefetched(addresses, account_rows[0], request_ids, self.known)
         replay = self.replay
         self.look = DatabaseLookup(
             self.session, PROCESS_CACHES if replay is None else Caches(), flush=self._flush
@@ -336,17 +389,13 @@ class _Writer:
             allocate_at_once=epochs_service.CHUNK if replay is None else None,
         )
         self.look.known_versions(config=config_version, spend_epoch=spend_epoch)
-        ledger_keys = {self.ctx.ledger_keyid, *self.ctx.operator_keys}
-        self.look.preload(
-            keyids={s.keyid for d in good for s in d.envelope.signatures} - ledger_keys,
-            handles={actor_handle(d.payload.actor) for d in good} - {None},
-        )
+        self.look.preloaded(keyids, key_rows, handles, member_rows)
         for index, item in enumerate(decoded):
             if isinstance(item, UbcError):
                 self._fail(index, item, remember=None)
                 continue
             self._one(item)
-        self._flush()
+        self._flush(final=True)
         self._write_deferred()
         if replay is not None:
             return [self.outcomes[i] for i in range(len(raws))]
@@ -369,23 +418,15 @@ class _Writer:
             now=self.now,
             signer=self.ctx.note_signer,
             checkpoint=checkpoint,
+            frontier=journal.stored_frontier(size, frontier),
+            before=self.pending or (),
+            # The rows go with the commit's round trip: the group commit's unit of work
+            # (``ubc.db.run_unit_of_work``) sends them; nothing reads them before.
+            defer=self.commit_sends and self.pending is not None,
         )
         for receipt, seq in zip(receipts, seqs, strict=True):
             receipt.seq = seq
         return [self.outcomes[i] for i in range(len(raws))]
-
-    def _preload(self, good: Sequence[_Decoded]) -> None:
-        ids = sorted({d.payload.id for d in good})
-        for chunk in _chunks(ids, 1000):
-            for request_id, payload_hash, status, result in self.session.execute(
-                select(
-                    requests_t.c.id,
-                    requests_t.c.payload_hash,
-                    requests_t.c.status,
-                    requests_t.c.result,
-                ).where(requests_t.c.id.in_(chunk))
-            ):
-                self.known[request_id] = (bytes(payload_hash), status, result)
 
     def _one(self, item: _Decoded) -> None:
         payload = item.payload
@@ -476,13 +517,20 @@ class _Writer:
         )
         self._accept(item, [], plan.accounts, summary)
 
-    def _flush(self) -> None:
+    def _flush(self, *, final: bool = False) -> None:
         pending, self.run_ = self.run_, []
         if not pending:
             return
+        prefetched, self.prefetched = self.prefetched, None
         try:
             outcomes = ledger.apply_many(
-                self.session, [p.request for p in pending], now=self.now, atomic=self.atomic
+                self.session,
+                [p.request for p in pending],
+                now=self.now,
+                atomic=self.atomic,
+                prefetched=prefetched,
+                # Sent with the journal's rows: nothing after the final run reads them.
+                pending=self.pending if final else None,
             )
         except BatchFailed as failure:
             raise BatchFailed(pending[failure.index].decoded.index, failure.cause) from None
@@ -639,6 +687,42 @@ def _decode(index: int, raw: object) -> _Decoded:
 
 def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+_REQUESTS_SQL = "SELECT id, payload_hash, status, result FROM requests WHERE {}"
+_KEYS_SQL = "SELECT keyid, handle, public_key, current FROM member_keys WHERE {}"
+_MEMBERS_SQL = "SELECT handle, status, tier FROM members WHERE {}"
+
+
+def _in_chunks(
+    driver: Driver, sql: str, column: str, values: Sequence[str]
+) -> list[tuple[str, list[Any]]]:
+    """``sql`` over ``values`` of ``column``, one statement per chunk (SQLite's limit on
+    parameters); none for no values."""
+    statements = []
+    for chunk in _chunks(values, 1000):
+        condition, params = driver.in_list(column, chunk)
+        statements.append((sql.format(condition), params))
+    return statements
+
+
+# The head-lock statement compiled once per dialect: with the configuration in force and
+# the spend epoch as scalar subqueries, and the head's checkpoint.
+_HEAD_SQL: dict[str, str] = {}
+
+
+def _head_sql(session: Session) -> str:
+    dialect = session.get_bind().dialect
+    sql = _HEAD_SQL.get(dialect.name)
+    if sql is None:
+        head = journal.head_t
+        stmt = journal.head_statement(
+            session, config_version_query(), spend_epoch_query(), head.c.checkpoint, head.c.frontier
+        )
+        sql = _HEAD_SQL[dialect.name] = str(
+            stmt.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+        )
+    return sql
 
 
 def operator_keys_from(public_keys: Sequence[str]) -> dict[str, bytes]:

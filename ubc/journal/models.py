@@ -41,3 +41,6 @@ class JournalHead(SQLModel, table=True):
     id: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
     size: int = Field(sa_column=Column(BigInteger, nullable=False))
     checkpoint: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # The Merkle frontier of the tree of ``size`` leaves (``frontier_ids(size)``' hashes,
+    # concatenated), read with the lock by the next append; NULL before one wrote it.
+    frontier: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))

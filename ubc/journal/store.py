@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from ubc.db import table
-from ubc.db.driver import Driver
+from ubc.db.driver import COPY_THRESHOLD, Driver
+from ubc.db.driver import defer as defer_statements
 from ubc.journal.checkpoint import format_checkpoint
 from ubc.journal.merkle import (
     EMPTY_ROOT,
@@ -61,15 +63,59 @@ def lock_head(session: Session) -> int | None:
 
 def lock_head_with(session: Session, *extra: Any) -> tuple[Any, ...] | None:
     """Lock the journal head and read ``extra`` scalar subqueries with it: the size first."""
-    stmt = select(head_t.c.size, *extra).where(head_t.c.id == 1)
-    if session.get_bind().dialect.name == "postgresql":
-        stmt = stmt.with_for_update(of=head_t)
-    row = session.execute(stmt).first()
+    row = session.execute(head_statement(session, *extra)).first()
     return None if row is None else tuple(row)
 
 
+def head_statement(session: Session, *extra: Any) -> Any:
+    """The statement that locks the journal head and reads ``extra`` with its size."""
+    stmt = select(head_t.c.size, *extra).where(head_t.c.id == 1)
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(of=head_t)
+    return stmt
+
+
+@dataclass(frozen=True, slots=True)
+class LockedHead:
+    """The journal head as locked for a batch, and what was read with it."""
+
+    row: tuple[Any, ...]
+    reads: list[list[Any]]
+
+
+def lock_head_and_read(
+    session: Session, head_sql: str, reads: Sequence[tuple[str, Sequence[Any]]]
+) -> LockedHead | None:
+    """Lock the journal head with ``head_sql`` (a compiled :func:`head_statement`), then
+    run the statements of ``reads``: on PostgreSQL in the same round trip. The reads run
+    once the lock is granted, so they see every batch committed before; None if there is
+    no head (no genesis yet)."""
+    results = Driver(session).fetch_many([(head_sql, []), *reads])
+    if not results[0]:
+        return None
+    return LockedHead(tuple(results[0][0]), results[1:])
+
+
+def stored_frontier(size: int, value: bytes | None) -> list[bytes] | None:
+    """The frontier the head keeps (its ``frontier`` column) for a tree of ``size``
+    leaves, or None if it keeps none (a journal not appended to since it was added)."""
+    if value is None:
+        return None
+    value = bytes(value)
+    count = len(frontier_ids(size))
+    if len(value) != 32 * count:
+        return None
+    return [value[i * 32 : (i + 1) * 32] for i in range(count)]
+
+
 def create_head(session: Session) -> None:
-    session.execute(insert(head_t).values(id=1, size=0, checkpoint=""))
+    """Create the empty journal's head, unless a concurrent start (another worker process of
+    the same server) has: that one's genesis is then the journal's, and this one waits for
+    it and finds it."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(
+        dialect.insert(head_t).values(id=1, size=0, checkpoint="").on_conflict_do_nothing()
+    )
 
 
 def append(
@@ -80,11 +126,17 @@ def append(
     now: datetime,
     signer: NoteSigner,
     checkpoint: str | None = None,
+    frontier: Sequence[bytes] | None = None,
+    before: Sequence[tuple[str, Sequence[Any]]] = (),
+    defer: bool = False,
 ) -> list[int]:
     """Append ``new`` after ``size`` entries (the caller holds the head lock); their seqs.
 
     ``checkpoint`` is the head's checkpoint as read under the lock, if the caller has it:
     the Merkle frontier it names may then come from the cache of the last appends.
+    ``frontier``, if given, is the tree's frontier as read under the lock. ``before`` are
+    the caller's statements to run first, in the same round trip (PostgreSQL); with
+    ``defer`` that round trip is the commit's (:func:`ubc.db.driver.defer`).
     """
     committed_at = format_timestamp(now)
     rows = []
@@ -100,7 +152,17 @@ def append(
             body["summary"] = item.summary
         entry = encode_entry(body)
         rows.append(RawEntry(item.envelope_id, item.type, item.actor, item.accounts, entry))
-    return append_raw(session, size, rows, now=now, signer=signer, current=checkpoint)
+    return append_raw(
+        session,
+        size,
+        rows,
+        now=now,
+        signer=signer,
+        current=checkpoint,
+        frontier=frontier,
+        before=before,
+        defer=defer,
+    )
 
 
 def encode_entry(entry: dict[str, Any]) -> bytes:
@@ -133,49 +195,78 @@ def append_raw(
     signer: NoteSigner | None = None,
     checkpoint: str | None = None,
     current: str | None = None,
+    frontier: Sequence[bytes] | None = None,
+    before: Sequence[tuple[str, Sequence[Any]]] = (),
+    defer: bool = False,
 ) -> list[int]:
     """Store entries' exact bytes and their Merkle nodes, then the new checkpoint.
 
     The checkpoint is signed by ``signer``, or given (``restore`` keeps the exported one).
     ``current`` is the checkpoint the head holds now (read under the lock): a tree is
     identified by its size and root, so the frontier cached under that checkpoint's body
-    is this tree's, and the stored nodes need not be read.
+    is this tree's, and the stored nodes need not be read. ``frontier``, if given, is that
+    tree's frontier as read under the lock.
+
+    On PostgreSQL the rows and the head's update go in one round trip (``COPY`` first for
+    large batches), after the caller's statements ``before`` (which need PostgreSQL); with
+    ``defer``, the round trip of the commit (:func:`ubc.db.driver.defer`).
     """
+    driver = Driver(session)
     if not rows:
+        if before:
+            _send(session, driver, before, defer)
         return []
-    key = _tree_key(current)
-    frontier = _FRONTIERS.get(key) if key is not None else None
+    if frontier is None or len(frontier) != len(frontier_ids(size)):
+        key = _tree_key(current)
+        frontier = _FRONTIERS.get(key) if key is not None else None
     if frontier is None or len(frontier) != len(frontier_ids(size)):
         frontier = HashTable(session).get_hashes(frontier_ids(size))
     leaves = [leaf_hash(r.entry) for r in rows]
     nodes, new_frontier = append_leaves(size, frontier, leaves)
     new_size = size + len(rows)
-    driver = Driver(session)
     stamp = driver.timestamp(now)
-    driver.insert(
-        "journal_entries",
-        "seq, envelope_id, type, actor, accounts, entry, committed_at",
-        [
-            (
-                size + offset,
-                r.envelope_id,
-                r.type,
-                r.actor,
-                " ".join(sorted(r.accounts)),
-                r.entry,
-                stamp,
-            )
-            for offset, r in enumerate(rows)
-        ],
-    )
-    driver.insert("merkle_nodes", 'level, "index", hash', nodes)
-    connection = session.connection()
+    entry_rows = [
+        (
+            size + offset,
+            r.envelope_id,
+            r.type,
+            r.actor,
+            " ".join(sorted(r.accounts)),
+            r.entry,
+            stamp,
+        )
+        for offset, r in enumerate(rows)
+    ]
     if signer is not None:
         root = root_from_frontier(new_size, new_frontier)
         checkpoint = signer.sign(format_checkpoint(signer.name, new_size, root))
-    connection.execute(
-        update(head_t).where(head_t.c.id == 1).values(size=new_size, checkpoint=checkpoint or "")
-    )
+    stored = b"".join(new_frontier)
+    if driver.postgres:
+        statements = list(before)
+        for table, columns, table_rows in (
+            ("journal_entries", _ENTRY_COLUMNS, entry_rows),
+            ("merkle_nodes", _NODE_COLUMNS, nodes),
+        ):
+            if len(table_rows) >= COPY_THRESHOLD:
+                driver.insert(table, columns, table_rows)
+            elif table_rows:
+                statements.append(driver.insert_statement(table, columns, table_rows))
+        statements.append(
+            (
+                "UPDATE journal_head SET size = %s, checkpoint = %s, frontier = %s WHERE id = 1",
+                [new_size, checkpoint or "", stored],
+            )
+        )
+        _send(session, driver, statements, defer)
+    else:
+        assert not before, "statements sent ahead are PostgreSQL's"
+        driver.insert("journal_entries", _ENTRY_COLUMNS, entry_rows)
+        driver.insert("merkle_nodes", _NODE_COLUMNS, nodes)
+        session.connection().execute(
+            update(head_t)
+            .where(head_t.c.id == 1)
+            .values(size=new_size, checkpoint=checkpoint or "", frontier=stored)
+        )
     new_key = _tree_key(checkpoint)
     if new_key is not None:
         if len(_FRONTIERS) >= 64:
@@ -185,6 +276,18 @@ def append_raw(
         _FRONTIERS[new_key] = list(new_frontier)
     return list(range(size, new_size))
 
+
+def _send(
+    session: Session, driver: Driver, statements: Sequence[tuple[str, Sequence[Any]]], defer: bool
+) -> None:
+    if defer:
+        defer_statements(session, statements)
+    else:
+        driver.execute_many(statements)
+
+
+_ENTRY_COLUMNS = "seq, envelope_id, type, actor, accounts, entry, committed_at"
+_NODE_COLUMNS = 'level, "index", hash'
 
 # Merkle frontiers by the checkpoint body (origin, size, root) of the tree they belong to.
 _FRONTIERS: dict[str, list[bytes]] = {}

@@ -10,7 +10,7 @@ for the writes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -66,29 +66,8 @@ class LedgerDriver(Driver):
         The requests are read after the locks: a concurrent writer of the same id has
         committed by then, and READ COMMITTED lets the second statement see it.
         """
-        terms: list[str] = []
-        params: list[Any] = []
-        for asset, addresses in sorted(addresses_by_asset.items()):
-            if self.postgres:
-                terms.append("(asset = %s AND address = ANY(%s))")
-                params.extend([asset, addresses])
-            else:
-                terms.append(f"(asset = ? AND address IN ({self._marks(len(addresses))}))")
-                params.append(asset)
-                params.extend(addresses)
-        if account_ids:
-            if self.postgres:
-                terms.append("id = ANY(%s)")
-                params.append(list(account_ids))
-            else:
-                terms.append(f"id IN ({self._marks(len(account_ids))})")
-                params.extend(account_ids)
-        account_sql = (
-            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE {' OR '.join(terms) or 'FALSE'} "
-            "ORDER BY id"
-        )
+        account_sql, params = self.lock_accounts_statement(addresses_by_asset, account_ids)
         if self.postgres:
-            account_sql += " FOR UPDATE"
             request_sql = "SELECT id, payload_hash, status, result FROM requests WHERE id = ANY(%s)"
             with self.raw.pipeline():
                 # Never prepared: a generic plan chosen while the tables were small (a
@@ -104,35 +83,69 @@ class LedgerDriver(Driver):
                 f"({self._marks(len(request_ids))})",
                 list(request_ids),
             )
-        # The DBAPI's tuples unpacked by name, in the order of the columns selected.
         return (
-            [
-                AccountState(
-                    account_id,
-                    address,
-                    asset,
-                    bool(non_negative),
-                    debits_posted,
-                    credits_posted,
-                    debits_pending,
-                    credits_pending,
-                )
-                for (
-                    account_id,
-                    address,
-                    asset,
-                    non_negative,
-                    debits_posted,
-                    credits_posted,
-                    debits_pending,
-                    credits_pending,
-                ) in accounts
-            ],
+            self.account_states(accounts),
             [
                 (request_id, bytes(payload_hash), status, result)
                 for request_id, payload_hash, status, result in requests
             ],
         )
+
+    def lock_accounts_statement(
+        self, addresses_by_asset: Mapping[str, Sequence[str]], account_ids: Sequence[int]
+    ) -> tuple[str, list[Any]]:
+        """The statement that locks accounts (by asset and address, or by id) in id order."""
+        terms: list[str] = []
+        params: list[Any] = []
+        for asset, addresses in sorted(addresses_by_asset.items()):
+            if self.postgres:
+                terms.append("(asset = %s AND address = ANY(%b::text[]))")
+                params.extend([asset, list(addresses)])
+            else:
+                terms.append(f"(asset = ? AND address IN ({self._marks(len(addresses))}))")
+                params.append(asset)
+                params.extend(addresses)
+        if account_ids:
+            if self.postgres:
+                terms.append("id = ANY(%b::bigint[])")
+                params.append(list(account_ids))
+            else:
+                terms.append(f"id IN ({self._marks(len(account_ids))})")
+                params.extend(account_ids)
+        sql = (
+            f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE {' OR '.join(terms) or 'FALSE'} "
+            "ORDER BY id"
+        )
+        if self.postgres:
+            sql += " FOR UPDATE"
+        return sql, params
+
+    @staticmethod
+    def account_states(rows: Sequence[Sequence[Any]]) -> list[AccountState]:
+        """The posting engine's accounts from rows of :meth:`lock_accounts_statement`."""
+        # The DBAPI's tuples unpacked by name, in the order of the columns selected.
+        return [
+            AccountState(
+                account_id,
+                address,
+                asset,
+                bool(non_negative),
+                debits_posted,
+                credits_posted,
+                debits_pending,
+                credits_pending,
+            )
+            for (
+                account_id,
+                address,
+                asset,
+                non_negative,
+                debits_posted,
+                credits_posted,
+                debits_pending,
+                credits_pending,
+            ) in rows
+        ]
 
     def write(
         self,
@@ -141,43 +154,65 @@ class LedgerDriver(Driver):
         accounts: Sequence[tuple[int, int, int, int, int]],
         holds: Sequence[tuple[str, str]],
         requests: Sequence[RequestRow],
+        pending: list[tuple[str, Sequence[Any]]] | None = None,
     ) -> None:
-        """Insert transfers, postings and requests; set balances and hold states."""
-        update_accounts = (
-            f"UPDATE accounts SET debits_posted = {self.mark}, credits_posted = {self.mark}, "
-            f"debits_pending = {self.mark}, credits_pending = {self.mark} WHERE id = {self.mark}"
-        )
-        update_holds = f"UPDATE transfers SET state = {self.mark} WHERE id = {self.mark}"
-        statements = [
-            (self._insert("transfers", _TRANSFER_COLUMNS, 12), transfers),
-            (self._insert("postings", _POSTING_COLUMNS, 8), postings),
-            (update_accounts, accounts),
-            (update_holds, holds),
-            (self._insert("requests", _REQUEST_COLUMNS, 5), requests),
-        ]
+        """Insert transfers, postings and requests; set balances and hold states.
+
+        With ``pending`` (PostgreSQL), the statements that need no round trip of their own
+        are added to it instead, for the caller to send with its own later in the same
+        transaction (``COPY`` of a large batch is sent at once)."""
         if not self.postgres:
+            update_accounts = (
+                "UPDATE accounts SET debits_posted = ?, credits_posted = ?, "
+                "debits_pending = ?, credits_pending = ? WHERE id = ?"
+            )
             cursor = self.raw.cursor()
             try:
-                execute_all(cursor, statements)
+                execute_all(
+                    cursor,
+                    [
+                        (self._insert("transfers", _TRANSFER_COLUMNS, 12), transfers),
+                        (self._insert("postings", _POSTING_COLUMNS, 8), postings),
+                        (update_accounts, accounts),
+                        ("UPDATE transfers SET state = ? WHERE id = ?", holds),
+                        (self._insert("requests", _REQUEST_COLUMNS, 5), requests),
+                    ],
+                )
             finally:
                 cursor.close()
             return
-        big = max(len(transfers), len(postings), len(requests)) >= COPY_THRESHOLD
+        # One statement per table: rows as arrays (``unnest``) in one pipeline, or ``COPY``
+        # (a round trip per table, but the cheapest for the server) for large batches.
+        statements: list[tuple[str, Sequence[Any]]] = []
         with self.raw.cursor() as cursor:
-            if big:
-                self._copy(cursor, "transfers", _TRANSFER_COLUMNS, transfers)
-                self._copy(cursor, "postings", _POSTING_COLUMNS, postings)
-                self._copy(cursor, "requests", _REQUEST_COLUMNS, requests)
-                if accounts:
-                    cursor.execute(
-                        "UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp, "
-                        "debits_pending = u.dpe, credits_pending = u.cpe FROM "
-                        "unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], "
-                        "%s::bigint[]) AS u(dp, cp, dpe, cpe, id) WHERE accounts.id = u.id",
-                        [list(column) for column in zip(*accounts, strict=True)],
-                    )
-                if holds:
-                    cursor.executemany(update_holds, holds)
-                return
-            with self.raw.pipeline():
-                execute_all(cursor, statements)
+            for name, columns, rows in (
+                ("transfers", _TRANSFER_COLUMNS, transfers),
+                ("postings", _POSTING_COLUMNS, postings),
+                ("requests", _REQUEST_COLUMNS, requests),
+            ):
+                if len(rows) >= COPY_THRESHOLD:
+                    self._copy(cursor, name, columns, rows)
+                elif rows:
+                    statements.append(self.insert_statement(name, columns, rows))
+        if accounts:
+            statements.append(
+                (
+                    "UPDATE accounts SET debits_posted = u.dp, credits_posted = u.cp, "
+                    "debits_pending = u.dpe, credits_pending = u.cpe FROM "
+                    "unnest(%b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[], "
+                    "%b::bigint[]) AS u(dp, cp, dpe, cpe, id) WHERE accounts.id = u.id",
+                    [list(column) for column in zip(*accounts, strict=True)],
+                )
+            )
+        if holds:
+            statements.append(
+                (
+                    "UPDATE transfers SET state = u.state FROM unnest(%b::text[], %b::text[]) "
+                    "AS u(state, id) WHERE transfers.id = u.id",
+                    [list(column) for column in zip(*holds, strict=True)],
+                )
+            )
+        if pending is not None:
+            pending.extend(statements)
+        elif statements:
+            self.execute_many(statements)

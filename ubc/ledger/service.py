@@ -86,6 +86,19 @@ Outcome = Applied | UbcError
 
 
 @dataclass(frozen=True, slots=True)
+class Prefetched:
+    """Rows a caller has already locked and read in this transaction for the next
+    :func:`apply_many` (the envelope writer reads them in its head lock's round trip):
+    the accounts it asked for by asset and address (locked, in id order, and found), and
+    the request ids it asked for with the rows found."""
+
+    addresses: Mapping[str, frozenset[str]]
+    accounts: Sequence[AccountState]
+    request_ids: frozenset[str]
+    requests: Mapping[str, tuple[bytes, str, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class Balance:
     address: str
     asset: str
@@ -311,25 +324,57 @@ def apply_many(
     *,
     now: datetime | None = None,
     atomic: bool = False,
+    prefetched: Prefetched | None = None,
+    pending: list[tuple[str, Sequence[Any]]] | None = None,
 ) -> list[Outcome]:
     """Apply every request in one transaction; one outcome per request, in order.
 
     Each request is all-or-nothing. A failed request is recorded so that its id stays
     failed. With ``atomic`` the whole list is one unit: the first failure raises
     :class:`BatchFailed` naming its index, and nothing is written.
+
+    ``prefetched`` rows are not read again. With ``pending`` (PostgreSQL) the statements
+    that write the rows are added to it (see :meth:`LedgerDriver.write`): the caller sends
+    them before anything reads these tables again in the transaction.
     """
     if not requests:
         return []
     batch = _Batch(session, now or SYSTEM_CLOCK.now())
-    batch.load(requests)
+    batch.load(requests, prefetched)
     outcomes: list[Outcome] = []
     for index, request in enumerate(requests):
         outcome = batch.apply_request(request)
         if atomic and isinstance(outcome, UbcError):
             raise BatchFailed(index, outcome)
         outcomes.append(outcome)
-    batch.write()
+    batch.write(pending)
     return outcomes
+
+
+def prefetch_statement(
+    session: Session, addresses_by_asset: Mapping[str, Sequence[str]]
+) -> tuple[str, list[Any]]:
+    """The statement that locks these accounts as :func:`apply_many` would (in id order),
+    for a caller that sends it with its own reads; its rows go to :func:`prefetched`."""
+    return LedgerDriver(session).lock_accounts_statement(addresses_by_asset, ())
+
+
+def prefetched(
+    addresses_by_asset: Mapping[str, Sequence[str]],
+    account_rows: Sequence[Sequence[Any]],
+    request_ids: Iterable[str],
+    requests: Mapping[str, tuple[bytes, str, str]],
+) -> Prefetched:
+    """What the next :func:`apply_many` need not read: the rows of
+    :func:`prefetch_statement` for these addresses, and the requests recorded among
+    ``request_ids`` (``requests``: the rows found, by id), read after the accounts' lock
+    or under a lock that every writer of these ids takes first."""
+    return Prefetched(
+        {asset: frozenset(names) for asset, names in addresses_by_asset.items()},
+        LedgerDriver.account_states(account_rows),
+        frozenset(request_ids),
+        dict(requests),
+    )
 
 
 def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 1000) -> int:
@@ -427,7 +472,7 @@ class _Batch(Postings):
 
     # -- loading: pending transfers first, then accounts, each in sorted order --
 
-    def load(self, requests: Sequence[LedgerRequest]) -> None:
+    def load(self, requests: Sequence[LedgerRequest], prefetched: Prefetched | None) -> None:
         addresses: dict[str, set[str]] = {}
         pending_ids: set[str] = set()
         for request in requests:
@@ -442,11 +487,32 @@ class _Batch(Postings):
         account_ids: set[int] = set()
         for _, debit_id, credit_id, *_rest in hold_rows:
             account_ids.update((debit_id, credit_id))
-        accounts, request_rows = self.driver.lock_accounts_and_requests(
-            {asset: sorted(names) for asset, names in addresses.items()},
-            sorted(account_ids),
-            sorted({r.id for r in requests}),
-        )
+        request_ids = {r.id for r in requests}
+        accounts: list[AccountState] = []
+        request_rows: list[tuple[str, bytes, str, str]] = []
+        if prefetched is not None:
+            # Accounts asked for and not found are asked again with the rest (an error).
+            accounts.extend(prefetched.accounts)
+            found = {(a.address, a.asset) for a in prefetched.accounts}
+            addresses = {
+                asset: missing
+                for asset, names in addresses.items()
+                if (missing := {n for n in names if (n, asset) not in found})
+            }
+            account_ids -= {a.id for a in prefetched.accounts}
+            request_rows.extend(
+                (request_id, *prefetched.requests[request_id])
+                for request_id in request_ids & prefetched.requests.keys()
+            )
+            request_ids -= prefetched.request_ids
+        if addresses or account_ids or request_ids:
+            more_accounts, more_requests = self.driver.lock_accounts_and_requests(
+                {asset: sorted(names) for asset, names in addresses.items()},
+                sorted(account_ids),
+                sorted(request_ids),
+            )
+            accounts.extend(more_accounts)
+            request_rows.extend(more_requests)
         for account in accounts:
             self.accounts[(account.address, account.asset)] = account
             self.accounts_by_id[account.id] = account
@@ -555,7 +621,7 @@ class _Batch(Postings):
 
     # -- writing: one bulk statement per table --
 
-    def write(self) -> None:
+    def write(self, pending: list[tuple[str, Sequence[Any]]] | None = None) -> None:
         dirty = sorted((a for a in self.accounts_by_id.values() if a.dirty), key=lambda a: a.id)
         self.driver.write(
             self.transfers,
@@ -567,14 +633,20 @@ class _Batch(Postings):
             # Holds created earlier in this batch are inserted first, so one pass covers all.
             [(h.state, h.id) for h in self.holds.values() if h.dirty],
             self.request_rows,
+            pending,
         )
+
+
+# What ``_encode_outcome`` stores for an applied request of 0 to 15 legs (json.dumps'
+# bytes, computed once: every applied request of a group commit writes one).
+_LEGS = {n: json.dumps({"legs": n}) for n in range(16)}
 
 
 def _encode_outcome(outcome: Outcome) -> str:
     """A failure's error; for an applied request its number of legs, whose transfers are
     ``<id>:0`` … ``<id>:<n-1>`` (the effects are read back from them on a repeat)."""
     if isinstance(outcome, Applied):
-        return json.dumps({"legs": len(outcome.effects)})
+        return _LEGS.get(len(outcome.effects)) or json.dumps({"legs": len(outcome.effects)})
     return json.dumps(
         {
             "status": outcome.status_code,
