@@ -149,7 +149,9 @@ class GroupCommitWriter:
             start += len(job.raws)
 
     def _apply(self, raws: list[object], atomic: bool) -> list[Outcome]:
-        raws = [raw() if callable(raw) else raw for raw in raws]
+        # In place: the batch's list then holds what was applied (server envelopes built,
+        # clients' decoded), which the metrics read by payload type.
+        raws[:] = [raw() if callable(raw) else raw for raw in raws]
         clients = [i for i, raw in enumerate(raws) if isinstance(raw, _Raw)]
         if clients:
             checked = self._precheck([cast(_Raw, raws[i]).value for i in clients])
