@@ -120,14 +120,13 @@ class Cosignature:
     line: str
 
 
-class Cosigner:
-    """A witness's signing side: an Ed25519 key under a cosigner name."""
+class _Identity:
+    """A cosigner's name and Ed25519 public key, and what follows from them."""
 
-    def __init__(self, name: str, signing_key: SigningKey) -> None:
+    def __init__(self, name: str, public_key: bytes) -> None:
+        self._key_id = cosignature_key_id(name, public_key)  # validates name and key
         self._name = name
-        self._key = signing_key
-        self._public_key = bytes(signing_key.verify_key)
-        self._key_id = cosignature_key_id(name, self._public_key)
+        self._public_key = public_key
 
     @property
     def name(self) -> str:
@@ -145,6 +144,14 @@ class Cosigner:
     def vkey(self) -> str:
         return cosignature_vkey(self._name, self._public_key)
 
+
+class Cosigner(_Identity):
+    """A witness's signing side: an Ed25519 key under a cosigner name."""
+
+    def __init__(self, name: str, signing_key: SigningKey) -> None:
+        super().__init__(name, bytes(signing_key.verify_key))
+        self._key = signing_key
+
     def verifier(self) -> CosignatureVerifier:
         return CosignatureVerifier(self._name, self._public_key)
 
@@ -156,13 +163,11 @@ class Cosigner:
         return f"{_SIG_PREFIX}{self._name} {base64.b64encode(raw).decode('ascii')}\n"
 
 
-class CosignatureVerifier:
+class CosignatureVerifier(_Identity):
     """Checks the cosignatures of one cosigner (name and Ed25519 key) on checkpoints."""
 
     def __init__(self, name: str, public_key: bytes) -> None:
-        self._key_id = cosignature_key_id(name, public_key)  # validates name and key
-        self._name = name
-        self._public_key = public_key
+        super().__init__(name, public_key)
         self._verify_key = VerifyKey(public_key)
 
     @classmethod
@@ -191,22 +196,6 @@ class CosignatureVerifier:
         if verifier.key_id != bytes.fromhex(id_hex):
             raise CosignatureError("malformed cosigner vkey: key ID does not match name and key")
         return verifier
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def key_id(self) -> bytes:
-        return self._key_id
-
-    @property
-    def public_key(self) -> bytes:
-        return self._public_key
-
-    @property
-    def vkey(self) -> str:
-        return cosignature_vkey(self._name, self._public_key)
 
     def verify_line(self, body: str, line: str) -> Cosignature | None:
         """Check one signature line on checkpoint ``body``.
