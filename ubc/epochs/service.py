@@ -196,8 +196,7 @@ def open_epoch(
 def fix_allocations(session: Session, number: int, *, limit: int | None = None) -> bool:
     """Fix the allocations of the next ``limit`` handles (default ``CHUNK``) of an opening
     epoch, each member as it was at the open's entry; False if nothing was left to fix.
-    Its own transaction: it locks the epoch's row, which a member's change also locks
-    (:func:`before_member_change`), and no account."""
+    Its own transaction: it locks the epoch's row (one fixer at a time) and no account."""
     row = session.execute(
         _for_update(
             session,
@@ -260,12 +259,15 @@ def fix_ahead(session: Session, number: int) -> bool:
 def before_member_change(session: Session, handle: str) -> None:
     """Keep a member's state for an opening epoch whose allocations are not yet fixed up
     to its handle, before the member changes (or first appears): the epoch allocates by
-    the state at its entry. In the member's write transaction."""
+    the state at its entry. In the member's write transaction, which commits the kept
+    state and the change together; a fix step prefers a kept state, so whichever commits
+    first, the step fixes the state at the entry. The epoch's row is only read, not
+    locked: a write batch that locked it could deadlock with an allocation batch, which
+    locks its members' accounts and then that row."""
     row = session.execute(
-        _for_update(
-            session,
+        text(
             "SELECT number, fix_cursor FROM epochs "
-            "WHERE status = 'opening' AND fix_cursor IS NOT NULL",
+            "WHERE status = 'opening' AND fix_cursor IS NOT NULL"
         )
     ).first()
     if row is None or handle <= str(row.fix_cursor):
