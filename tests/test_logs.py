@@ -3,6 +3,7 @@ no secret in the log of a full run."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from nacl.signing import SigningKey
 
+import ubc.app
 from tests.conftest import _free_port, make_data_dir
 from tests.test_gateway import Env, env  # noqa: F401  # the served ledger and upstream
 from ubc import logs
@@ -234,3 +236,41 @@ def test_generated_ids_are_canonical_uuid4() -> None:
         made = logs.new_request_id()
         assert str(uuid.UUID(made)) == made
         assert uuid.UUID(made).version == 4
+
+
+def test_background_rounds_that_did_something_are_logged(
+    captured: Captured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line per round of the hold sweeper and the epoch task that did something."""
+
+    async def rounds() -> None:
+        stop = asyncio.Event()
+        sweeps = iter([(0, 0, 0), (2, 1, 3)])
+        steps = iter([[], ["fix", "allocate"]])
+
+        def sweep(_app: object) -> tuple[int, int, int]:
+            return next(sweeps, (0, 0, 0))
+
+        def advance(_app: object) -> list[str]:
+            found = next(steps, None)
+            if found is None:
+                stop.set()
+                return []
+            return found
+
+        monkeypatch.setattr(ubc.app, "sweep_once", sweep)
+        monkeypatch.setattr(ubc.app, "_advance_once", advance)
+        await asyncio.gather(
+            ubc.app._sweep_holds(None, 0.01, stop),  # type: ignore[arg-type]
+            ubc.app._advance_epochs(None, stop),  # type: ignore[arg-type]
+        )
+
+    asyncio.run(rounds())
+    jobs = [line for line in captured.lines() if "job" in line]
+    assert [line["job"] for line in jobs].count("hold sweep") == 1
+    [sweep] = [line for line in jobs if line["job"] == "hold sweep"]
+    assert (sweep["calls"], sweep["holds"], sweep["offers"]) == (2, 1, 3)
+    assert sweep["msg"].startswith("hold sweep: calls 2, holds 1, offers 3 in ")
+    [epoch] = [line for line in jobs if line["job"] == "epoch step"]
+    assert epoch["steps"] == ["fix", "allocate"]
+    assert isinstance(epoch["ms"], float)
