@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ubc import __version__, apikey_routes, http_guard, metrics
+from ubc import __version__, apikey_routes, http_guard, logs, metrics
 from ubc import schemas as api_schemas
 from ubc.causes import routes as cause_routes
 from ubc.clock import SYSTEM_CLOCK, Clock
@@ -168,6 +169,9 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     # Outermost: body size, read timeout and JSON depth (also for FastPath), /docs, and
     # security headers on every response.
     http_guard.install(app, settings)
+    # Around even that: the request id of every response and the access line (ubc.logs).
+    build_guarded = app.build_middleware_stack
+    app.build_middleware_stack = lambda: logs.RequestLog(build_guarded())  # type: ignore[method-assign]
 
     @app.exception_handler(UbcError)
     async def _ubc_error(_request: Request, error: UbcError) -> JSONResponse:
@@ -404,7 +408,10 @@ async def _sweep_holds(app: FastAPI, interval: float, stop: asyncio.Event) -> No
     """Release expired holds now and every ``interval`` seconds, also after a restart."""
     while not stop.is_set():
         try:
-            await asyncio.to_thread(sweep_once, app)
+            started = time.perf_counter()
+            calls, other, offers = await asyncio.to_thread(sweep_once, app)
+            if calls or other or offers:
+                _job_done("hold sweep", started, calls=calls, holds=other, offers=offers)
         except Exception:  # keep sweeping; the next round retries
             log.exception("hold sweep failed")
         await _pause(stop, interval)
@@ -415,7 +422,11 @@ async def _advance_epochs(app: FastAPI, stop: asyncio.Event) -> None:
     epochs' expiry steps one by one (also an open or a close left half-done by a crash)."""
     while not stop.is_set():
         try:
-            progressed = await asyncio.to_thread(_advance_once, app)
+            started = time.perf_counter()
+            steps = await asyncio.to_thread(_advance_once, app)
+            progressed = bool(steps)
+            if steps:
+                _job_done("epoch step", started, steps=steps)
         except Exception:  # keep going; the next round retries the batch
             log.exception("epoch allocation batch failed")
             progressed = False
@@ -428,7 +439,21 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
-def _advance_once(app: FastAPI) -> bool:
+def _job_done(job: str, started: float, **did: object) -> None:
+    """The log line of a background job's round that did something."""
+    elapsed = round((time.perf_counter() - started) * 1000, 3)
+    what = ", ".join(f"{name} {value}" for name, value in did.items())
+    log.info(
+        "%s: %s in %.1f ms",
+        job,
+        what,
+        elapsed,
+        extra={"fields": {"job": job, **did, "ms": elapsed}},
+    )
+
+
+def _advance_once(app: FastAPI) -> list[str]:
+    """One round; the steps that progressed (fix, allocate, expire), empty if none."""
     clock: Clock = app.state.clock
 
     def fix(session: Session) -> bool:
@@ -453,15 +478,18 @@ def _advance_once(app: FastAPI) -> bool:
     while run_unit_of_work(app.state.sessions, fix):  # a batch's worth, step by step
         fixed = True
     allocated = run_unit_of_work(app.state.sessions, allocate)
-    return run_unit_of_work(app.state.sessions, expire) or allocated or fixed
+    expired = run_unit_of_work(app.state.sessions, expire)
+    done = (("fix", fixed), ("allocate", allocated), ("expire", expired))
+    return [name for name, progressed in done if progressed]
 
 
-def sweep_once(app: FastAPI) -> None:
+def sweep_once(app: FastAPI) -> tuple[int, int, int]:
     """One round of the sweeper: expired holds of model calls (journaled ``hold.expire``),
     other expired holds, and expired offers (journaled ``offer.expire``), until none is
-    due. Each unit of work reads the ledger's clock once."""
+    due; how many of each. Each unit of work reads the ledger's clock once."""
     ctx = app.state.ctx
     clock: Clock = app.state.clock
+    totals = (0, 0, 0)
     while True:
         # Model calls' holds first: each journaled as a ledger-signed hold.expire.
         calls = run_unit_of_work(
@@ -480,8 +508,9 @@ def sweep_once(app: FastAPI) -> None:
                 session, ctx, now=clock.now(), submit=write_path.submit
             ),
         )
+        totals = (totals[0] + calls, totals[1] + released - calls, totals[2] + expired)
         if released == 0 and expired == 0:
-            return
+            return totals
 
 
 def _jsonable_errors(errors: Any) -> list[dict[str, Any]]:

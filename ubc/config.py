@@ -95,6 +95,11 @@ class Settings(BaseSettings):
         description="the per-asset balance sums of GET /metrics read every account: computed "
         "at most this often per process, cached in between",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="the server's log lines: text (one readable line) or json (one object "
+        "per line); `ubc serve --log-format` overrides it",
+    )
     redis_url: str | None = Field(
         default=None,
         description="redis://host:port/db shared by every worker and host for the API keys' "

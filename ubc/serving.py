@@ -44,7 +44,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
-from ubc import metrics
+from ubc import logs, metrics
 from ubc.config import Settings, get_settings
 
 log = logging.getLogger("uvicorn.error")
@@ -76,10 +76,16 @@ def uvicorn_config(
     workers: int = 1,
     access_log: bool = False,
     log_level: str = "info",
+    log_format: logs.LogFormat | None = None,
     max_head_bytes: int = MAX_HEAD_BYTES,
 ) -> ServerConfig:
     """The configuration ``ubc serve`` runs: ``app`` is the import string of the app
-    factory (required with several workers) or an app object (tests)."""
+    factory (required with several workers) or an app object (tests).
+
+    Logging (``ubc.logs.log_config``, applied by uvicorn in every worker): ubc's and
+    uvicorn's loggers in ``log_format`` (default ``settings.log_format``) on stderr;
+    ``access_log`` turns on ubc's access and usage lines, not uvicorn's access log, which
+    would log query strings."""
     options: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -87,7 +93,10 @@ def uvicorn_config(
         "workers": workers,
         "http": PROTOCOL,
         "log_level": log_level,
-        "access_log": access_log,
+        "log_config": logs.log_config(
+            log_format or settings.log_format, level=log_level, access_log=access_log
+        ),
+        "access_log": False,
         "server_header": False,
         # uvicorn types it int; a float is used as is (loop.call_later).
         "timeout_keep_alive": settings.timeout_keep_alive_seconds,

@@ -150,7 +150,19 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes", min=1)] = 1,
     migrate: Annotated[bool, typer.Option(help="apply migrations before serving")] = True,
-    access_log: Annotated[bool, typer.Option(help="log every request")] = False,
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            help="one log line per request (ubc.access) and per journaled model call (ubc.usage)"
+        ),
+    ] = False,
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format",
+            help="text or json (one object per line) [default: $UBC_LOG_FORMAT or text]",
+        ),
+    ] = None,
     timeout_keep_alive: Annotated[
         float | None,
         typer.Option(
@@ -191,6 +203,10 @@ def serve(
         "max_connections": max_connections,
     }
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if log_format is not None:
+        if log_format not in ("text", "json"):
+            _fail(f"--log-format must be text or json, not {log_format!r}")
+        settings = settings.model_copy(update={"log_format": log_format})
     # A models file that is missing or wrong is one line here, not a worker's traceback.
     load_catalog(settings.models_file)
     try:

@@ -329,7 +329,9 @@ async def _chat_stream(
     started = time.perf_counter()
     try:
         upstream = await gateway.upstreams.session(spec).post(
-            gateway.upstreams.url(spec, "/chat/completions"), json=forwarded
+            gateway.upstreams.url(spec, "/chat/completions"),
+            json=forwarded,
+            headers=gateway.upstreams.headers(),
         )
     except UPSTREAM_ERRORS as exc:
         raise _failed(call, exc) from None

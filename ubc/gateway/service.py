@@ -26,7 +26,7 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from ubc import metrics
+from ubc import logs, metrics
 from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.db import table
 from ubc.errors import UbcError
@@ -49,6 +49,8 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 log = logging.getLogger("ubc.gateway")
+#: One line per journaled usage entry (enabled with the access log: ubc.logs).
+usage_log = logging.getLogger("ubc.usage")
 apikeys_t = table(ApiKey)
 
 # How long a grant read from the database is trusted for the early checks; the hold's
@@ -605,6 +607,7 @@ class Gateway:
             raise GatewayError(401, "Incorrect API key provided", code="invalid_api_key")
         if refusal == "expired":
             raise GatewayError(401, "This API key has expired", code="invalid_api_key")
+        logs.set_actor(grant.account)  # the access line's actor (never the key)
         return grant
 
     async def authenticate(self, authorization: str | None) -> Grant:
@@ -670,7 +673,7 @@ class Gateway:
         want = max(1, rules.usage_cost(input_bound, output_cap, price))
         floor = input_bound if input_floor is None else min(input_floor, input_bound)
         need = max(1, rules.usage_cost(floor, 1 if output_cap else 0, price))
-        request_id = new_request_id()
+        request_id = logs.call_id()  # the request's id when the server made it
         request = HoldRequest(request_id, grant.account, grant.key_hash, spec.id, want, need)
         try:
             outcome = await self.holds.hold(request)
@@ -771,6 +774,15 @@ class Gateway:
             log.exception("usage of call %s not journaled; its hold will expire", call.request_id)
             return
         outcome = outcomes[0]
+        if not isinstance(outcome, UbcError) and usage_log.isEnabledFor(logging.INFO):
+            fields = {
+                "call": call.request_id,
+                "request_id": logs.current_request_id() or call.request_id,
+                "account": call.grant.account,
+                "model": call.spec.id,
+                "seq": outcome.receipt.seq,
+            }
+            usage_log.info("usage of call %s journaled", call.request_id, extra={"fields": fields})
         if isinstance(outcome, UbcError):
             log.error(
                 "usage of call %s refused (%s %s: %s); its hold will expire unbilled",

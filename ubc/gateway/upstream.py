@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from ubc import metrics
+from ubc import logs, metrics
 from ubc.gateway.catalog import ModelSpec
 
 #: What a failed upstream call raises: connection errors, cut streams, timeouts.
@@ -55,10 +55,17 @@ class UpstreamPool:
         assert spec.url is not None
         return f"{spec.url}{path}"
 
+    def headers(self) -> dict[str, str] | None:
+        """The headers of a call made for the request being served: its id, which the
+        upstream's logs can then name too."""
+        request_id = logs.current_request_id()
+        return None if request_id is None else {"x-request-id": request_id}
+
     async def post(self, spec: ModelSpec, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
         """POST ``body`` as JSON; the status and the whole answer."""
         started = time.perf_counter()
-        async with self.session(spec).post(self.url(spec, path), json=body) as response:
+        url = self.url(spec, path)
+        async with self.session(spec).post(url, json=body, headers=self.headers()) as response:
             content = await response.read()
         metrics.UPSTREAM_SECONDS.labels(spec.id).observe(time.perf_counter() - started)
         return response.status, content
