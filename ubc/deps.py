@@ -11,6 +11,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from ubc import logs
 from ubc.auth import Principal, authenticate_bearer
 from ubc.clock import Clock
 from ubc.errors import BadRequest, Forbidden, PayloadTooLarge
@@ -47,13 +48,15 @@ def clock(request: Request) -> Clock:
 
 
 def principal(request: Request, session: ReadSession, _bearer: Bearer) -> Principal:
-    return authenticate_bearer(
+    found = authenticate_bearer(
         session,
         request.headers.get("authorization"),
         tokens=request.app.state.tokens,
         now=clock(request).now(),
         api_keys=request.app.state.api_key_principal,
     )
+    logs.set_actor(found.account or found.role)  # the access line's actor: never a secret
+    return found
 
 
 Reader = Annotated[Principal, Depends(principal)]

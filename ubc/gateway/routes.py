@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ubc import metrics
+from ubc import logs, metrics
 from ubc.config import Settings
 from ubc.db import as_unavailable
 from ubc.gateway import schemas
@@ -264,13 +264,13 @@ def _unexpected(exc: Exception, call: Call | None, *, upstream: bool) -> Gateway
     if call is not None and upstream:
         log.error(
             "call %s (%s): the upstream call failed unexpectedly",
-            call.request_id,
+            _named(call),
             call.spec.id,
             exc_info=exc,
         )
         return _upstream_failed(call, "The model's server failed to answer", "upstream")
     if call is not None:
-        log.error("call %s (%s) failed unexpectedly", call.request_id, call.spec.id, exc_info=exc)
+        log.error("call %s (%s) failed unexpectedly", _named(call), call.spec.id, exc_info=exc)
         return GatewayError(
             500,
             "The server failed to answer the call",
@@ -474,7 +474,7 @@ def _failed(call: Call, exc: BaseException) -> GatewayError:
     else:
         message, code = "The model's server broke off the answer", "upstream_disconnected"
     log.warning(
-        "call %s (%s at %s): %s: %r", call.request_id, call.spec.id, call.spec.url, message, exc
+        "call %s (%s at %s): %s: %r", _named(call), call.spec.id, call.spec.url, message, exc
     )
     return _upstream_failed(call, message, code)
 
@@ -487,10 +487,20 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 )
 
 
+def _named(call: Call) -> str:
+    """A call as its log lines name it: its id, and the HTTP request's id (the one the
+    caller is answered with) when the call has another (a hold placed again after a
+    refusal gets a new id)."""
+    request_id = logs.current_request_id()
+    if request_id is None or request_id == call.request_id:
+        return call.request_id
+    return f"{call.request_id} (request {request_id})"
+
+
 def _no_json(call: Call, content: bytes) -> GatewayError:
     log.warning(
         "call %s (%s): the model's server answered no JSON object: %r",
-        call.request_id,
+        _named(call),
         call.spec.id,
         content[:200],
     )
@@ -523,7 +533,7 @@ def _upstream_error(call: Call, status: int, content: bytes) -> GatewayError:
         message = f"The model's server failed to answer (HTTP {status})"
     log.warning(
         "call %s (%s at %s): upstream HTTP %s: %s",
-        call.request_id,
+        _named(call),
         call.spec.id,
         call.spec.url,
         status,
