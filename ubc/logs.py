@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from contextvars import ContextVar
@@ -204,6 +205,23 @@ class TextFormatter(logging.Formatter):
 FORMATTERS: dict[str, type[logging.Formatter]] = {"json": JsonFormatter, "text": TextFormatter}
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler on whatever ``sys.stderr`` is when a record is written, as
+    logging's own last resort: a stderr replaced for a while (a test's capture, a CLI
+    runner) is never written to after it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def log_config(
     log_format: LogFormat = "text", *, level: str = "info", access_log: bool = False
 ) -> dict[str, Any]:
@@ -219,9 +237,8 @@ def log_config(
         "formatters": {"ubc": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
         "handlers": {
             "ubc": {
-                "class": "logging.StreamHandler",
+                "()": f"{StderrHandler.__module__}.{StderrHandler.__qualname__}",
                 "formatter": "ubc",
-                "stream": "ext://sys.stderr",
             }
         },
         "loggers": {
