@@ -17,6 +17,8 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from ubc.cli._errors import CliError
+
 __all__ = ["register", "read_events"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -94,7 +96,7 @@ def follow(
                         raise httpx.TransportError("the server has no stream free")
                     if r.status_code != 200:
                         r.read()
-                        raise typer.BadParameter(_message(r), param_hint="events tail")
+                        raise CliError(f"the stream was refused: {_message(r)}")
                     for seq, data in read_events(r.iter_lines()):
                         failures = 0
                         last = seq
