@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import json
 import socket
 import time
@@ -22,6 +23,7 @@ from tests.conftest import LiveServer, run_server
 from tests.test_journal_http import bearer, envelope, grant, post, transfer
 from ubc.cli import app
 from ubc.cli.events import read_events
+from ubc.journal import stream as journal_stream
 from ubc.signing import encode_public_key, generate_signing_key
 
 
@@ -259,3 +261,20 @@ def test_events_tail(ledger: Ledger) -> None:
         env={"UBC_TOKEN": ""},
     )
     assert denied.exit_code != 0
+
+
+def test_keep_alives_and_the_type_filter(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_stream, "KEEPALIVE_SECONDS", 0.3)
+    timeout = httpx.Timeout(30.0, read=10.0)
+    params = {"from": 0, "type": ["deposit", "apikey.grant"]}
+    with (
+        httpx.Client(base_url=ledger.server.url, timeout=timeout) as client,
+        client.stream("GET", "/journal/stream", params=params, headers=ledger.auditor) as r,
+    ):
+        lines = r.iter_lines()
+        assert next(lines) == "retry: 1000"
+        got = take(read_events(lines), 5)
+        assert [d["type"] for _, d in got] == ["deposit"] * 3 + ["apikey.grant"] * 2
+        ledger.pay("alice", "bob")  # not of these types: no event, a keep-alive instead
+        quiet = [line for line in itertools.takewhile(lambda x: x != ": keep-alive", lines)]
+    assert not any(line.startswith(("id:", "event:", "data:")) for line in quiet), quiet
