@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from tests.conftest import LiveServer, run_server
 from tests.test_journal_http import bearer, envelope, grant, post, transfer
 from ubc.cli import app
-from ubc.cli.events import read_events
+from ubc.cli.events import follow, read_events
 from ubc.journal import stream as journal_stream
 from ubc.signing import encode_public_key, generate_signing_key
 
@@ -278,3 +278,37 @@ def test_keep_alives_and_the_type_filter(ledger: Ledger, monkeypatch: pytest.Mon
         ledger.pay("alice", "bob")  # not of these types: no event, a keep-alive instead
         quiet = [line for line in itertools.takewhile(lambda x: x != ": keep-alive", lines)]
     assert not any(line.startswith(("id:", "event:", "data:")) for line in quiet), quiet
+
+
+class _Dropped(httpx.SyncByteStream):
+    """A body that sends ``chunks``, then loses the connection."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+        raise httpx.ReadError("connection reset")
+
+
+def test_tail_reconnects_after_the_last_event_received() -> None:
+    asked: list[tuple[str | None, str | None]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append((request.headers.get("last-event-id"), request.url.params.get("from")))
+        first = int(request.headers.get("last-event-id", "-1")) + 1 or int(
+            request.url.params["from"]
+        )
+        chunks = [
+            journal_stream.event(seq, "transfer", b'{"seq":%d}' % seq) for seq in (first, first + 1)
+        ]
+        return httpx.Response(
+            200, headers={"content-type": "text/event-stream"}, stream=_Dropped(chunks)
+        )
+
+    got = follow(
+        "http://ledger.test", None, start=0, types=[], transport=httpx.MockTransport(answer)
+    )
+    seqs = [item["seq"] for item in itertools.islice(got, 6)]
+    assert seqs == [0, 1, 2, 3, 4, 5]
+    assert asked == [(None, "0"), ("1", None), ("3", None)]

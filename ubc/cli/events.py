@@ -23,7 +23,7 @@ __all__ = ["register", "read_events"]
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 #: Waits between reconnections, in seconds, growing to the last while the server is away.
-BACKOFF = (0.5, 1.0, 2.0, 5.0)
+BACKOFF = (0.2, 1.0, 2.0, 5.0)
 
 
 def register(app: typer.Typer) -> None:
@@ -74,7 +74,12 @@ def tail(
 
 
 def follow(
-    server: str, token: str | None, *, start: int | None, types: list[str]
+    server: str,
+    token: str | None,
+    *,
+    start: int | None,
+    types: list[str],
+    transport: httpx.BaseTransport | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The stream's entries, reconnecting after the last one received on a dropped
     connection; an HTTP error (401, 403, ...) ends it with a message."""
@@ -82,7 +87,7 @@ def follow(
     last: int | None = None
     failures = 0
     timeout = httpx.Timeout(10.0, read=60.0)  # keep-alives come every 15 s
-    with httpx.Client(base_url=server.rstrip("/"), timeout=timeout) as client:
+    with httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport) as client:
         while True:
             params: dict[str, Any] = {"type": types}
             sent = dict(headers)
