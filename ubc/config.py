@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     )
     enrollment: Literal["invite", "open"] = "invite"
     journal_access: Literal["restricted", "public"] = "restricted"
+    journal_stream_max: int = Field(
+        default=100,
+        ge=0,
+        description="concurrent GET /journal/stream connections per worker; more answer 503",
+    )
     models_file: Path | None = None
     operator_public_keys: list[str] = Field(
         default_factory=list,

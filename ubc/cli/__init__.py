@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ubc.cli import audit, epoch, gateway, market, member, server, witness
+from ubc.cli import audit, epoch, events, gateway, market, member, server, witness
 
 app = typer.Typer(
     name="ubc",
@@ -19,6 +19,7 @@ epoch.register(app)
 market.register(app)
 gateway.register(app)
 witness.register(app)
+events.register(app)
 
 
 def main() -> None:

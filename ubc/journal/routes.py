@@ -19,6 +19,7 @@ from ubc.errors import BadRequest, Forbidden, NotFound
 from ubc.journal import store
 from ubc.journal.merkle import consistency_proof, inclusion_proof, leaf_hash
 from ubc.journal.schemas import ConsistencyProof, InclusionProof, JournalEntries
+from ubc.journal.stream import router as stream_router
 from ubc.journal.tiles import (
     TILE_WIDTH,
     entry_bundle,
@@ -219,3 +220,7 @@ def _sees_all_entries(request: Request, reader: Principal | None) -> bool:
 
 def _cache(width: int | None) -> dict[str, str]:
     return {"Cache-Control": IMMUTABLE if width is None else "no-cache"}
+
+
+# GET /journal/stream (Server-Sent Events) is served with the journal's routes.
+router.include_router(stream_router)
