@@ -53,6 +53,9 @@ log = logging.getLogger("uvicorn.error")
 # 4 x 8 KiB by default, Node 16 KiB; bearer tokens and the OpenAI SDK's headers fit well.
 MAX_HEAD_BYTES = 64 * 1024
 APP = "ubc.app:create_app"
+#: How long a stopping server waits for open responses before cutting them.
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
 PROTOCOL = "ubc.serving:LimitedHttpToolsProtocol"
 
 
@@ -100,6 +103,10 @@ def uvicorn_config(
         "server_header": False,
         # uvicorn types it int; a float is used as is (loop.call_later).
         "timeout_keep_alive": settings.timeout_keep_alive_seconds,
+        # Open responses that never end by themselves (GET /journal/stream) would hold a
+        # shutdown forever: after this long they are cut (clients resume with
+        # Last-Event-ID).
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_SECONDS,
         # Our protocol answers above it itself, in the documented shape (see below).
         "limit_concurrency": settings.max_connections,
         # h11's own head limit; our httptools protocol reads the same value.
