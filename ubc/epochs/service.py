@@ -39,6 +39,7 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
+from ubc.db import on_postgresql
 from ubc.dbtypes import UTCDateTime
 from ubc.epochs.payloads import EpochClose, EpochExpire, EpochOpen
 from ubc.epochs.rules import (
@@ -353,8 +354,7 @@ def _tiers(allocations: Mapping[str, int]) -> _Tiers:
 
 def _for_update(session: Session, sql: str) -> Any:
     """``sql`` with FOR UPDATE on PostgreSQL (SQLite serialises writers anyway)."""
-    postgres = session.get_bind().dialect.name == "postgresql"
-    return text(sql + (" FOR UPDATE" if postgres else ""))
+    return text(sql + (" FOR UPDATE" if on_postgresql(session) else ""))
 
 
 def apply_allocations(

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ubc import metrics
 from ubc.clock import SYSTEM_CLOCK, Clock
-from ubc.db import run_unit_of_work, table
+from ubc.db import on_postgresql, run_unit_of_work, table
 from ubc.db.driver import Driver
 from ubc.errors import Forbidden, UbcError, Unauthenticated
 from ubc.gateway.models import ApiKeySpend, GatewayHold
@@ -109,7 +109,7 @@ def place_holds(
         .where(apikeys_t.c.key_hash.in_(keys))
         .order_by(apikeys_t.c.key_hash)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         query = query.with_for_update(of=apikeys_t)
     rows = session.execute(query).all()
     grants = {row.key_hash: row for row in rows}
