@@ -334,7 +334,10 @@ ACTIONS: tuple[Action, ...] = _MEMBER + _OPERATOR
 
 def _form_page(action: Action) -> Callable[[Request], Response]:
     def show(request: Request) -> Response:
-        values = {f.name: request.query_params.get(f.name, f.default) for f in action.fields}
+        query = request.query_params
+        values = {f.name: query.get(f.name, f.default) for f in action.fields}
+        if "handle" in values and "member" in query and "handle" not in query:
+            values["handle"] = query["member"]  # /operator/act/admit?member=alice
         values.pop("token", None)  # a secret is never put in a URL or a page
         return page(request, "actions/form.html", action=action, values=values)
 

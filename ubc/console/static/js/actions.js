@@ -58,11 +58,11 @@ function fieldOfError(error, form, aliases) {
   };
   const match = /field '([a-z_]+)'/.exec(error.message || "");
   if (match && pick(match[1])) return pick(match[1]);
-  for (const key of Object.keys(error.detail || {})) {
-    if (pick(key)) return pick(key);
-  }
   if (error.type === "insufficient_funds") {
     return pick("amount") || pick("sell_amount");
+  }
+  for (const key of Object.keys(error.detail || {})) {
+    if (pick(key)) return pick(key);
   }
   for (const name of Object.keys(aliases).concat(Array.from(names))) {
     if (new RegExp(`\\b${name}\\b`).test(error.message || "") && pick(name)) return pick(name);
@@ -80,7 +80,13 @@ function explain(error) {
     409: "The ledger refused this",
     413: "Too large",
   };
-  const lead = words[error.status] || `Error ${error.status}`;
+  const special = {
+    insufficient_funds: "Not enough funds",
+    idempotency_conflict: "Already used",
+    state_conflict: "Not possible now",
+    unauthenticated: words[401],
+  };
+  const lead = special[error.type] || words[error.status] || `Error ${error.status}`;
   let text = `${lead}: ${error.message}`;
   if (error.type === "insufficient_funds" && error.detail && error.detail.shortfall !== undefined) {
     text += ` (short by ${error.detail.shortfall})`;
