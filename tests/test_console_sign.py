@@ -293,9 +293,13 @@ def test_a_member_registers_and_moves_value_signed_only_in_the_browser(
         withdrawal_id = got["withdrawal id"]
         assert got["status"] == "pending"
         assert _balance(api, "member:alice", "USD") == 150 - fee  # nothing moved yet
-        _go(operator, url + f"/operator/act/countersign?id={withdrawal_id}")
+        _go(operator, url + "/operator/act/countersign")
         operator.fill("#f-token", live_server.operator_token)
-        _submit(operator)
+        operator.click("#list-pending")
+        operator.click(f"#pending button.use[data-id='{withdrawal_id}']")
+        assert operator.input_value("#f-id") == withdrawal_id
+        got = _submit(operator)
+        assert got["type"] == "withdrawal"
         assert _balance(api, "member:alice", "USD") == 50 - fee
         assert operator.input_value("#f-token") == ""
 

@@ -90,6 +90,8 @@ def test_keyboard_phone_width_and_errors_at_their_field(
 ) -> None:
     context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True)
     page = context.new_page()
+    page.request_log = []
+    page.on("request", lambda r: page.request_log.append(r.method))
     try:
         url = live_server.url
         # /key: a bad key file is refused in words at the field; nothing is kept.
@@ -129,6 +131,13 @@ def test_keyboard_phone_width_and_errors_at_their_field(
         page.keyboard.press("Enter")
         page.wait_for_selector("#result[data-done=yes]")
         assert page.get_attribute("#signer", "data-loaded") == "yes"
+        # Registering another handle would replace dora's key: refused, nothing sent.
+        posts = len([r for r in page.request_log if r == "POST"])
+        page.fill("#f-handle", "fred")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#f-handle-error:not([hidden])")
+        assert "holds the key of member:dora" in page.text_content("#f-handle-error")
+        assert len([r for r in page.request_log if r == "POST"]) == posts
         # Nothing is wider than the screen on any page.
         for path in PAGES:
             page.goto(url + path)

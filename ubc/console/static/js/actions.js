@@ -410,6 +410,31 @@ async function submitCountersign(form) {
   );
 }
 
+async function listPending(form) {
+  const token = form.elements.token.value || "";
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const answer = await ubc.api("GET", "/api/withdrawals?status=pending", undefined, headers);
+  const section = $("#pending");
+  section.replaceChildren(el("h2", {}, "Pending withdrawals"));
+  if (!answer.withdrawals.length) {
+    section.append(el("p", {}, "None is waiting."));
+  } else {
+    const table = el("table", {}, el("tr", {}, el("th", {}, "account"), el("th", {}, "amount"), el("th", {}, "reference"), el("th", {}, "")));
+    for (const item of answer.withdrawals) {
+      const use = el("button", { type: "button", class: "use", "data-id": item.id }, "Choose");
+      use.addEventListener("click", () => {
+        form.elements.id.value = item.id;
+        form.elements.id.focus();
+      });
+      table.append(
+        el("tr", {}, el("td", {}, item.account), el("td", { class: "num" }, `${item.amount} ${item.asset}`), el("td", {}, item.external_ref), el("td", {}, use)),
+      );
+    }
+    section.append(table);
+  }
+  section.hidden = false;
+}
+
 function wireForm(form, handler, aliases = () => ({})) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
@@ -439,7 +464,14 @@ async function submitRegister(form) {
   }
   let held = await ubc.loadKey("member");
   let made = false;
-  if (!held || (held.handle && held.handle !== handle)) {
+  if (held && held.handle && held.handle !== handle) {
+    // Never replace a key silently: a key made here cannot be recovered once forgotten.
+    throw new FieldError(
+      "handle",
+      `This browser holds the key of member:${held.handle}. Forget it on the Keys page first, or register from another browser profile.`,
+    );
+  }
+  if (!held) {
     held = await ubc.generateKey({ handle });
     made = true;
   }
@@ -567,6 +599,19 @@ async function start() {
     const name = actionForm.dataset.action;
     const handler = name === "countersign" ? submitCountersign : submitAction;
     wireForm(actionForm, handler, () => (ACTIONS[name] && ACTIONS[name].aliases) || {});
+    if (name === "countersign") {
+      const list = el("button", { type: "button", id: "list-pending", class: "generate" }, "List pending withdrawals");
+      actionForm.querySelector("button[type=submit]").after(list);
+      actionForm.after(el("section", { id: "pending", "aria-live": "polite", hidden: "" }));
+      list.addEventListener("click", async () => {
+        clearErrors(actionForm);
+        try {
+          await listPending(actionForm);
+        } catch (error) {
+          showError(actionForm, error);
+        }
+      });
+    }
   }
   const registerForm = $("#register-form");
   if (registerForm) wireForm(registerForm, submitRegister);
