@@ -303,6 +303,26 @@ def test_a_member_registers_and_moves_value_signed_only_in_the_browser(
         assert _balance(api, "member:alice", "USD") == 50 - fee
         assert operator.input_value("#f-token") == ""
 
+        # --- Bob, a steward, sends from the cause; Alice replaces her key --------------
+        _go(bob, url + "/me/send")
+        _fill(bob, to="alice", amount="2", **{"from": "cause:malaria"})
+        _submit(bob)
+        assert _balance(api, "cause:malaria") == 3
+        assert _balance(api, "member:alice") == 77
+        old_keyid = api.member("alice")["keys"][0]["keyid"]
+        _go(alice, url + "/me/keys/rotate")
+        alice.check("#f-confirm-yes")
+        got = _submit(alice)
+        keys = api.member("alice")["keys"]
+        current = [k["keyid"] for k in keys if k["current"]]
+        assert current == [got["new key id"]]
+        assert old_keyid not in current
+        assert got["new key id"] in alice.text_content("#signer")
+        _go(alice, url + "/me/send")
+        _fill(alice, to="bob", amount="7")
+        _submit(alice)  # signed by the new key
+        assert _balance(api, "member:alice") == 70
+
         # --- Suspend, reinstate, change tier, close the epoch -------------------------
         for action, status in (("suspend", "suspended"), ("reinstate", "active")):
             _go(operator, url + f"/operator/act/{action}?member=alice")

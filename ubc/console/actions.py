@@ -75,6 +75,12 @@ _MEMBER: tuple[Action, ...] = (
             _ASSET,
             _amount(),
             Field("memo", "Memo", required=False, help="up to 256 characters, kept with it"),
+            Field(
+                "from",
+                "From",
+                required=False,
+                help="empty: your account; or cause:<slug> of a cause you steward",
+            ),
         ),
     ),
     Action(
@@ -165,6 +171,24 @@ _MEMBER: tuple[Action, ...] = (
                 "key_hash",
                 "Key hash or secret",
                 help="the 64-hex hash shown in your keys list, or the ubc_sk_ secret itself",
+            ),
+        ),
+    ),
+    Action(
+        "rotate",
+        "/me/keys/rotate",
+        "Replace your signing key",
+        "Make a new signing key in this browser and make it your key on the ledger "
+        "(signed by the old and the new key). The old key stops working at once.",
+        "member",
+        "Sign and replace",
+        (
+            Field(
+                "confirm",
+                "Replace my key",
+                "checkboxes",
+                choices=("yes",),
+                help="the old key, and any copy of its key file, stop working",
             ),
         ),
     ),

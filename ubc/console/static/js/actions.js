@@ -172,7 +172,7 @@ const ACTIONS = {
     build: (v, me) => ({
       type: "transfer",
       fields: {
-        from: me,
+        from: text(v, "from") ? address(text(v, "from")) : me,
         to: address(text(v, "to") || ""),
         asset: text(v, "asset"),
         amount: integer(v, "amount"),
@@ -258,6 +258,25 @@ const ACTIONS = {
       if (!/^[0-9a-f]{64}$/.test(hash)) throw new FieldError("key_hash", "Enter the key's 64-hex hash or its secret.");
       return { type: "apikey.revoke", fields: { account: me, key_hash: hash } };
     },
+  },
+  rotate: {
+    async build(v, me, held) {
+      if (!v.getAll("confirm").includes("yes")) {
+        throw new FieldError("confirm", "Tick the box to replace your key.");
+      }
+      const next = await ubc.generateKey({ handle: held.handle });
+      return {
+        type: "key.rotate",
+        next,
+        extraSigners: [next],
+        fields: { handle: held.handle, new_public_key: next.publicKey },
+      };
+    },
+    after: async (built) => {
+      await ubc.saveKey("member", built.next);
+      await showSigner();
+    },
+    done: (receipt, built) => [["new key id", built.next.keyid]],
   },
   withdraw: {
     endpoint: "/api/withdrawals",
@@ -375,14 +394,15 @@ async function submitAction(form) {
   if (role === "member" && !held.handle) throw new Error("This key has no handle: set it on the Keys page.");
   const me = role === "member" ? `member:${held.handle}` : "operator";
   const values = new FormData(form);
-  const built = await spec.build(values, me);
+  const built = await spec.build(values, me, held);
   const info = await ubc.ledger();
   const envelope = await ubc.envelope(built.type, built.fields, {
     origin: info.origin,
     actor: me,
-    signers: [held],
+    signers: [held].concat(built.extraSigners || []),
   });
   const answer = await ubc.api("POST", spec.endpoint || "/api/envelopes", envelope);
+  if (spec.after) await spec.after(built);
   if (spec.show) return spec.show(answer);
   const rows = receiptRows(answer).concat(spec.done ? spec.done(answer, built) : []);
   showResult("Done: the ledger's receipt", rows, spec.extra ? spec.extra(built) : null);
