@@ -265,6 +265,8 @@ const ACTIONS = {
         throw new FieldError("confirm", "Tick the box to replace your key.");
       }
       const next = await ubc.generateKey({ handle: held.handle });
+      // Kept before the ledger hears of it: were the answer lost, the key would not be.
+      await ubc.saveKey("member-next", next);
       return {
         type: "key.rotate",
         next,
@@ -274,6 +276,7 @@ const ACTIONS = {
     },
     after: async (built) => {
       await ubc.saveKey("member", built.next);
+      await ubc.forgetKey("member-next");
       await showSigner();
     },
     done: (receipt, built) => [["new key id", built.next.keyid]],
