@@ -25,6 +25,7 @@ from ubc import schemas as api_schemas
 from ubc.causes import routes as cause_routes
 from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.config import Settings, get_settings
+from ubc.console import actions as console_actions
 from ubc.console import routes as console_routes
 from ubc.db import (
     DATABASE_ERRORS,
@@ -163,6 +164,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         gateway_routes.router,
         gateway_usage.router,
         console_routes.router,
+        console_actions.router,
     ):
         app.include_router(router)
     app.mount(console_routes.STATIC_URL, console_routes.static, name="console_static")
