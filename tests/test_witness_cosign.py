@@ -25,6 +25,7 @@ import httpx
 import pytest
 import uvicorn
 from nacl.signing import SigningKey
+from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -35,13 +36,18 @@ from tests.conftest import LiveServer, _free_port, make_data_dir, run_server
 from tests.test_witness import ORIGIN, Ledger, body_of, size_of
 from ubc.cli import app as cli_app
 from ubc.clock import ManualClock
-from ubc.db import make_engine
+from ubc.db import make_engine, make_session_factory
 from ubc.journal.checkpoint import format_checkpoint, parse_tlog_proof
 from ubc.signing import NoteSigner, NoteVerifier, generate_signing_key
 from ubc.signing.keys import load_signing_key
 from ubc.witness.app import create_witness_app
 from ubc.witness.cosignature import Cosigner
-from ubc.witness.cosigning import WitnessRounds, parse_witnesses, witnessing_of
+from ubc.witness.cosigning import (
+    ADVISORY_LOCK_KEY,
+    WitnessRounds,
+    parse_witnesses,
+    witnessing_of,
+)
 from ubc.witness.protocol import Witness, format_add_checkpoint
 from ubc.witness.quorum import WitnessPolicy
 from ubc.witness.store import WitnessStore
@@ -139,9 +145,14 @@ def rounds(server: LiveServer) -> WitnessRounds:
 
 def run_round(server: LiveServer) -> str:
     """A round now if one is due (the background task may be running one: wait it out)."""
+    return settle(rounds(server))
+
+
+def settle(witness_rounds: WitnessRounds) -> str:
+    """:meth:`WitnessRounds.tick`, again while another round holds the locks."""
     deadline = time.monotonic() + 30
     while True:
-        result = rounds(server).tick_blocking()
+        result = witness_rounds.tick_blocking()
         if result != "busy":
             return result
         assert time.monotonic() < deadline, "a witness round never finished"
@@ -332,6 +343,14 @@ def test_a_witness_beyond_the_ledger_is_reported(db_url: str, tmp_path: Path) ->
             assert mine["size"] == 1000
             assert "beyond" in str(mine["error"])
             assert ledger.client.get("/journal/checkpoint/cosigned").status_code == 404
+            # It is asked again at the next round (it may have been reset meanwhile).
+            pattern = rf'ubc_witness_requests_total\{{status="409",witness="{cosigner.name}"\}}'
+            before = metric(ledger, pattern)
+            assert before is not None
+            ledger.grow(1)
+            next_round(ledger)
+            assert metric(ledger, pattern) == before + 1
+            assert witness_status(ledger, cosigner.name)["status"] == "ahead"
 
 
 def test_a_witness_that_is_down_blocks_nothing_and_catches_up(db_url: str, tmp_path: Path) -> None:
@@ -560,3 +579,56 @@ def test_without_witnesses_nothing_changes(db_url: str, tmp_path: Path) -> None:
         body = client.get("/journal/witnesses").json()
         assert body["witnesses"] == []
         assert json.dumps(body)
+
+
+# --- several processes on one database ---------------------------------------------------
+
+
+def test_one_round_at_a_time_and_per_interval_across_processes(db_url: str, tmp_path: Path) -> None:
+    """Another process's rounds (another :class:`WitnessRounds` on the same database):
+    the PostgreSQL advisory lock keeps two rounds from running at once, and the interval
+    is shared through the database."""
+    data_dir = make_data_dir(tmp_path / "data")
+    vkey = ledger_vkey(data_dir)
+    cosigner = new_cosigner("witness.test/w1")
+    with run_witness(tmp_path / "w1.db", cosigner, vkey) as witness:
+        configured = setting((cosigner, witness.url))
+        with ledger_with(db_url, data_dir, configured) as ledger:
+            engine = make_engine(db_url)
+            try:
+                other = WitnessRounds(
+                    parse_witnesses(configured),
+                    quorum=1,
+                    interval=INTERVAL,
+                    timeout=2.0,
+                    sessions=make_session_factory(engine),
+                    engine=engine,
+                    clock=ledger.server.clock,
+                )
+                ours = rounds(ledger.server)
+                ledger.grow(1)
+                ledger.server.clock.advance(INTERVAL)
+                # This process's task is kept out (as if it were busy elsewhere).
+                assert ours._lock.acquire(timeout=30)
+                try:
+                    if engine.dialect.name == "postgresql":
+                        with engine.connect() as holder:
+                            key = {"key": ADVISORY_LOCK_KEY}
+                            holder.execute(text("SELECT pg_advisory_lock(:key)"), key)
+                            assert other.tick_blocking() == "busy"
+                            holder.execute(text("SELECT pg_advisory_unlock(:key)"), key)
+                            holder.commit()
+                    assert other.tick_blocking() == "done"
+                finally:
+                    ours._lock.release()
+                assert WitnessPolicy.from_vkeys([cosigner.vkey]).check(ledger.checkpoint()).ok
+                assert settle(ours) == "idle"
+                # The other process's round counts for this one's interval too.
+                ledger.grow(1)
+                assert settle(ours) == "not_due"
+                assert settle(other) == "not_due"
+                ledger.server.clock.advance(INTERVAL)
+                assert run_round(ledger.server) in ("done", "idle")
+                assert WitnessPolicy.from_vkeys([cosigner.vkey]).check(ledger.checkpoint()).ok
+            finally:
+                engine.dispose()

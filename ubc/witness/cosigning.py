@@ -289,6 +289,8 @@ class WitnessRounds:
     ) -> Outcome:
         """add-checkpoint from ``old``; once more from the witness's size after a 409."""
         learned: int | None = None
+        if old > plan.size:
+            old = 0  # known to be ahead: ask again, its 409 says where it is now
         for attempt in (1, 2):
             if old > plan.size:
                 return Outcome(
