@@ -36,6 +36,7 @@ from tests.conftest import LiveServer, _free_port, make_data_dir, run_server
 from tests.test_witness import ORIGIN, Ledger, body_of, size_of
 from ubc.cli import app as cli_app
 from ubc.clock import ManualClock
+from ubc.config import get_settings
 from ubc.db import make_engine, make_session_factory
 from ubc.journal.checkpoint import format_checkpoint, parse_tlog_proof
 from ubc.signing import NoteSigner, NoteVerifier, generate_signing_key
@@ -632,3 +633,78 @@ def test_one_round_at_a_time_and_per_interval_across_processes(db_url: str, tmp_
                 assert WitnessPolicy.from_vkeys([cosigner.vkey]).check(ledger.checkpoint()).ok
             finally:
                 engine.dispose()
+
+
+def test_ubc_serve_refuses_a_bad_witness_setting(tmp_path: Path) -> None:
+    ledger_key = NoteSigner("w.test/1", generate_signing_key()).vkey
+    for value, quorum, message in (
+        (f"{ledger_key}@http://127.0.0.1:9", "", "type 0x01"),
+        ("nonsense", "", "is not <vkey>@<url>"),
+        (f"{new_cosigner('w.test/1').vkey}@http://127.0.0.1:9", "2", "UBC_WITNESS_QUORUM"),
+    ):
+        env = {
+            "UBC_WITNESSES": value,
+            "UBC_DATABASE_URL": f"sqlite:///{tmp_path / 'ubc.db'}",
+            "UBC_DATA_DIR": str(tmp_path / "data"),
+            **({"UBC_WITNESS_QUORUM": quorum} if quorum else {}),
+        }
+        get_settings.cache_clear()
+        result = CliRunner().invoke(cli_app, ["serve", "--port", "9"], env=env)
+        assert result.exit_code == 1, result.output
+        assert message in " ".join(result.output.split())
+        assert not (tmp_path / "ubc.db").exists()
+
+
+# --- under load ----------------------------------------------------------------------------
+
+
+def test_cosignatures_are_collected_under_load(db_url: str, tmp_path: Path) -> None:
+    """Writers keep writing while rounds run: every round stores a cosignature that
+    verifies on the checkpoint it was given, and the last one covers everything."""
+    data_dir = make_data_dir(tmp_path / "data")
+    vkey = ledger_vkey(data_dir)
+    cosigner = new_cosigner("witness.test/w1")
+    policy = WitnessPolicy.from_vkeys([cosigner.vkey])
+    with run_witness(tmp_path / "w1.db", cosigner, vkey) as witness:
+        # Envelopes are dated by the wall clock, the ledger's clock moves on by rounds.
+        with ledger_with(
+            db_url, data_dir, setting((cosigner, witness.url)), created_at_skew_seconds=3600
+        ) as ledger:
+            stop = threading.Event()
+            failures: list[BaseException] = []
+
+            def write() -> None:
+                try:
+                    with httpx.Client(base_url=ledger.server.url, timeout=30) as client:
+                        writer = Ledger(ledger.server, client)
+                        while not stop.is_set():
+                            writer.grow(1)
+                except BaseException as exc:  # reported below
+                    failures.append(exc)
+
+            writers = [threading.Thread(target=write) for _ in range(3)]
+            for thread in writers:
+                thread.start()
+            sizes = []
+            try:
+                for _ in range(6):
+                    time.sleep(0.2)  # let the writers move the checkpoint on
+                    next_round(ledger)
+                    cosigned = ledger.client.get("/journal/checkpoint/cosigned")
+                    assert cosigned.status_code == 200, cosigned.text
+                    assert policy.check(cosigned.text).ok
+                    assert NoteVerifier.from_vkey(vkey).verify(cosigned.text)
+                    sizes.append(size_of(cosigned.text))
+            finally:
+                stop.set()
+                for thread in writers:
+                    thread.join(timeout=60)
+            assert not failures, failures
+            assert sizes == sorted(sizes)
+            assert len(set(sizes)) > 1
+            next_round(ledger)
+            latest = ledger.checkpoint()
+            assert policy.check(latest).ok
+            stored = witness.store.get(ORIGIN)
+            assert stored is not None
+            assert stored.size == size_of(latest)
