@@ -60,6 +60,7 @@ from ubc.members.auth import api_key_principal
 from ubc.migrations import current_revision, head_revision
 from ubc.runtime import Runtime, is_loopback, load_runtime
 from ubc.schemas import ErrorBody, Health, Readiness, error_responses
+from ubc.witness import cosigning
 
 log = logging.getLogger("ubc")
 
@@ -74,6 +75,20 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     # Holds of model calls commit without waiting for the disk (see make_engine).
     hold_engine = make_engine(settings.database_url, lazy_commit=True, pool_size=2)
     sessions = make_session_factory(engine)
+    # The ledger's witnesses (UBC_WITNESSES): a bad setting stops the start here.
+    witness_endpoints = cosigning.parse_witnesses(settings.witnesses)
+    witnessing = cosigning.witnessing_of(
+        witness_endpoints, settings.witness_quorum, settings.witness_interval_seconds
+    )
+    witness_rounds = cosigning.WitnessRounds(
+        witness_endpoints,
+        quorum=witnessing.quorum,
+        interval=settings.witness_interval_seconds,
+        timeout=settings.witness_timeout_seconds,
+        sessions=sessions,
+        engine=engine,
+        clock=ledger_clock,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -110,6 +125,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds, stop)),
             asyncio.create_task(_advance_epochs(app, stop)),
         ]
+        if witness_endpoints:  # cosignatures, in rounds: never on the write path
+            background.append(asyncio.create_task(witness_rounds.run(stop)))
         try:
             yield
         finally:
@@ -135,6 +152,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     )
     app.state.settings = settings
     app.state.clock = ledger_clock
+    app.state.witnessing = witnessing
+    app.state.witness_rounds = witness_rounds
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.read_sessions = make_session_factory(read_engine, retry_reads=True)
