@@ -55,7 +55,8 @@ def seed(server: LiveServer, *, spend: bool = True) -> Seeded:
         operator.admit(handle, tier)
         seeded.members[handle] = member
     # A member still waiting for admission.
-    UbcClient(server.url, key=generate_signing_key()).register("dave", display_name="Dave")
+    with UbcClient(server.url, key=generate_signing_key()) as dave:
+        dave.register("dave", display_name="Dave")
     now = server.app.state.clock.now()
     operator.submit(
         operator.envelope(
