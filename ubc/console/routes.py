@@ -9,9 +9,9 @@ import base64
 from datetime import datetime
 from email.parser import BytesParser
 from email.policy import HTTP
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
@@ -43,6 +43,7 @@ from ubc.journal.checkpoint import parse_checkpoint, parse_tlog_proof
 from ubc.journal.merkle import ProofError, inclusion_proof, leaf_hash, verify_inclusion
 from ubc.journal.models import JournalEntry
 from ubc.market import service as market
+from ubc.params import MAX_DB_INT
 from ubc.signing import NoteError, NoteVerifier
 
 __all__ = ["CONSOLE_CSP", "STATIC_URL", "page", "router", "static", "templates"]
@@ -98,7 +99,11 @@ def home(request: Request, session: ReadSession) -> Response:
 
 
 @router.get("/checkpoints", response_class=HTMLResponse)
-def checkpoints(request: Request, session: ReadSession, before: int | None = None) -> Response:
+def checkpoints(
+    request: Request,
+    session: ReadSession,
+    before: Annotated[int | None, Query(ge=1, le=MAX_DB_INT)] = None,
+) -> Response:
     """The tree heads the ledger signed, newest first: one per committed batch."""
     size, checkpoint = store.latest_checkpoint(session)
     stmt = (
