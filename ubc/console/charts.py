@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 
-WIDTH = 640
-LABEL_WIDTH = 200
+WIDTH = 480
+LABEL_WIDTH = 150
 VALUE_WIDTH = 90
 ROW = 26
 BAR = 18
