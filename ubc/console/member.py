@@ -7,30 +7,25 @@ browser signs; these pages only read)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ubc.apikey_routes import get_api_keys
 from ubc.causes.routes import get_donations
 from ubc.console.charts import bar_chart
 from ubc.console.web import SignedIn, harden, page, signed_in, to_signin
-from ubc.db import table
 from ubc.deps import ReadSession
 from ubc.errors import UbcError
+from ubc.gateway.usage import get_usage
 from ubc.ledger.routes import get_account, get_history
 from ubc.market import service as market
 from ubc.market.routes import list_trades, list_withdrawals
 from ubc.members.routes import get_member
-from ubc.metering.models import UsageRecord
 
 router = APIRouter(include_in_schema=False)
-usage_t = table(UsageRecord)
-SPEND_DAYS = 30
 PAGE_SIZE = 25
 
 
@@ -90,42 +85,30 @@ def history(request: Request, session: ReadSession, cursor: str | None = None) -
     return _show(request, session, "me/history.html", build)
 
 
-def spend(session: Session, address: str, now: datetime) -> dict[str, Any]:
-    """Model calls of an account: by model (all time) and by day (the last 30 days), in
-    tokens and in CU."""
-    by_model: list[dict[str, Any]] = [
-        {
-            "model": r.model,
-            "calls": int(r.calls),
-            "tokens": int(r.input_tokens or 0) + int(r.output_tokens or 0),
-            "input_tokens": int(r.input_tokens or 0),
-            "output_tokens": int(r.output_tokens or 0),
-            "cost": int(r.cost or 0),
-        }
-        for r in session.execute(
-            select(
-                usage_t.c.model,
-                func.count().label("calls"),
-                func.sum(usage_t.c.input_tokens).label("input_tokens"),
-                func.sum(usage_t.c.output_tokens).label("output_tokens"),
-                func.sum(usage_t.c.cost).label("cost"),
-            )
-            .where(usage_t.c.account == address)
-            .group_by(usage_t.c.model)
-            .order_by(func.sum(usage_t.c.cost).desc(), usage_t.c.model)
-        )
-    ]
-    since = now - timedelta(days=SPEND_DAYS)
+def spend(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Model calls of an account (the API's ``/usage`` rows: per UTC day and model), by
+    model and by day, in tokens and in CU."""
+    models: dict[str, dict[str, int]] = {}
     days: dict[str, dict[str, int]] = {}
-    for r in session.execute(
-        select(
-            usage_t.c.created_at, usage_t.c.input_tokens, usage_t.c.output_tokens, usage_t.c.cost
-        ).where(usage_t.c.account == address, usage_t.c.created_at >= since)
-    ):
-        day = days.setdefault(r.created_at.date().isoformat(), {"calls": 0, "tokens": 0, "cost": 0})
-        day["calls"] += 1
-        day["tokens"] += int(r.input_tokens) + int(r.output_tokens)
-        day["cost"] += int(r.cost)
+    for row in items:
+        tokens = int(row["input_tokens"]) + int(row["output_tokens"])
+        m = models.setdefault(
+            row["model"],
+            {"calls": 0, "tokens": 0, "input_tokens": 0, "output_tokens": 0, "cost": 0},
+        )
+        m["calls"] += int(row["calls"])
+        m["tokens"] += tokens
+        m["input_tokens"] += int(row["input_tokens"])
+        m["output_tokens"] += int(row["output_tokens"])
+        m["cost"] += int(row["cost"])
+        d = days.setdefault(str(row["day"]), {"calls": 0, "tokens": 0, "cost": 0})
+        d["calls"] += int(row["calls"])
+        d["tokens"] += tokens
+        d["cost"] += int(row["cost"])
+    by_model: list[dict[str, Any]] = sorted(
+        ({"model": name, **v} for name, v in models.items()),
+        key=lambda m: (-m["cost"], m["model"]),
+    )
     by_day: list[dict[str, Any]] = [{"day": d, **v} for d, v in sorted(days.items())]
     return {
         "by_model": by_model,
@@ -133,14 +116,8 @@ def spend(session: Session, address: str, now: datetime) -> dict[str, Any]:
         "charts": [
             bar_chart("CU by model", [(m["model"], m["cost"]) for m in by_model], "CU"),
             bar_chart("Tokens by model", [(m["model"], m["tokens"]) for m in by_model]),
-            bar_chart(
-                f"CU by day (last {SPEND_DAYS} days)",
-                [(d["day"], d["cost"]) for d in by_day],
-                "CU",
-            ),
-            bar_chart(
-                f"Tokens by day (last {SPEND_DAYS} days)", [(d["day"], d["tokens"]) for d in by_day]
-            ),
+            bar_chart("CU by day", [(d["day"], d["cost"]) for d in by_day], "CU"),
+            bar_chart("Tokens by day", [(d["day"], d["tokens"]) for d in by_day]),
         ],
     }
 
@@ -150,9 +127,8 @@ def spend_page(request: Request, session: ReadSession) -> Response:
     """Model spend by day and by model, as charts and tables (tokens and CU)."""
 
     def build(reader: SignedIn, address: str) -> dict[str, Any]:
-        if not reader.principal.may_read(address):
-            raise UbcError("this key may not read the account")
-        return spend(session, address, request.app.state.clock.now())
+        found = get_usage(request, address, session, reader.principal, since=None, until=None)
+        return {"since": found["since"], "until": found["until"], **spend(found["items"])}
 
     return _show(request, session, "me/spend.html", build)
 
