@@ -135,7 +135,7 @@ def test_public_pages_and_a_receipt(
         assert result.exit_code == 0, result.output
         page.goto(server.url + "/receipt")
         page.set_input_files("#file", str(receipt))
-        page.click("form button[type=submit]")
+        page.click("#receipt-form button")
         verdict = page.text_content("#verdict")
         assert verdict.strip().startswith("Included.")
         assert f"Entry {seeded.donation_seq} is in the journal" in verdict
@@ -150,12 +150,12 @@ def test_public_pages_and_a_receipt(
         )
         page.goto(server.url + "/receipt")
         page.set_input_files("#file", str(forged))
-        page.click("form button[type=submit]")
+        page.click("#receipt-form button")
         assert page.text_content("#verdict").strip().startswith("Not included.")
         # Pasted garbage: an error in words.
         page.goto(server.url + "/receipt")
         page.fill("#proof", "hello")
-        page.click("form button[type=submit]")
+        page.click("#receipt-form button")
         assert "not a tlog-proof" in page.text_content("#verdict")
         assert not dialogs
         no_script_ran(page)
@@ -266,6 +266,16 @@ def test_member_pages_sign_in_cookie_csrf_and_escaping(
         donations = page.locator("#donations").inner_text()
         assert "cause:open-research" in donations
         assert str(seeded.donation_seq) in donations
+        # Its receipt, downloaded from the console, checks out on the receipt page.
+        with page.expect_download() as download:
+            page.click("#donations a.receipt")
+        assert download.value.suggested_filename == f"proof-{seeded.donation_seq}.tlog-proof"
+        page.goto(server.url + "/receipt")
+        page.set_input_files("#file", download.value.path())
+        page.click("#receipt-form button")
+        assert page.text_content("#verdict").strip().startswith("Included.")
+        # Not the receipt of an entry that is not bob's (entry 0: the ledger's configuration).
+        assert page.goto(server.url + "/me/receipts/0.tlog-proof").status == 404
         page.goto(server.url + "/me/market")
         assert "bought" in page.locator("#my-trades").inner_text()
         assert not dialogs

@@ -132,3 +132,17 @@ def test_signout_needs_its_csrf_token(server: LiveServer) -> None:
         done = client.post("/signout", data={"csrf": token}, headers={"Origin": server.url})
         assert done.status_code == 303
         assert client.get("/operator").status_code == 303
+
+
+def test_market_shows_who_traded_when_the_journal_is_public(db_url: str, tmp_path: Path) -> None:
+    from .console_seed import close, seed
+
+    data = make_data_dir(tmp_path / "data")
+    with run_server(db_url, data, journal_access="public") as served:
+        seeded = seed(served, spend=False)
+        try:
+            trades = httpx.get(served.url + "/market").text.split('id="trades"')[1]
+            assert "member:bob" in trades
+            assert "member:carol" in trades
+        finally:
+            close(seeded)

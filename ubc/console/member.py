@@ -7,9 +7,9 @@ browser signs; these pages only read)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
@@ -20,10 +20,14 @@ from ubc.console.web import SignedIn, harden, page, signed_in, to_signin
 from ubc.deps import ReadSession
 from ubc.errors import UbcError
 from ubc.gateway.usage import get_usage
+from ubc.journal import store
+from ubc.journal.checkpoint import format_tlog_proof
+from ubc.journal.merkle import inclusion_proof
 from ubc.ledger.routes import get_account, get_history
 from ubc.market import service as market
 from ubc.market.routes import list_trades, list_withdrawals
 from ubc.members.routes import get_member
+from ubc.params import MAX_DB_INT
 
 router = APIRouter(include_in_schema=False)
 PAGE_SIZE = 25
@@ -142,6 +146,40 @@ def donations(request: Request, session: ReadSession, cursor: str | None = None)
         return {"donations": found["donations"], "next_cursor": found["next_cursor"]}
 
     return _show(request, session, "me/donations.html", build)
+
+
+@router.get("/me/receipts/{seq}.tlog-proof")
+def receipt(
+    request: Request,
+    session: ReadSession,
+    seq: Annotated[int, Path(ge=0, le=MAX_DB_INT)],
+) -> Response:
+    """The receipt of one of the account's own journal entries: the same
+    ``c2sp.org/tlog-proof@v1`` file as ``ubc proof get SEQ`` writes (the entry, its
+    inclusion proof, the current checkpoint as served)."""
+    found = _member(request, session)
+    if isinstance(found, Response):
+        return found
+    size, checkpoint = store.latest_checkpoint(session)
+    rows = store.entries(session, seq, seq + 1) if seq < size else []
+    if not rows or found.account not in rows[0][2].split():
+        return page(
+            request,
+            "error.html",
+            reader=found,
+            message=f"No journal entry {seq} of {found.account}.",
+            status_code=404,
+        )
+    _, entry, _ = rows[0]
+    proof = inclusion_proof(seq, size, store.HashTable(session))
+    body = format_tlog_proof(seq, proof, checkpoint, extra=entry)
+    return harden(
+        Response(
+            body,
+            media_type="text/plain; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="proof-{seq}.tlog-proof"'},
+        )
+    )
 
 
 @router.get("/me/market", response_class=HTMLResponse)
