@@ -69,9 +69,10 @@ def sign_in(page: Any, server: LiveServer, secret: str, expect: str) -> None:
 
 
 def test_public_pages_and_a_receipt(
-    served: tuple[LiveServer, Seeded], page: Any, tmp_path: Path
+    served: tuple[LiveServer, Seeded], page: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, seeded = served
+    monkeypatch.setattr("ubc.console.routes.HISTORY_ROWS", 3)
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     with screenshots_on_failure(page, server, tmp_path / "shots", PUBLIC):
@@ -88,6 +89,15 @@ def test_public_pages_and_a_receipt(
         first = page.locator("#heads tbody tr").first.locator("td")
         assert int(first.nth(0).text_content()) == size
         assert first.nth(1).text_content().strip() == body.splitlines()[2]
+        # Paged: the next page goes on with the batch just before the last one shown.
+        column = "#heads tbody tr td:nth-child({})"
+        sizes = [int(t) for t in page.locator(column.format(1)).all_text_contents()]
+        counts = [int(t) for t in page.locator(column.format(3)).all_text_contents()]
+        assert len(sizes) == 3
+        assert all(a - n == b for a, n, b in zip(sizes, counts, sizes[1:], strict=False))
+        page.click("text=Older")
+        older = [int(t) for t in page.locator(column.format(1)).all_text_contents()]
+        assert older[0] == sizes[-1] - counts[-1]
 
         # Epochs: members and totals per tier.
         page.goto(server.url + "/epochs")

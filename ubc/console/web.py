@@ -81,8 +81,10 @@ class SignedIn:
 def _box(request: Request) -> SecretBox:
     """The session cookie's key: derived from the ledger's signing key (never the key)."""
     ledger_key = request.app.state.ctx.ledger_key
-    seed = bytes(ledger_key) if ledger_key is not None else b""
-    return SecretBox(hmac.new(seed, b"ubc console session cookie v1", hashlib.sha256).digest())
+    if ledger_key is None:  # a served ledger always has its key; never a guessable one
+        raise RuntimeError("the console's sessions need the ledger's signing key")
+    label = b"ubc console session cookie v1"
+    return SecretBox(hmac.new(bytes(ledger_key), label, hashlib.sha256).digest())
 
 
 def _secure(request: Request) -> bool:
