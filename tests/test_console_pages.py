@@ -369,5 +369,10 @@ def test_operator_pages(served: tuple[LiveServer, Seeded], page: Any, tmp_path: 
         # The market shows who traded to the operator.
         page.goto(server.url + "/market")
         assert "member:bob" in page.locator("#trades").inner_text()
+        # At a phone's width nothing overflows sideways.
+        page.set_viewport_size({"width": 375, "height": 740})
+        for path in [*OPERATOR, "/operator/causes", "/operator/withdrawals", *PUBLIC]:
+            page.goto(server.url + path)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 375, path
         assert not dialogs
         no_script_ran(page)
