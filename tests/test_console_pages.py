@@ -75,6 +75,8 @@ def test_public_pages_and_a_receipt(
     monkeypatch.setattr("ubc.console.routes.HISTORY_ROWS", 3)
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    refused: list[str] = []  # what the CSP blocked (nothing should try)
+    page.on("console", lambda m: refused.append(m.text) if "Security Policy" in m.text else None)
     with screenshots_on_failure(page, server, tmp_path / "shots", PUBLIC):
         vkey = server.app.state.ledger_info["vkey"]
         response = page.goto(server.url + "/")
@@ -168,6 +170,7 @@ def test_public_pages_and_a_receipt(
         page.click("#receipt-form button")
         assert "not a tlog-proof" in page.text_content("#verdict")
         assert not dialogs
+        assert not refused
         no_script_ran(page)
 
 
@@ -178,6 +181,8 @@ def test_member_pages_sign_in_cookie_csrf_and_escaping(
     monkeypatch.setattr("ubc.console.member.PAGE_SIZE", 2)
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    refused: list[str] = []  # what the CSP blocked (nothing should try)
+    page.on("console", lambda m: refused.append(m.text) if "Security Policy" in m.text else None)
     secret = seeded.api_keys["alice"]
     with screenshots_on_failure(page, server, tmp_path / "shots", MEMBER):
         # Without a session the member's pages send to the sign-in page, and back after it.
@@ -289,6 +294,7 @@ def test_member_pages_sign_in_cookie_csrf_and_escaping(
         page.goto(server.url + "/me/market")
         assert "bought" in page.locator("#my-trades").inner_text()
         assert not dialogs
+        assert not refused
         no_script_ran(page)
 
 
@@ -296,6 +302,8 @@ def test_operator_pages(served: tuple[LiveServer, Seeded], page: Any, tmp_path: 
     server, seeded = served
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    refused: list[str] = []  # what the CSP blocked (nothing should try)
+    page.on("console", lambda m: refused.append(m.text) if "Security Policy" in m.text else None)
     with screenshots_on_failure(page, server, tmp_path / "shots", OPERATOR):
         # A member's key does not open the operator's pages.
         sign_in(page, server, seeded.api_keys["carol"], "/me")
@@ -375,4 +383,5 @@ def test_operator_pages(served: tuple[LiveServer, Seeded], page: Any, tmp_path: 
             page.goto(server.url + path)
             assert page.evaluate("document.documentElement.scrollWidth") <= 375, path
         assert not dialogs
+        assert not refused
         no_script_ran(page)
