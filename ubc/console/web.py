@@ -248,8 +248,3 @@ def to_signin(request: Request) -> Response:
     if request.url.query:
         target += "?" + request.url.query
     return harden(RedirectResponse(f"/signin?next={quote(target, safe='')}", status_code=303))
-
-
-def error_text(exc: UbcError) -> str:
-    """An API error in words, for a page."""
-    return str(exc)
