@@ -23,9 +23,10 @@ How, per engine:
   minute rather than the system's two hours. A leader checks its connection at every round
   (one ``SELECT 1``): a lost connection means lost leadership.
 - **SQLite** (one host): an exclusive ``flock`` of a small file beside the database file
-  (``<database>.leader-<job>``), held while leading: the worker processes of
-  ``ubc serve --workers N`` (and several apps in one process) lead in turn, and the
-  lock is released when its process exits. An in-memory database always leads.
+  (``<database>-leader-<job>``, beside SQLite's ``-wal`` and ``-shm``), held while
+  leading: the worker processes of ``ubc serve --workers N`` (and several apps in one
+  process) lead in turn, and the lock is released when its process exits. An in-memory
+  database always leads.
 
 Leadership is what keeps a job from running twice at once; the jobs themselves remain
 correct if it ever happens (every write they make takes the same row locks as any
@@ -263,7 +264,7 @@ class _FileLocks(_Backend):
     def hold(self, job: str) -> bool:
         if job in self.files:
             return True
-        path = self.database.with_name(f"{self.database.name}.leader-{job}")
+        path = self.database.with_name(f"{self.database.name}-leader-{job}")
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         file = os.fdopen(descriptor, "r+b")
         try:
