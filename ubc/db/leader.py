@@ -160,7 +160,8 @@ class Leaders:
                 extra={"fields": {"job": job, "leader": True}},
             )
         else:
-            log.warning(
+            log.log(
+                logging.INFO if reason else logging.WARNING,
                 "no longer leading background job %s (%s)",
                 job,
                 reason or "its leader lock was lost",
@@ -251,7 +252,12 @@ class _Postgres(_Backend):
                 connection.close()
 
     def close(self) -> None:
-        self.lost()  # closing the session releases its advisory locks
+        # Released now, before the session ends (which releases them too, but a moment
+        # after the connection closes): the next leader can take them at once.
+        if self.connection is not None and self.held:
+            with contextlib.suppress(psycopg.Error):
+                self.connection.execute("SELECT pg_advisory_unlock_all()")
+        self.lost()
 
 
 class _FileLocks(_Backend):
