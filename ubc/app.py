@@ -37,6 +37,7 @@ from ubc.db import (
     run_unit_of_work,
     unit_of_work,
 )
+from ubc.db.leader import Leaders
 from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes import service as write_path
 from ubc.envelopes.writer import GroupCommitWriter
@@ -121,9 +122,14 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             await gateway.shared_limiter.start()  # a warning if Redis is down; serve anyway
         app.state.gateway = gateway
         stop = asyncio.Event()
+        # One process (of every worker and host on this database) runs each background
+        # job's rounds at a time: ubc.db.leader.
+        leaders = app.state.leaders = Leaders(engine)
         background = [
-            asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds, stop)),
-            asyncio.create_task(_advance_epochs(app, stop)),
+            asyncio.create_task(
+                _sweep_holds(app, settings.hold_sweep_interval_seconds, stop, leaders)
+            ),
+            asyncio.create_task(_advance_epochs(app, stop, leaders)),
         ]
         if witness_endpoints:  # cosignatures, in rounds: never on the write path
             background.append(asyncio.create_task(witness_rounds.run(stop)))
@@ -134,6 +140,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             # so that nothing is left using the engines when they are disposed.
             stop.set()
             await asyncio.gather(*background)
+            await leaders.aclose()  # another process takes the jobs over
             await holds.stop()
             await gateway.aclose()  # queued usage entries are written before the writer stops
             await writer.stop()
@@ -428,23 +435,39 @@ def _document(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _sweep_holds(app: FastAPI, interval: float, stop: asyncio.Event) -> None:
-    """Release expired holds now and every ``interval`` seconds, also after a restart."""
+async def _leads(leaders: Leaders | None, job: str) -> bool:
+    """Whether this process runs ``job``'s round now: it holds the job's leader lock
+    (``ubc.db.leader``); without ``leaders``, always."""
+    return leaders is None or await leaders.lead(job)
+
+
+async def _sweep_holds(
+    app: FastAPI, interval: float, stop: asyncio.Event, leaders: Leaders | None = None
+) -> None:
+    """Release expired holds now and every ``interval`` seconds, also after a restart
+    (in the one process that leads the job ``hold-sweep``)."""
     while not stop.is_set():
-        try:
-            started = time.perf_counter()
-            calls, other, offers = await asyncio.to_thread(sweep_once, app)
-            if calls or other or offers:
-                _job_done("hold sweep", started, calls=calls, holds=other, offers=offers)
-        except Exception:  # keep sweeping; the next round retries
-            log.exception("hold sweep failed")
+        if await _leads(leaders, "hold-sweep"):
+            try:
+                started = time.perf_counter()
+                calls, other, offers = await asyncio.to_thread(sweep_once, app)
+                if calls or other or offers:
+                    _job_done("hold sweep", started, calls=calls, holds=other, offers=offers)
+            except Exception:  # keep sweeping; the next round retries
+                log.exception("hold sweep failed")
         await _pause(stop, interval)
 
 
-async def _advance_epochs(app: FastAPI, stop: asyncio.Event) -> None:
+async def _advance_epochs(
+    app: FastAPI, stop: asyncio.Event, leaders: Leaders | None = None
+) -> None:
     """Fix and apply opening epochs' allocations batch by batch, and journal closing
-    epochs' expiry steps one by one (also an open or a close left half-done by a crash)."""
+    epochs' expiry steps one by one (also an open or a close left half-done by a crash);
+    in the one process that leads the job ``epochs``."""
     while not stop.is_set():
+        if not await _leads(leaders, "epochs"):
+            await _pause(stop, 0.5)
+            continue
         try:
             started = time.perf_counter()
             steps = await asyncio.to_thread(_advance_once, app)

@@ -41,6 +41,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -130,6 +131,20 @@ WITNESS_REQUESTS = Counter(
     "`timeout` or `unreachable`",
     ["witness", "status"],
 )
+
+BACKGROUND_LEADER = Gauge(
+    "ubc_background_leader",
+    "1 where this process (with several workers: one of them) leads the background job "
+    "`job` (holds its leader lock: ubc.db.leader), else 0; over all hosts, 1 for each job",
+    ["job"],
+    multiprocess_mode="livemax",
+)
+
+
+def set_leader(job: str, leading: bool) -> None:
+    """Whether this process leads the background job ``job`` (see ``ubc.db.leader``)."""
+    BACKGROUND_LEADER.labels(job).set(1 if leading else 0)
+
 
 #: The label of a refused envelope whose type could not be read.
 INVALID_TYPE = "invalid"
