@@ -132,7 +132,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             asyncio.create_task(_advance_epochs(app, stop, leaders)),
         ]
         if witness_endpoints:  # cosignatures, in rounds: never on the write path
-            background.append(asyncio.create_task(witness_rounds.run(stop)))
+            background.append(
+                asyncio.create_task(
+                    witness_rounds.run(stop, lambda: _leads(leaders, "witness-round"))
+                )
+            )
         try:
             yield
         finally:

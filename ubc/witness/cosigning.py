@@ -18,12 +18,12 @@ and the checkpoint. Answers:
   next round. Nothing of this touches the write path: the rounds run in their own task,
   and the HTTP calls are asynchronous with a timeout (``UBC_WITNESS_TIMEOUT_SECONDS``).
 
-Only one round runs at a time: in-process a lock, across the processes of one database a
-PostgreSQL advisory lock (``pg_try_advisory_lock``) held for the round, and the interval
-is a compare-and-swap on the single row of ``journal_witness_rounds``, so several
-``ubc serve`` processes together still run at most one round per interval. (On SQLite the
-row is the only guard across processes, which is enough for the single process SQLite is
-served with.)
+Only one round runs at a time: in-process a lock, across the processes of one database
+the background jobs' leader lock (job ``witness-round``, :mod:`ubc.db.leader`: a
+PostgreSQL advisory lock or a file lock on SQLite), and the interval is a
+compare-and-swap on the single row of ``journal_witness_rounds``, so several ``ubc
+serve`` processes together still run at most one round per interval, even while a
+vanished leader is being noticed.
 
 Documentation: docs/witness.md, section 8.
 """
@@ -35,6 +35,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,7 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-from sqlalchemy import Connection, Engine, delete, select, text, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -75,7 +76,6 @@ __all__ = [
 
 log = logging.getLogger("ubc.witness")
 
-ADVISORY_LOCK_KEY = 0x7562_6377_726E_6473  # "ubcwrnds": one witness round at a time (< 2**63)
 _DECIMAL_RE = re.compile(r"(0|[1-9][0-9]{0,18})\n?", re.ASCII)
 _MAX_ERROR = 300
 
@@ -224,12 +224,16 @@ class WitnessRounds:
 
     # --- the background task ---------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Until ``stop``: a round whenever one is due (checked every second at most)."""
+    async def run(
+        self, stop: asyncio.Event, leads: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
+        """Until ``stop``: a round whenever one is due (checked every second at most), in
+        the process that ``leads`` (the leader lock's answer; without it, always)."""
         poll = min(self.interval, 1.0)
         while not stop.is_set():
             try:
-                await self.tick()
+                if leads is None or await leads():
+                    await self.tick()
             except Exception:  # keep going; the next round retries
                 log.exception("witness round failed")
             with suppress(TimeoutError):
@@ -242,30 +246,24 @@ class WitnessRounds:
     async def tick(self) -> str:
         """One round if one is due: ``done`` (a round ran), ``idle`` (every witness has
         cosigned the latest checkpoint), ``not_due`` (a round started less than the
-        interval ago), ``busy`` (another round is running, here or in another process)."""
+        interval ago, here or in another process), ``busy`` (another round is running in
+        this process)."""
         if not self.endpoints:
             return "idle"
         if not self._lock.acquire(blocking=False):
             return "busy"
         try:
-            connection, acquired = await asyncio.to_thread(self._lock_database)
-            try:
-                if not acquired:
-                    return "busy"
-                plan = await asyncio.to_thread(self._plan)
-                if plan is None:
-                    return "idle"
-                now = self.clock.now()
-                if not await asyncio.to_thread(self._claim, now):
-                    return "not_due"
-                started = time.perf_counter()
-                outcomes = await self._round(plan)
-                await asyncio.to_thread(self._record, plan, outcomes, now)
-                self._log_round(plan, outcomes, started)
-                return "done"
-            finally:
-                if connection is not None:
-                    await asyncio.to_thread(self._unlock_database, connection, acquired)
+            plan = await asyncio.to_thread(self._plan)
+            if plan is None:
+                return "idle"
+            now = self.clock.now()
+            if not await asyncio.to_thread(self._claim, now):
+                return "not_due"
+            started = time.perf_counter()
+            outcomes = await self._round(plan)
+            await asyncio.to_thread(self._record, plan, outcomes, now)
+            self._log_round(plan, outcomes, started)
+            return "done"
         finally:
             self._lock.release()
 
@@ -400,36 +398,6 @@ class WitnessRounds:
         )
 
     # --- the database ----------------------------------------------------------------
-
-    def _lock_database(self) -> tuple[Connection | None, bool]:
-        """On PostgreSQL a session-level advisory lock, on a connection of its own held
-        for the round (the connection and whether the lock was granted); elsewhere no
-        connection (the in-process lock is the guard)."""
-        if self.engine.dialect.name != "postgresql":
-            return None, True
-        connection = self.engine.connect()
-        try:
-            acquired = bool(
-                connection.execute(
-                    text("SELECT pg_try_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
-                ).scalar()
-            )
-            connection.commit()
-        except BaseException:
-            connection.close()
-            raise
-        return connection, acquired
-
-    @staticmethod
-    def _unlock_database(connection: Connection, acquired: bool) -> None:
-        try:
-            if acquired:
-                connection.execute(
-                    text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY}
-                )
-                connection.commit()
-        finally:
-            connection.close()  # a lock left by a broken connection ends with its session
 
     def _plan(self) -> _Plan | None:
         """The latest checkpoint and the witnesses that have not cosigned it."""
