@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from ubc.deps import json_body
+from ubc.deps import JOURNAL_SIZE_HEADER, json_body
 from ubc.envelopes.payloads import PAYLOAD_MODELS
 from ubc.envelopes.schemas import BatchResults, Receipt
 from ubc.envelopes.service import Accepted, Outcome
@@ -106,7 +106,7 @@ async def post_envelope(request: Request) -> JSONResponse:
     writer: GroupCommitWriter = request.app.state.writer
     [outcome] = await writer.submit([raw])
     status, body = _answer(outcome)
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=_journal_size([outcome]))
 
 
 @router.post(
@@ -159,7 +159,7 @@ async def post_batch(request: Request) -> JSONResponse:
     for index, outcome in enumerate(outcomes):
         status, answer = _answer(outcome)
         results.append({"index": index, "status": status, "body": answer})
-    return JSONResponse({"results": results})
+    return JSONResponse({"results": results}, headers=_journal_size(outcomes))
 
 
 def openapi_components() -> dict[str, Any]:
@@ -178,6 +178,13 @@ def openapi_components() -> dict[str, Any]:
             model.__name__ + "Payload" if not model.__name__.endswith("Payload") else model.__name__
         ] = schema
     return components
+
+
+def _journal_size(outcomes: list[Outcome]) -> dict[str, str]:
+    """``UBC-Journal-Size``: the journal's size once the accepted envelopes' entries are in
+    it (a read that asks for it sees them, on the read replica too); none if none was."""
+    seqs = [o.receipt.seq for o in outcomes if isinstance(o, Accepted)]
+    return {JOURNAL_SIZE_HEADER: str(max(seqs) + 1)} if seqs else {}
 
 
 def _answer(outcome: Outcome) -> tuple[int, dict[str, Any]]:
