@@ -183,7 +183,9 @@ def start_pair() -> ReplicaPair:
             user = pwd.getpwnam("postgres")
         except KeyError:
             raise Unavailable("running as root, but there is no postgres user") from None
-    root = Path(tempfile.mkdtemp(prefix="ubc-pgreplica-"))
+    # Under /tmp when the binaries run as postgres: a $TMPDIR of root's may be closed to it.
+    parent = "/tmp" if as_postgres and os.path.isdir("/tmp") else None
+    root = Path(tempfile.mkdtemp(prefix="ubc-pgreplica-", dir=parent))
     if as_postgres:
         os.chown(root, user.pw_uid, user.pw_gid)
     pair = ReplicaPair(root, bindir, _free_port(), _free_port(), as_postgres)

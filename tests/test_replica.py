@@ -339,7 +339,7 @@ def test_a_replica_must_be_postgresql(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["abc", "-1", "1.5", "1e3", "99999999999999999999", "１".encode()]
+    "value", ["abc", "-1", "1.5", "1e3", "12345678901234567890", "１".encode()]
 )
 def test_a_bad_min_journal_size_is_refused(live_server: LiveServer, value: str | bytes) -> None:
     answer = httpx.get(f"{live_server.url}/api/epochs", headers={MIN_SIZE: value})

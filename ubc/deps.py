@@ -3,20 +3,22 @@ one), the reader's principal, and a request body read as strict JSON."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from ubc import logs, metrics
 from ubc.auth import Principal, authenticate_bearer
 from ubc.clock import Clock
+from ubc.db import DATABASE_ERRORS
 from ubc.db.replica import ReadReplica
 from ubc.errors import BadRequest, Forbidden, PayloadTooLarge
-from ubc.params import MAX_DB_INT
 from ubc.schemas import BEARER_SCHEME
 
 #: Every write answers the journal size it produced (its entries are below that size).
@@ -27,12 +29,12 @@ MIN_JOURNAL_SIZE_HEADER = "UBC-Min-Journal-Size"
 
 def min_journal_size(request: Request) -> int | None:
     """The journal size a read asks for (``UBC-Min-Journal-Size``), or None; 400 if it is
-    not a non-negative integer."""
+    not a non-negative integer (of at most 19 digits)."""
     value = request.headers.get(MIN_JOURNAL_SIZE_HEADER)
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_DB_INT:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise BadRequest(
             f"{MIN_JOURNAL_SIZE_HEADER} must be a journal size (a non-negative integer)",
             detail={"header": MIN_JOURNAL_SIZE_HEADER, "value": value[:40]},
@@ -75,9 +77,17 @@ class Reads:
         self.factory = replica.sessions
         return session
 
+    @property
+    def may_wait(self) -> bool:
+        """Whether routing may wait on a database (the replica's journal size is read)."""
+        return self._routed is None and getattr(self.request.app.state, "replica", None) is not None
+
     def close(self) -> None:
         for session in {id(s): s for s in (self._primary, self._routed) if s is not None}.values():
-            session.rollback()
+            # A connection lost meanwhile (the replica stopped) fails the rollback too: the
+            # answer was given, and closing the session returns or discards the connection.
+            with contextlib.suppress(*DATABASE_ERRORS):
+                session.rollback()
             session.close()
 
 
@@ -89,12 +99,29 @@ def reads(request: Request) -> Iterator[Reads]:
         held.close()
 
 
-def read_session(held: Annotated[Reads, Depends(reads)]) -> Session:
-    """The request's read session: on the read replica if there is one (see :class:`Reads`)."""
+async def read_session(
+    held: Annotated[Reads, Depends(reads)],
+    _min_size: Annotated[
+        str | None,
+        Header(
+            alias=MIN_JOURNAL_SIZE_HEADER,
+            description="serve this read from a database holding at least this many "
+            "journal entries: the UBC-Journal-Size a write answered (read-your-writes "
+            "where a read replica serves reads)",
+            json_schema_extra={"pattern": "^[0-9]{1,19}$"},
+        ),
+    ] = None,
+) -> Session:
+    """The request's read session: on the read replica if there is one (see :class:`Reads`).
+    Asking the replica runs in a worker thread; without one, nothing waits (a session
+    connects on its first statement). ``_min_size`` documents the header (``Reads`` reads
+    and checks it: 400 rather than FastAPI's 422)."""
+    if held.may_wait:
+        return await run_in_threadpool(held.routed)
     return held.routed()
 
 
-def primary_read_session(held: Annotated[Reads, Depends(reads)]) -> Session:
+async def primary_read_session(held: Annotated[Reads, Depends(reads)]) -> Session:
     """A read session on the primary, for reads that must see the latest writes."""
     return held.primary()
 

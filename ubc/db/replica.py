@@ -95,11 +95,14 @@ class ReplicaStatus:
         if not self.up:
             return {"status": "down", "reason": self.error or "unreachable"}
         body: dict[str, object] = {
-            "status": "paused" if self.paused else "lagging" if self.lag_entries else "ok",
+            "status": "paused" if self.paused else "lagging" if self.lag_entries else "ok"
+        }
+        measured = {
             "lag_entries": self.lag_entries,
             "lag_seconds": _rounded(self.lag_seconds),
             "replay_lag_seconds": _rounded(self.replay_lag_seconds),
         }
+        body.update((name, value) for name, value in measured.items() if value is not None)
         if not self.standby:
             body["warning"] = "UBC_READ_DATABASE_URL is not a standby (not in recovery)"
         return body

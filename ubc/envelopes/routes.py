@@ -78,6 +78,16 @@ _BATCH_ERRORS_DOC = error_responses(
     },
 )
 
+# The journal size a write produced: reads that send it back see the write (docs/http.md).
+_SIZE_DOC: dict[str, Any] = {
+    JOURNAL_SIZE_HEADER: {
+        "description": "the journal's size once the accepted entries are in (the largest "
+        "accepted seq + 1); send it as UBC-Min-Journal-Size on reads to see this write "
+        "where a read replica serves them; absent when nothing was accepted",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
 
 @router.post(
     "/api/envelopes",
@@ -96,8 +106,12 @@ _BATCH_ERRORS_DOC = error_responses(
     },
     response_model=Receipt,
     responses={
-        201: {"description": "accepted"},
-        200: {"model": Receipt, "description": "replay: the same body as when it was accepted"},
+        201: {"description": "accepted", "headers": _SIZE_DOC},
+        200: {
+            "model": Receipt,
+            "description": "replay: the same body as when it was accepted",
+            "headers": _SIZE_DOC,
+        },
         **_ERRORS_DOC,
     },
 )
@@ -141,7 +155,10 @@ async def post_envelope(request: Request) -> JSONResponse:
         }
     },
     response_model=BatchResults,
-    responses={200: {"description": "one result per envelope"}, **_BATCH_ERRORS_DOC},
+    responses={
+        200: {"description": "one result per envelope", "headers": _SIZE_DOC},
+        **_BATCH_ERRORS_DOC,
+    },
 )
 async def post_batch(request: Request) -> JSONResponse:
     body = await json_body(request)
