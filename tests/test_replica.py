@@ -307,6 +307,43 @@ def test_lag_is_in_metrics_and_readyz(
 
 
 @pytest.mark.postgres
+def test_the_utilization_report_streams_from_where_the_read_was_routed(
+    server: LiveServer, operator: UbcClient, replicated: Replicated
+) -> None:
+    """The CSV report reads on in a session of its own: on the replica, or on the primary
+    when the replica lacks the size asked for."""
+    alice = join(server, operator, "alice", 0)
+    join(server, operator, "bob", 0).close()
+    operator.submit(
+        operator.envelope(
+            "epoch.open",
+            epoch=1,
+            asset="CU",
+            allocations={"basic": 10},
+            starts_at="2026-01-01T00:00:00Z",
+            ends_at="2099-01-01T00:00:00Z",
+        )
+    )
+    deadline = time.monotonic() + 30
+    while operator._get("/api/epochs/1")["status"] != "open":  # the background job
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    replicated.pair.wait_replayed()
+    replicated.pair.pause_replay()
+    sent = alice.send("bob", 3)
+    url = f"{server.url}/api/reports/utilization?epoch=1"
+    auth = {"Authorization": f"Bearer {server.auditor_token}", "Accept": "text/csv"}
+    stale = httpx.get(url, headers=auth)
+    fresh = httpx.get(url, headers={**auth, MIN_SIZE: str(sent["seq"] + 1)})
+    assert stale.status_code == fresh.status_code == 200
+    assert stale.text != fresh.text
+    replicated.pair.resume_replay()
+    replicated.pair.wait_replayed()
+    assert httpx.get(url, headers=auth).text == fresh.text
+    alice.close()
+
+
+@pytest.mark.postgres
 def test_withdrawals_and_api_keys_are_read_on_the_primary(
     server: LiveServer, operator: UbcClient, replicated: Replicated
 ) -> None:
