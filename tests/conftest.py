@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -232,3 +233,52 @@ def live_server(db_url: str, tmp_path: Path) -> Iterator[LiveServer]:
     """A served ledger (invite enrollment) on a fresh database of each engine."""
     with run_server(db_url, make_data_dir(tmp_path / "data")) as server:
         yield server
+
+
+# --- a real browser --------------------------------------------------------------------------
+
+CHROMIUM = os.environ.get("UBC_TEST_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's chromium driven by Playwright (its own browser download is not used).
+    Missing, the browser tests are skipped, or fail under ``UBC_REQUIRE_BROWSER=1``
+    (set by .ci/run, which installs chromium with apt when it is missing)."""
+    if not Path(CHROMIUM).exists():
+        message = f"no chromium at {CHROMIUM} (apt-get install -y chromium)"
+        if os.environ.get("UBC_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser context and page (no cookies or storage shared between tests);
+    every request the page sends is kept in ``page.sent`` (method, url, headers, body)
+    so that a test can prove what left the browser."""
+    context = browser.new_context()
+    page = context.new_page()
+    sent: list[dict[str, Any]] = []
+    page.on(
+        "request",
+        lambda request: sent.append(
+            {
+                "method": request.method,
+                "url": request.url,
+                "headers": request.headers,
+                "body": request.post_data_buffer,
+            }
+        ),
+    )
+    page.sent = sent
+    yield page
+    context.close()

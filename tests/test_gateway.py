@@ -17,7 +17,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,18 +177,27 @@ def balance(client: UbcClient, address: str | None = None) -> dict[str, int]:
     return row
 
 
-@pytest.fixture
-def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+@contextlib.contextmanager
+def serve_gateway(
+    db_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    models: Callable[[str], str] = lambda api_base: MODELS_TOML.format(api_base=api_base),
+    **upstream: Any,
+) -> Iterator[Env]:
+    """A served ledger whose models file (``models`` of the upstream's base URL) points at
+    a fake upstream (``upstream``: its options), with the operator's client; every member
+    client and SDK the test made is closed at the end."""
     monkeypatch.setenv("UBC_TEST_UPSTREAM_KEY", "sk-upstream")
-    with run_upstream(api_key="sk-upstream") as upstream:
-        models = tmp_path / "models.toml"
-        models.write_text(MODELS_TOML.format(api_base=upstream.api_base))
+    with run_upstream(api_key="sk-upstream", **upstream) as fake:
+        models_file = tmp_path / "models.toml"
+        models_file.write_text(models(fake.api_base))
         data = make_data_dir(tmp_path / "data")
         with (
-            run_server(db_url, data, models_file=models) as server,
+            run_server(db_url, data, models_file=models_file) as server,
             UbcClient(server.url, key=server.operator_key, token=server.operator_token) as op,
         ):
-            made = Env(server, upstream, op, [])
+            made = Env(server, fake, op, [])
             try:
                 yield made
             finally:
@@ -196,6 +205,12 @@ def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
                     client.close()
                 for sdk in made.sdks:
                     sdk.close()
+
+
+@pytest.fixture
+def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    with serve_gateway(db_url, tmp_path, monkeypatch) as made:
+        yield made
 
 
 def test_models_are_listed_with_their_journaled_prices(env: Env) -> None:

@@ -19,10 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import make_data_dir, run_server
-from tests.test_gateway import MODELS_TOML, Env, balance
-from tests.upstream import run_upstream
-from ubc.client import UbcClient
+from tests.test_gateway import Env, balance, serve_gateway
 from ubc.gateway.local import LocalEmbedder
 from ubc.gateway.service import Gateway, prompt_bound
 
@@ -32,21 +29,8 @@ LONG_TEXT = ("compute for everyone, " * 2400)[:50_000]  # 50 KB, far more than 2
 @pytest.fixture
 def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     """The served ledger and upstream of tests/test_gateway.py."""
-    monkeypatch.setenv("UBC_TEST_UPSTREAM_KEY", "sk-upstream")
-    with run_upstream(api_key="sk-upstream") as upstream:
-        models = tmp_path / "models.toml"
-        models.write_text(MODELS_TOML.format(api_base=upstream.api_base))
-        data = make_data_dir(tmp_path / "data")
-        with (
-            run_server(db_url, data, models_file=models) as server,
-            UbcClient(server.url, key=server.operator_key, token=server.operator_token) as op,
-        ):
-            made = Env(server, upstream, op, [])
-            try:
-                yield made
-            finally:
-                for client in made.clients:
-                    client.close()
+    with serve_gateway(db_url, tmp_path, monkeypatch) as made:
+        yield made
 
 
 def post(env: Env, path: str, secret: str, body: dict[str, Any] | bytes) -> httpx.Response:

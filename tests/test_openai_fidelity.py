@@ -20,10 +20,9 @@ import pytest
 from fastapi.routing import APIRoute
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import _free_port, make_data_dir, run_server
-from tests.test_gateway import MODELS_TOML, Env, balance
-from tests.upstream import run_upstream
-from ubc.client import UbcClient, api_key_hash
+from tests.conftest import _free_port
+from tests.test_gateway import MODELS_TOML, Env, balance, serve_gateway
+from ubc.client import api_key_hash
 from ubc.gateway import routes as gateway_routes
 from ubc.gateway import schemas
 from ubc.gateway.local import MAX_TOKENS, VOCAB_SIZE, get_local_embedder
@@ -55,25 +54,11 @@ DURATION = re.compile(r"^(\d+ms|(\d+h)?(\d+m)?\d+(\.\d+)?s)$")
 
 @pytest.fixture
 def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    monkeypatch.setenv("UBC_TEST_UPSTREAM_KEY", "sk-upstream")
-    with run_upstream(api_key="sk-upstream") as upstream:
-        models = tmp_path / "models.toml"
-        models.write_text(
-            MODELS_TOML.format(api_base=upstream.api_base) + DOWN_TOML.format(port=_free_port())
-        )
-        data = make_data_dir(tmp_path / "data")
-        with (
-            run_server(db_url, data, models_file=models) as server,
-            UbcClient(server.url, key=server.operator_key, token=server.operator_token) as op,
-        ):
-            made = Env(server, upstream, op, [])
-            try:
-                yield made
-            finally:
-                for client in made.clients:
-                    client.close()
-                for sdk in made.sdks:
-                    sdk.close()
+    def models(api_base: str) -> str:
+        return MODELS_TOML.format(api_base=api_base) + DOWN_TOML.format(port=_free_port())
+
+    with serve_gateway(db_url, tmp_path, monkeypatch, models) as made:
+        yield made
 
 
 # -- 1. a presented key that is not valid: 401 on every /v1 endpoint ----------------------

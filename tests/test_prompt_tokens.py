@@ -28,10 +28,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.conftest import make_data_dir, run_server
-from tests.test_gateway import Env, balance
-from tests.upstream import openai_prompt_tokens, run_upstream, tiktoken_counter
-from ubc.client import UbcClient
+from tests.test_gateway import Env, balance, serve_gateway
+from tests.upstream import openai_prompt_tokens, tiktoken_counter
 from ubc.gateway import routes, tokens
 from ubc.gateway.catalog import ModelsFileError, load_catalog
 from ubc.gateway.service import estimate_tokens, prompt_bound
@@ -400,25 +398,16 @@ tokenizer = {{ tokenizers = "tok/tokenizer.json" }}
 def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     """The served ledger of tests/test_gateway.py, its upstream reporting OpenAI's count
     with cl100k_base, and the models above."""
-    monkeypatch.setenv("UBC_TEST_UPSTREAM_KEY", "sk-upstream")
-    with run_upstream(api_key="sk-upstream", tiktoken_encoding="cl100k_base") as upstream:
-        (tmp_path / "tok").mkdir()
-        shutil.copy(MINILM, tmp_path / "tok" / "tokenizer.json")
-        models = tmp_path / "models.toml"
-        models.write_text(MODELS.format(api_base=upstream.api_base))
-        data = make_data_dir(tmp_path / "data")
-        with (
-            run_server(db_url, data, models_file=models) as server,
-            UbcClient(server.url, key=server.operator_key, token=server.operator_token) as op,
-        ):
-            made = Env(server, upstream, op, [])
-            try:
-                yield made
-            finally:
-                for client in made.clients:
-                    client.close()
-                for sdk in made.sdks:
-                    sdk.close()
+    (tmp_path / "tok").mkdir()
+    shutil.copy(MINILM, tmp_path / "tok" / "tokenizer.json")
+    with serve_gateway(
+        db_url,
+        tmp_path,
+        monkeypatch,
+        lambda api_base: MODELS.format(api_base=api_base),
+        tiktoken_encoding="cl100k_base",
+    ) as made:
+        yield made
 
 
 def usage_entries(env: Env) -> list[dict[str, Any]]:

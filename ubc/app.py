@@ -25,6 +25,8 @@ from ubc import schemas as api_schemas
 from ubc.causes import routes as cause_routes
 from ubc.clock import SYSTEM_CLOCK, Clock
 from ubc.config import Settings, get_settings
+from ubc.console import actions as console_actions
+from ubc.console import routes as console_routes
 from ubc.db import (
     DATABASE_ERRORS,
     RETRY_AFTER_S,
@@ -59,6 +61,7 @@ from ubc.members.auth import api_key_principal
 from ubc.migrations import current_revision, head_revision
 from ubc.runtime import Runtime, is_loopback, load_runtime
 from ubc.schemas import ErrorBody, Health, Readiness, error_responses
+from ubc.witness import cosigning
 
 log = logging.getLogger("ubc")
 
@@ -79,6 +82,20 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         ReadReplica(settings.read_database_url, primary=engine)
         if settings.read_database_url
         else None
+    )
+    # The ledger's witnesses (UBC_WITNESSES): a bad setting stops the start here.
+    witness_endpoints = cosigning.parse_witnesses(settings.witnesses)
+    witnessing = cosigning.witnessing_of(
+        witness_endpoints, settings.witness_quorum, settings.witness_interval_seconds
+    )
+    witness_rounds = cosigning.WitnessRounds(
+        witness_endpoints,
+        quorum=witnessing.quorum,
+        interval=settings.witness_interval_seconds,
+        timeout=settings.witness_timeout_seconds,
+        sessions=sessions,
+        engine=engine,
+        clock=ledger_clock,
     )
 
     @contextlib.asynccontextmanager
@@ -116,6 +133,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds, stop)),
             asyncio.create_task(_advance_epochs(app, stop)),
         ]
+        if witness_endpoints:  # cosignatures, in rounds: never on the write path
+            background.append(asyncio.create_task(witness_rounds.run(stop)))
         try:
             yield
         finally:
@@ -143,6 +162,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     )
     app.state.settings = settings
     app.state.clock = ledger_clock
+    app.state.witnessing = witnessing
+    app.state.witness_rounds = witness_rounds
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.read_sessions = make_session_factory(read_engine, retry_reads=True)
@@ -173,8 +194,11 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         market_routes.router,
         gateway_routes.router,
         gateway_usage.router,
+        console_routes.router,
+        console_actions.router,
     ):
         app.include_router(router)
+    app.mount(console_routes.STATIC_URL, console_routes.static, name="console_static")
     _document(app)
     app.add_middleware(gateway_routes.FastPath)
     app.add_middleware(RefuseNul)

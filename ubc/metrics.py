@@ -123,6 +123,13 @@ HOLDS_EXPIRED = Counter(
     "ubc_holds_expired_total",
     "Holds released by the expiry sweeper (model calls' hold.expire and other holds)",
 )
+WITNESS_REQUESTS = Counter(
+    "ubc_witness_requests_total",
+    "add-checkpoint calls to the ledger's witnesses, by witness name and outcome: the HTTP "
+    "status, `bad_cosignature` (a 200 whose cosignature did not verify: not stored), "
+    "`timeout` or `unreachable`",
+    ["witness", "status"],
+)
 
 REPLICA_READS = Counter(
     "ubc_replica_reads_total",
@@ -362,6 +369,24 @@ class StateCollector:
             value=int(overdue or 0),
         )
         yield from self._epoch(session)
+        yield from self._witnesses(session)
+
+    def _witnesses(self, session: Session) -> Iterator[Metric]:
+        """Per witness of the ledger (``journal_witnesses``), the largest checkpoint size
+        it cosigned; nothing when no witness is configured."""
+        rows = session.execute(
+            text("SELECT witness, cosigned_size FROM journal_witnesses ORDER BY witness")
+        ).all()
+        if not rows:
+            return
+        cosigned = GaugeMetricFamily(
+            "ubc_witness_cosigned_size",
+            "The largest checkpoint size each witness cosigned (0: none yet), by witness name",
+            labels=["witness"],
+        )
+        for vkey, size in rows:
+            cosigned.add_metric([str(vkey).split("+", 1)[0]], int(size or 0))
+        yield cosigned
 
     def _epoch(self, session: Session) -> Iterator[Metric]:
         row = session.execute(

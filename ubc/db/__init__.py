@@ -56,6 +56,12 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def on_postgresql(session: Session) -> bool:
+    """Whether ``session`` talks to PostgreSQL (row locks, ``COLLATE "C"``, ``COPY``);
+    otherwise SQLite, whose one writer at a time needs none of them."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def make_engine(
     url: str,
     *,

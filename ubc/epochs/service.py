@@ -31,7 +31,6 @@ address within a step (close), so the auditor can derive them.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +39,7 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.orm import Session
 
+from ubc.db import on_postgresql
 from ubc.dbtypes import UTCDateTime
 from ubc.epochs.payloads import EpochClose, EpochExpire, EpochOpen
 from ubc.epochs.rules import (
@@ -55,8 +55,8 @@ from ubc.epochs.rules import (
 )
 from ubc.errors import NotFound, StateConflict, UbcError
 from ubc.ledger import bulk
-from ubc.rules.payload import format_timestamp, parse_timestamp
-from ubc.rules.writing import LedgerContext, Submit, sign_internal
+from ubc.rules.payload import parse_timestamp
+from ubc.rules.writing import LedgerContext, Submit, ledger_payload, sign_internal
 
 #: Allocation legs applied per transaction (each locks its members' accounts meanwhile).
 CHUNK = 10_000
@@ -354,8 +354,7 @@ def _tiers(allocations: Mapping[str, int]) -> _Tiers:
 
 def _for_update(session: Session, sql: str) -> Any:
     """``sql`` with FOR UPDATE on PostgreSQL (SQLite serialises writers anyway)."""
-    postgres = session.get_bind().dialect.name == "postgresql"
-    return text(sql + (" FOR UPDATE" if postgres else ""))
+    return text(sql + (" FOR UPDATE" if on_postgresql(session) else ""))
 
 
 def apply_allocations(
@@ -591,16 +590,13 @@ def next_close_step(
     progressed = False
     for number, asset, after in closing_epochs(session):
         through = bulk.next_range_end(session, asset, after, size or STEP)
-        payload = EpochExpire.model_validate(
-            {
-                "ledger": ctx.origin,
-                "id": str(uuid.uuid4()),
-                "created_at": format_timestamp(now),
-                "actor": "ledger",
-                "epoch": number,
-                "after": after,
-                "through": after if through is None else through,
-            }
+        payload = ledger_payload(
+            ctx,
+            EpochExpire,
+            now,
+            epoch=number,
+            after=after,
+            through=after if through is None else through,
         )
         (outcome,) = submit(session, ctx, [sign_internal(ctx, payload, "epoch.expire")], now=now)
         progressed = progressed or not isinstance(outcome, UbcError)

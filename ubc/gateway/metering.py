@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ubc import metrics
 from ubc.clock import SYSTEM_CLOCK, Clock
-from ubc.db import run_unit_of_work, table
+from ubc.db import on_postgresql, run_unit_of_work, table
 from ubc.db.driver import Driver
 from ubc.errors import Forbidden, UbcError, Unauthenticated
 from ubc.gateway.models import ApiKeySpend, GatewayHold
@@ -39,8 +39,7 @@ from ubc.members.models import ApiKey, Member
 from ubc.metering import rules
 from ubc.metering.payloads import HoldExpire, Usage
 from ubc.metering.store import spend_epoch_query
-from ubc.rules.payload import format_timestamp
-from ubc.rules.writing import LedgerContext, Prechecked, Submit, sign_internal
+from ubc.rules.writing import LedgerContext, Prechecked, Submit, ledger_payload, sign_internal
 
 apikeys_t = table(ApiKey)
 members_t = table(Member)
@@ -110,7 +109,7 @@ def place_holds(
         .where(apikeys_t.c.key_hash.in_(keys))
         .order_by(apikeys_t.c.key_hash)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         query = query.with_for_update(of=apikeys_t)
     rows = session.execute(query).all()
     grants = {row.key_hash: row for row in rows}
@@ -223,21 +222,18 @@ def usage_envelope(
 ) -> Prechecked:
     """The ledger-signed ``usage`` entry of a finished call (``cost``: see
     :func:`ubc.metering.rules.call_cost`)."""
-    payload = Usage.model_validate(
-        {
-            "ledger": ctx.origin,
-            "id": str(uuid.uuid4()),
-            "created_at": format_timestamp(now),
-            "actor": "ledger",
-            "account": account,
-            "key_hash": key_hash,
-            "request_id": request_id,
-            "model": model,
-            "input_tokens": input_tokens,
-            "output_tokens": output_tokens,
-            "held": held,
-            "cost": cost,
-        }
+    payload = ledger_payload(
+        ctx,
+        Usage,
+        now,
+        account=account,
+        key_hash=key_hash,
+        request_id=request_id,
+        model=model,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        held=held,
+        cost=cost,
     )
     return sign_internal(ctx, payload, "usage")
 
@@ -269,19 +265,7 @@ def expire_due_holds(
     if not due:
         return 0
     items = [
-        sign_internal(
-            ctx,
-            HoldExpire.model_validate(
-                {
-                    "ledger": ctx.origin,
-                    "id": str(uuid.uuid4()),
-                    "created_at": format_timestamp(now),
-                    "actor": "ledger",
-                    "hold_id": hold_id,
-                }
-            ),
-            "hold.expire",
-        )
+        sign_internal(ctx, ledger_payload(ctx, HoldExpire, now, hold_id=hold_id), "hold.expire")
         for hold_id in due
     ]
     outcomes = submit(session, ctx, items, now=now)

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from sqlalchemy import ColumnElement, func, literal_column, select
 from sqlalchemy.orm import Session
 
-from ubc.db import table
+from ubc.db import on_postgresql, table
 from ubc.deps import Reader, ReadSession, require_read
 from ubc.gateway.models import UsageRecord
 from ubc.ledger.schemas import AccountUsage
@@ -24,7 +24,7 @@ usage_t = table(UsageRecord)
 def spend_by_day(session: Session, account: str, since: date, until: date) -> list[dict[str, Any]]:
     """Calls, tokens and CU spent per UTC day and model, ``since`` ≤ day ≤ ``until``."""
     day: ColumnElement[Any]
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         day = literal_column("to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
     else:
         day = func.substr(usage_t.c.created_at, 1, 10)

@@ -18,7 +18,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from ubc.db import table
+from ubc.db import on_postgresql, table
 from ubc.db.driver import COPY_THRESHOLD, Driver
 from ubc.db.driver import defer as defer_statements
 from ubc.journal.checkpoint import format_checkpoint
@@ -70,7 +70,7 @@ def lock_head_with(session: Session, *extra: Any) -> tuple[Any, ...] | None:
 def head_statement(session: Session, *extra: Any) -> Any:
     """The statement that locks the journal head and reads ``extra`` with its size."""
     stmt = select(head_t.c.size, *extra).where(head_t.c.id == 1)
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         stmt = stmt.with_for_update(of=head_t)
     return stmt
 
@@ -112,7 +112,7 @@ def create_head(session: Session) -> None:
     """Create the empty journal's head, unless a concurrent start (another worker process of
     the same server) has: that one's genesis is then the journal's, and this one waits for
     it and finds it."""
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    dialect = postgresql if on_postgresql(session) else sqlite
     session.execute(
         dialect.insert(head_t).values(id=1, size=0, checkpoint="").on_conflict_do_nothing()
     )

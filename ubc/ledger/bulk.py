@@ -23,6 +23,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from ubc.db import on_postgresql
 from ubc.db.driver import Driver
 from ubc.errors import NotFound
 
@@ -71,7 +72,7 @@ def account_id(session: Session, address: str, asset: str) -> int:
 def lock_window(session: Session, window: LegWindow, source: int) -> None:
     """Lock the window's member accounts and ``source`` in ascending id order, like every
     other writer (no deadlocks). PostgreSQL only: SQLite serialises writers."""
-    if not _postgres(session):
+    if not on_postgresql(session):
         return
     table = _legs_table(window)
     session.execute(
@@ -90,7 +91,7 @@ def lock_range(session: Session, span: AddressRange, source: int) -> None:
     """Lock the member accounts of the range whose posted balance is above its cap (those
     a close step may debit or must record a hold of), and ``source``, in ascending id
     order (PostgreSQL only)."""
-    if not _postgres(session):
+    if not on_postgresql(session):
         return
     session.execute(
         text(
@@ -302,7 +303,7 @@ def move(
 def binary_order(session: Session) -> str:
     """Order strings by code point on both engines, whatever PostgreSQL's collation: the
     auditor derives the same leg numbers from its re-run."""
-    return ' COLLATE "C"' if _postgres(session) else ""
+    return ' COLLATE "C"' if on_postgresql(session) else ""
 
 
 def _in_range(session: Session, prefix: str = "") -> str:
@@ -318,10 +319,6 @@ def _legs_table(window: LegWindow) -> str:
     if window.table not in LEG_TABLES:
         raise ValueError(f"not a legs table: {window.table}")
     return window.table
-
-
-def _postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
 
 
 def _shift_pending(session: Session, asset: str, held: Mapping[str, int], sign: int) -> None:

@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from ubc.clock import SYSTEM_CLOCK
-from ubc.db import table
+from ubc.db import on_postgresql, table
 from ubc.errors import (
     AccountNotFound,
     BadRequest,
@@ -397,7 +397,7 @@ def expire_holds(session: Session, *, now: datetime | None = None, limit: int = 
         .order_by(transfers_t.c.timeout_at)
         .limit(limit)
     )
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         stmt = stmt.with_for_update(skip_locked=True)
     due = [row.id for row in session.execute(stmt)]
     if not due:
@@ -712,6 +712,6 @@ def _effects_of(session: Session, request_id: str, result: str) -> tuple[Effect,
 
 def _insert_ignore(session: Session, table: Any, keys: list[str]) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING on either engine."""
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         return postgresql.insert(table).on_conflict_do_nothing(index_elements=keys)
     return sqlite.insert(table).on_conflict_do_nothing(index_elements=keys)

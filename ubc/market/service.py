@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,7 +29,14 @@ from ubc.market.payloads import OfferExpire
 from ubc.members.models import ExternalRef, MemberKey
 from ubc.params import parse_cursor
 from ubc.rules.payload import check_text, format_timestamp
-from ubc.rules.writing import Accepted, LedgerContext, Precheck, Submit, sign_payload
+from ubc.rules.writing import (
+    Accepted,
+    LedgerContext,
+    Precheck,
+    Submit,
+    ledger_payload,
+    sign_internal,
+)
 
 offers_t = table(Offer)
 fills_t = table(Fill)
@@ -70,20 +76,11 @@ def expire_due_offers(
     ]
     if not due:
         return 0
-    created_at = format_timestamp(now)
-    envelopes = []
-    for offer_id in due:
-        payload = OfferExpire.model_validate(
-            {
-                "ledger": ctx.origin,
-                "id": str(uuid.uuid4()),
-                "created_at": created_at,
-                "actor": "ledger",
-                "offer_id": offer_id,
-            }
-        )
-        envelopes.append(sign_payload(payload, "offer.expire", [ctx.ledger_key]).to_json())
-    outcomes = submit(session, ctx, envelopes, now=now, internal=True)
+    items = [
+        sign_internal(ctx, ledger_payload(ctx, OfferExpire, now, offer_id=offer_id), "offer.expire")
+        for offer_id in due
+    ]
+    outcomes = submit(session, ctx, items, now=now)
     return sum(1 for o in outcomes if isinstance(o, Accepted) and not o.repeated)
 
 

@@ -12,15 +12,16 @@ names of this module, where they were first defined.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from nacl.signing import SigningKey
 
 from ubc.errors import UbcError
-from ubc.rules.payload import Payload, payload_json
+from ubc.rules.payload import Payload, format_timestamp, payload_json
 from ubc.signing import (
     Envelope,
     NoteSigner,
@@ -127,6 +128,21 @@ def sign_payload(payload: Payload, type_: str, keys: Sequence[SigningKey]) -> En
     """The DSSE envelope of ``payload`` (RFC 8785 canonical bytes) signed by ``keys``."""
     body = canonical_json(payload_json(payload))
     return sign_envelope(payload_type_for(type_), body, keys)
+
+
+P = TypeVar("P", bound=Payload)
+
+
+def ledger_payload(ctx: LedgerContext, kind: type[P], now: datetime, **fields: Any) -> P:
+    """A payload the ledger itself writes (``actor`` ``ledger``, a fresh id, created
+    ``now``) with ``fields``, checked against its type ``kind``."""
+    common = {
+        "ledger": ctx.origin,
+        "id": str(uuid.uuid4()),
+        "created_at": format_timestamp(now),
+        "actor": "ledger",
+    }
+    return kind.model_validate({**common, **fields})
 
 
 def sign_internal(ctx: LedgerContext, payload: Payload, type_: str) -> Prechecked:
