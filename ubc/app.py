@@ -38,6 +38,7 @@ from ubc.db import (
     unit_of_work,
 )
 from ubc.db.leader import Leaders
+from ubc.db.replica import ReadReplica
 from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes import service as write_path
 from ubc.envelopes.writer import GroupCommitWriter
@@ -76,6 +77,13 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     # Holds of model calls commit without waiting for the disk (see make_engine).
     hold_engine = make_engine(settings.database_url, lazy_commit=True, pool_size=2)
     sessions = make_session_factory(engine)
+    # Reads of history, reports and the journal go to a streaming replica when one is set
+    # (ubc.deps routes them; README "A read replica").
+    replica = (
+        ReadReplica(settings.read_database_url, primary=engine)
+        if settings.read_database_url
+        else None
+    )
     # The ledger's witnesses (UBC_WITNESSES): a bad setting stops the start here.
     witness_endpoints = cosigning.parse_witnesses(settings.witnesses)
     witnessing = cosigning.witnessing_of(
@@ -151,6 +159,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             engine.dispose()
             read_engine.dispose()
             hold_engine.dispose()
+            if replica is not None:
+                replica.dispose()
 
     app = FastAPI(
         title="ubc",
@@ -168,6 +178,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.read_sessions = make_session_factory(read_engine, retry_reads=True)
+    app.state.replica = replica
     # What the layers below use of the ones beside or above them, handed over here, at the
     # top (DESIGN section 2: no cycle, each layer imports only the ones below it): the
     # read routes' API-key lookup (the members' tables), the ledger's reads of the epochs,
@@ -181,6 +192,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         app.state.read_sessions,
         ledger_clock.now,
         balance_interval=settings.metrics_balance_interval_seconds,
+        replica=(lambda: replica.status(ledger_clock.now())) if replica is not None else None,
     )
     for router in (
         envelope_routes.router,
@@ -295,7 +307,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 },
                 status_code=503,
             )
-        return JSONResponse({"status": "ok", "revision": current})
+        ready: dict[str, Any] = {"status": "ok", "revision": current}
+        if replica is not None:
+            # Informative: a replica behind or down does not fail readiness (reads then go
+            # to the primary).
+            ready["replica"] = replica.status(ledger_clock.now()).to_json()
+        return JSONResponse(ready)
 
     @app.get(
         "/metrics",

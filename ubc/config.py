@@ -19,6 +19,11 @@ class Settings(BaseSettings):
         default="sqlite:///ubc.db",
         description="SQLAlchemy URL; sqlite:///ubc.db (default) or postgresql+psycopg://...",
     )
+    read_database_url: str | None = Field(
+        default=None,
+        description='a PostgreSQL streaming replica of DATABASE_URL for reads (README "A '
+        'read replica"); unset: the primary serves every read',
+    )
     data_dir: Path = Field(default=Path("ubc-data"), description="keys and tokens")
     origin: str = Field(
         default="localhost/ubc",
@@ -138,6 +143,11 @@ class Settings(BaseSettings):
     @classmethod
     def _psycopg_for_postgres(cls, url: str) -> str:
         return normalise_database_url(url)  # postgres:// as providers hand it out
+
+    @field_validator("read_database_url")
+    @classmethod
+    def _psycopg_for_replica(cls, url: str | None) -> str | None:
+        return normalise_database_url(url) if url else None
 
 
 @lru_cache(maxsize=1)

@@ -20,7 +20,7 @@ from ubc.causes import service as causes
 from ubc.console.charts import bar_chart
 from ubc.console.web import SignedIn, page, signed_in, to_signin
 from ubc.db import table
-from ubc.deps import ReadSession
+from ubc.deps import ReadSession, RequestReads
 from ubc.epochs import report
 from ubc.epochs import service as epochs
 from ubc.epochs.models import EpochAllocation
@@ -318,6 +318,7 @@ def report_page(
 def report_csv(
     request: Request,
     session: ReadSession,
+    reads: RequestReads,
     epoch: Annotated[int, Query(ge=1, le=2**62)],
 ) -> Response:
     """The API's CSV of the report (``Accept: text/csv``), streamed as the API streams it."""
@@ -329,7 +330,7 @@ def report_csv(
     as_csv = StarletteRequest(scope, request.receive)
     try:
         return utilization_report(  # type: ignore[no-any-return]
-            as_csv, session, reader.principal, epoch=epoch, below=None, cursor=None, limit=1
+            as_csv, session, reads, reader.principal, epoch=epoch, below=None, cursor=None, limit=1
         )
     except UbcError as exc:
         return page(

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from pydantic import Field as PydanticField
 
 from ubc.auth import Principal, authenticate_bearer
-from ubc.deps import Bearer, ReadSession
+from ubc.deps import Bearer, PrimaryReadSession, ReadSession
 from ubc.errors import BadRequest, Forbidden, NotFound
 from ubc.journal import cosignatures, store
 from ubc.journal.merkle import consistency_proof, inclusion_proof, leaf_hash
@@ -196,7 +196,13 @@ def _when(value: object) -> str | None:
         ),
     },
 )
-def get_tile(path: str, request: Request, session: ReadSession, _bearer: Bearer) -> Response:
+def get_tile(
+    path: str,
+    request: Request,
+    session: ReadSession,
+    auth_session: PrimaryReadSession,
+    _bearer: Bearer,
+) -> Response:
     authorization = request.headers.get("authorization")
     size, _ = store.latest_checkpoint(session)
     if path.startswith("entries/"):
@@ -206,7 +212,7 @@ def get_tile(path: str, request: Request, session: ReadSession, _bearer: Bearer)
             raise NotFound(f"no such tile: {exc}") from None
         if not tile_exists(0, bundle.n, bundle.width, size):
             raise NotFound(f"entry bundle {path} is beyond the journal's size {size}")
-        reader = _principal(request, session, authorization)
+        reader = _principal(request, auth_session, authorization)
         if not _sees_all_entries(request, reader):
             raise Forbidden("entry bundles are for the operator and auditors")
         start = bundle.n * TILE_WIDTH
@@ -238,6 +244,7 @@ def get_tile(path: str, request: Request, session: ReadSession, _bearer: Bearer)
 def get_entries(
     request: Request,
     session: ReadSession,
+    auth_session: PrimaryReadSession,
     start: Annotated[int, Query(ge=0, le=MAX_DB_INT)],
     end: Annotated[int, Query(ge=1, le=MAX_DB_INT)],
     _bearer: Bearer,
@@ -245,7 +252,7 @@ def get_entries(
     authorization = request.headers.get("authorization")
     if end <= start or end - start > MAX_ENTRIES_PAGE:
         raise BadRequest(f"need start < end and at most {MAX_ENTRIES_PAGE} entries per page")
-    reader = _principal(request, session, authorization)
+    reader = _principal(request, auth_session, authorization)
     sees_all = _sees_all_entries(request, reader)
     items = []
     for seq, entry, accounts in store.entries(session, start, end):
