@@ -169,6 +169,12 @@ def test_reads_go_to_the_replica_and_a_member_reads_its_own_write(
     fresh = httpx.get(account, headers={**auth, MIN_SIZE: str(alice.journal_size)})
     assert cu_available(fresh.json()) == 70
     assert counter(server.url, "ubc_replica_fallbacks_total", 'reason="behind"') == behind + 1
+    # A browser's page: the console's scripts keep the size in a cookie (a bad one is
+    # ignored, a page is not refused for it).
+    cookie = {"ubc_journal_size": str(alice.journal_size)}
+    assert cu_available(httpx.get(account, headers=auth, cookies=cookie).json()) == 70
+    junk = {"ubc_journal_size": "soon"}
+    assert cu_available(httpx.get(account, headers=auth, cookies=junk).json()) == 100
     # The client sends it by itself: its own write, at once.
     assert cu_available(alice.balance()) == 70
     assert [i["amount"] for i in alice.history()["items"]][0] == -30

@@ -27,12 +27,20 @@ JOURNAL_SIZE_HEADER = "UBC-Journal-Size"
 MIN_JOURNAL_SIZE_HEADER = "UBC-Min-Journal-Size"
 
 
+#: The same for pages a browser navigates to: the console's scripts keep the size their
+#: latest write answered in this cookie (not a secret; a bad value is ignored).
+MIN_JOURNAL_SIZE_COOKIE = "ubc_journal_size"
+
+
 def min_journal_size(request: Request) -> int | None:
-    """The journal size a read asks for (``UBC-Min-Journal-Size``), or None; 400 if it is
-    not a non-negative integer (of at most 19 digits)."""
+    """The journal size a read asks for (``UBC-Min-Journal-Size``, else the console's
+    cookie), or None; 400 if the header is not a non-negative integer (of at most 19
+    digits)."""
     value = request.headers.get(MIN_JOURNAL_SIZE_HEADER)
     if value is None or not value.strip():
-        return None
+        cookie = request.cookies.get(MIN_JOURNAL_SIZE_COOKIE, "")
+        ok = cookie.isascii() and cookie.isdigit() and len(cookie) <= 19
+        return int(cookie) if ok else None
     text = value.strip()
     if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise BadRequest(
