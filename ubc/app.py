@@ -534,8 +534,6 @@ def _advance_once(app: FastAPI) -> list[str]:
         )
 
     def expire(session: Session) -> bool:
-        if not epochs.closing_epochs(session):
-            return False
         return epochs.next_close_step(
             session, app.state.ctx, now=clock.now(), submit=write_path.submit
         )
