@@ -453,3 +453,9 @@ def test_a_signed_in_member_holding_another_members_key_is_warned(
         page.wait_for_url(url + "/me")
         assert_clean(page)
         assert re.search(r"member:bob", page.text_content("#account"))
+        # The watch hears the CSP: an image from elsewhere is refused, and said.
+        page.evaluate(
+            "document.body.insertAdjacentHTML('beforeend', '<img src=\"http://127.0.0.2:9/x.png\">')"
+        )
+        page.wait_for_timeout(200)
+        assert any("img-src" in line for line in page.refused), page.refused

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from ubc.console.web import page, signed_in, to_signin
+from ubc.console.operator import operator_page
+from ubc.console.web import SignedIn, page, signed_in
 from ubc.deps import ReadSession
 from ubc.market import service as market
 
@@ -384,27 +385,15 @@ def countersign_page(request: Request, session: ReadSession) -> Response:
     """The pending withdrawals, read on the server through the operator's session (no
     token typed into the page), each with the envelope the member signed; the browser
     adds the operator key's signature to the chosen one and submits it."""
-    reader = signed_in(request, session)
-    if reader is None:
-        return to_signin(request)
-    if not reader.is_operator:
-        return page(
-            request,
-            "error.html",
-            reader=reader,
-            message="Only the operator countersigns withdrawals: sign in with the operator token.",
-            status_code=403,
+
+    def build(_: SignedIn) -> dict[str, Any]:
+        pending = market.list_withdrawals(
+            session, status="pending", account=None, limit=PENDING_ROWS
         )
-    pending = market.list_withdrawals(session, status="pending", account=None, limit=PENDING_ROWS)
-    values = {"id": request.query_params.get("id", "")}
-    return page(
-        request,
-        "actions/countersign.html",
-        reader=reader,
-        action=COUNTERSIGN,
-        values=values,
-        pending=pending,
-    )
+        values = {"id": request.query_params.get("id", "")}
+        return {"action": COUNTERSIGN, "values": values, "pending": pending}
+
+    return operator_page(request, session, "actions/countersign.html", build)
 
 
 @router.get("/key", response_class=HTMLResponse)
