@@ -62,11 +62,11 @@ async function showSigner() {
     node.append("No member key in this browser yet: one will be made when you register.");
     node.dataset.loaded = "no";
   } else {
-    const whose = role === "member" && signedInHandle ? `member:${signedInHandle}'s key` : `the ${role} key`;
+    const whose = role === "member" && signedInHandle ? ` (member:${signedInHandle}'s)` : "";
     node.append(
       `No ${role} key in this browser: signing needs it. `,
       keysLink(role === "member" ? "Load your key" : "Load the operator key"),
-      ` (${whose}) first.`,
+      `${whose} first.`,
     );
     node.dataset.loaded = "no";
   }
