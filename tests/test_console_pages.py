@@ -7,7 +7,6 @@ failure, a screenshot of every main page is saved under the test's tmp dir."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from ubc.journal.checkpoint import format_tlog_proof, parse_tlog_proof
 from ubc.signing import NoteVerifier
 
 from .conftest import LiveServer, make_data_dir, run_server
+from .console_helpers import assert_clean, screenshots_on_failure, sign_in, watch
 from .console_seed import XSS, Seeded, close, models_file, seed
 
 PUBLIC = ["/", "/checkpoints", "/epochs", "/causes", "/market", "/receipt", "/signin"]
@@ -40,44 +40,13 @@ def served(db_url: str, tmp_path: Path) -> Iterator[tuple[LiveServer, Seeded]]:
             close(seeded)
 
 
-@contextlib.contextmanager
-def screenshots_on_failure(page: Any, server: LiveServer, out: Path, paths: list[str]) -> Any:
-    """Run a flow; if it fails, save the current page and each main page as PNG."""
-    try:
-        yield
-    except BaseException:
-        out.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(Exception):
-            page.screenshot(path=str(out / "failure-current.png"), full_page=True)
-        for path in paths:
-            with contextlib.suppress(Exception):
-                page.goto(server.url + path)
-                name = path.strip("/").replace("/", "-") or "home"
-                page.screenshot(path=str(out / f"failure-{name}.png"), full_page=True)
-        raise
-
-
-def no_script_ran(page: Any) -> None:
-    assert page.evaluate("window.__xss === undefined"), "an injected script ran"
-
-
-def sign_in(page: Any, server: LiveServer, secret: str, expect: str) -> None:
-    page.goto(server.url + "/signin")
-    page.fill("#secret", secret)
-    page.click("form.form button[type=submit]")
-    page.wait_for_url(server.url + expect)
-
-
 def test_public_pages_and_a_receipt(
     served: tuple[LiveServer, Seeded], page: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, seeded = served
     monkeypatch.setattr("ubc.console.routes.HISTORY_ROWS", 3)
-    dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    refused: list[str] = []  # what the CSP blocked (nothing should try)
-    page.on("console", lambda m: refused.append(m.text) if "Security Policy" in m.text else None)
-    with screenshots_on_failure(page, server, tmp_path / "shots", PUBLIC):
+    watch(page)
+    with screenshots_on_failure({"current": page}, tmp_path / "shots", server.url, tuple(PUBLIC)):
         vkey = server.app.state.ledger_info["vkey"]
         response = page.goto(server.url + "/")
         assert response.headers["x-frame-options"] == "DENY"
@@ -169,9 +138,7 @@ def test_public_pages_and_a_receipt(
         page.fill("#proof", "hello")
         page.click("#receipt-form button")
         assert "not a tlog-proof" in page.text_content("#verdict")
-        assert not dialogs
-        assert not refused
-        no_script_ran(page)
+        assert_clean(page)
 
 
 def test_member_pages_sign_in_cookie_csrf_and_escaping(
@@ -179,12 +146,9 @@ def test_member_pages_sign_in_cookie_csrf_and_escaping(
 ) -> None:
     server, seeded = served
     monkeypatch.setattr("ubc.console.member.PAGE_SIZE", 2)
-    dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    refused: list[str] = []  # what the CSP blocked (nothing should try)
-    page.on("console", lambda m: refused.append(m.text) if "Security Policy" in m.text else None)
+    watch(page)
     secret = seeded.api_keys["alice"]
-    with screenshots_on_failure(page, server, tmp_path / "shots", MEMBER):
+    with screenshots_on_failure({"current": page}, tmp_path / "shots", server.url, tuple(MEMBER)):
         # Without a session the member's pages send to the sign-in page, and back after it.
         page.goto(server.url + "/me/spend")
         assert page.url == server.url + "/signin?next=%2Fme%2Fspend"
@@ -220,7 +184,7 @@ def test_member_pages_sign_in_cookie_csrf_and_escaping(
         assert page.text_content("#account").startswith("member:alice")
         available = int(page.text_content("#balances tr[data-asset=CU] .available"))
         assert available == 2000 - 150 - cost
-        assert page.get_attribute("a[href='/me/send']", "class") == "button"
+        assert page.get_attribute("main a[href='/me/send']", "class") == "button"
 
         # History, a page at a time; the <script> memo is text, shown as it was written.
         page.goto(server.url + "/me/history")
@@ -275,7 +239,7 @@ def test_member_pages_sign_in_cookie_csrf_and_escaping(
         assert page.url.startswith(server.url + "/signin")
 
         # Bob's pages: his donation with its journal entry, his trade, his name as text.
-        sign_in(page, server, seeded.api_keys["bob"], "/me")
+        sign_in(page, server.url, seeded.api_keys["bob"], "/me")
         assert page.text_content("h1") == XSS
         page.goto(server.url + "/me/donations")
         donations = page.locator("#donations").inner_text()
@@ -293,20 +257,15 @@ def test_member_pages_sign_in_cookie_csrf_and_escaping(
         assert page.goto(server.url + "/me/receipts/0.tlog-proof").status == 404
         page.goto(server.url + "/me/market")
         assert "bought" in page.locator("#my-trades").inner_text()
-        assert not dialogs
-        assert not refused
-        no_script_ran(page)
+        assert_clean(page)
 
 
 def test_operator_pages(served: tuple[LiveServer, Seeded], page: Any, tmp_path: Path) -> None:
     server, seeded = served
-    dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-    refused: list[str] = []  # what the CSP blocked (nothing should try)
-    page.on("console", lambda m: refused.append(m.text) if "Security Policy" in m.text else None)
-    with screenshots_on_failure(page, server, tmp_path / "shots", OPERATOR):
+    watch(page)
+    with screenshots_on_failure({"current": page}, tmp_path / "shots", server.url, tuple(OPERATOR)):
         # A member's key does not open the operator's pages.
-        sign_in(page, server, seeded.api_keys["carol"], "/me")
+        sign_in(page, server.url, seeded.api_keys["carol"], "/me")
         response = page.goto(server.url + "/operator")
         assert response.status == 403
 
@@ -382,6 +341,4 @@ def test_operator_pages(served: tuple[LiveServer, Seeded], page: Any, tmp_path: 
         for path in [*OPERATOR, "/operator/causes", "/operator/withdrawals", *PUBLIC]:
             page.goto(server.url + path)
             assert page.evaluate("document.documentElement.scrollWidth") <= 375, path
-        assert not dialogs
-        assert not refused
-        no_script_ran(page)
+        assert_clean(page)

@@ -43,12 +43,14 @@ REPORT_MEMBERS = 50_000
 BUCKETS = [(0, 10), (10, 25), (25, 50), (50, 75), (75, 100)]
 
 
-def _show(
+def operator_page(
     request: Request,
     session: Session,
     template: str,
     build: Callable[[SignedIn], dict[str, Any]],
 ) -> Response:
+    """``template`` with what ``build`` reads, for the operator (and auditors) only: a
+    reader without a session is sent to sign in, a member is refused."""
     reader = signed_in(request, session)
     if reader is None:
         return to_signin(request)
@@ -125,7 +127,7 @@ def health(session: Session, now: datetime) -> dict[str, Any]:
 
 @router.get("/operator", response_class=HTMLResponse)
 def operator_home(request: Request, session: ReadSession) -> Response:
-    return _show(
+    return operator_page(
         request,
         session,
         "operator/health.html",
@@ -178,7 +180,7 @@ def members(
             "tiers": tiers,
         }
 
-    return _show(request, session, "operator/members.html", build)
+    return operator_page(request, session, "operator/members.html", build)
 
 
 @router.get("/operator/epochs", response_class=HTMLResponse)
@@ -188,7 +190,7 @@ def epochs_page(request: Request, session: ReadSession) -> Response:
     def build(_: SignedIn) -> dict[str, Any]:
         return {"epochs": [e.to_json() for e in reversed(epochs.list_epochs(session))]}
 
-    return _show(request, session, "operator/epochs.html", build)
+    return operator_page(request, session, "operator/epochs.html", build)
 
 
 def report_context(
@@ -311,7 +313,7 @@ def report_page(
             )
         return context
 
-    return _show(request, session, "operator/report.html", build)
+    return operator_page(request, session, "operator/report.html", build)
 
 
 @router.get("/operator/report.csv")
@@ -343,7 +345,7 @@ def causes_page(request: Request, session: ReadSession) -> Response:
     def build(_: SignedIn) -> dict[str, Any]:
         return {"causes": causes.list_causes(session)}
 
-    return _show(request, session, "operator/causes.html", build)
+    return operator_page(request, session, "operator/causes.html", build)
 
 
 @router.get("/operator/withdrawals", response_class=HTMLResponse)
@@ -354,4 +356,4 @@ def withdrawals_page(request: Request, session: ReadSession) -> Response:
             "done": market.list_withdrawals(session, status="done", account=None, limit=20),
         }
 
-    return _show(request, session, "operator/withdrawals.html", build)
+    return operator_page(request, session, "operator/withdrawals.html", build)
