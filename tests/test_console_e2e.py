@@ -234,6 +234,10 @@ def test_a_member_from_registration_to_the_chart_of_their_model_spend(
         go(bob, url + f"/me/buy?offer_id={offer_id}")
         fill(bob, amount="100")
         submit(bob)
+        # The pages Bob loads next ask for the journal size his write answered (a cookie:
+        # read-your-writes where a replica serves reads).
+        [size] = [c["value"] for c in bob.context.cookies() if c["name"] == "ubc_journal_size"]
+        assert int(size) == int(api.checkpoint().splitlines()[1])
         assert balance(api, "member:bob") == 1000 + 100 + 100
         paid = 150
         assert balance(api, "member:bob", "USD") == 1000 - paid

@@ -286,7 +286,18 @@ export async function api(method, path, body, headers = {}) {
     const text = answer && answer.detail ? JSON.stringify(answer.detail) : response.statusText;
     throw new ApiError(response.status, "http_error", text, {});
   }
+  rememberJournalSize(response.headers.get("UBC-Journal-Size"));
   return answer;
+}
+
+/** Read-your-writes where a read replica serves reads: a write answers the journal size
+ * that holds it, and the pages loaded next ask for at least that size through this cookie
+ * (not a secret: a number the ledger publishes anyway). It only ever grows. */
+export function rememberJournalSize(value) {
+  if (!value || !/^[0-9]{1,19}$/.test(value)) return;
+  const now = document.cookie.match(/(?:^|; )ubc_journal_size=([0-9]+)/);
+  if (now && BigInt(now[1]) >= BigInt(value)) return;
+  document.cookie = `ubc_journal_size=${value}; path=/; max-age=600; SameSite=Strict`;
 }
 
 let ledgerInfo = null;
