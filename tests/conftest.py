@@ -265,20 +265,9 @@ def page(browser: Any) -> Iterator[Any]:
     """A fresh browser context and page (no cookies or storage shared between tests);
     every request the page sends is kept in ``page.sent`` (method, url, headers, body)
     so that a test can prove what left the browser."""
+    from tests.console_helpers import record_requests
+
     context = browser.new_context()
-    page = context.new_page()
-    sent: list[dict[str, Any]] = []
-    page.on(
-        "request",
-        lambda request: sent.append(
-            {
-                "method": request.method,
-                "url": request.url,
-                "headers": request.headers,
-                "body": request.post_data_buffer,
-            }
-        ),
-    )
-    page.sent = sent
+    page = record_requests(context.new_page())
     yield page
     context.close()

@@ -51,8 +51,12 @@ def assert_clean(page: Any) -> None:
 def recorded(browser: Any, **options: Any) -> Any:
     """A new browser context and page that keeps every request it sends in ``page.sent``
     (as the ``page`` fixture does), watched (:func:`watch`)."""
-    context = browser.new_context(**options)
-    page = context.new_page()
+    return watch(record_requests(browser.new_context(**options).new_page()))
+
+
+def record_requests(page: Any) -> Any:
+    """``page``, keeping every request it sends in ``page.sent`` (method, url, headers,
+    body) so that a test can prove what left the browser."""
     sent: list[dict[str, Any]] = []
     page.on(
         "request",
@@ -61,7 +65,7 @@ def recorded(browser: Any, **options: Any) -> Any:
         ),
     )
     page.sent = sent
-    return watch(page)
+    return page
 
 
 @contextlib.contextmanager
