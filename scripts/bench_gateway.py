@@ -46,7 +46,11 @@ In both rounds every server has ``UBC_REDIS_URL`` (``--redis-url``, default
 ``redis://127.0.0.1:6379/0``; the script stops at once if it does not answer PING) and
 the member's API key has limits (1,000,000 rpm, 10^12 tpm) that the calls never reach
 but that make every call take its rpm and tpm from Redis, shared by the hosts as in
-production; a 429 would show in the failures. The upstream is called directly in the
+production; a 429 would show in the failures. After each round the script reads each
+server's ``/metrics`` and reports whether every call took its limits from Redis: calls
+whose round trip to Redis timed out (50 ms; likely on a loaded machine) were limited by
+their process alone (``ubc_ratelimit_redis_fallbacks_total``), which is reported loudly
+but does not fail the run (the billing checks do). The upstream is called directly in the
 one-host round only (the comparison does not depend on ubc's hosts); the N-host rows
 repeat its columns and their added p50 is measured against it. A table row per
 concurrency and host count, and a scaling line per phase: the N-host median calls/s over
@@ -106,6 +110,7 @@ from _bench import (
     running_hosts,
     tree_cpu,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
 from ubc.client import UbcClient
@@ -447,6 +452,27 @@ def wait_ready(server: Server, timeout: float = 90.0) -> None:
     raise RuntimeError("the server did not become ready")
 
 
+def redis_use(server: Server) -> dict[str, float]:
+    """From the server's ``/metrics``: ``up`` (the last round trip to Redis for the rate
+    limits succeeded), ``fallbacks`` (calls limited by the process alone because Redis
+    could not be reached) and ``refusals`` (429s of a rate limit)."""
+    out = {"up": float("nan"), "fallbacks": 0.0, "refusals": 0.0}
+    try:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).raise_for_status().text
+    except httpx.HTTPError as exc:
+        log(f"  could not read {server.url}/metrics: {exc}")
+        return out
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ubc_ratelimit_redis_up":
+                out["up"] = sample.value
+            elif sample.name == "ubc_ratelimit_redis_fallbacks_total":
+                out["fallbacks"] += sample.value
+            elif sample.name == "ubc_ratelimit_refusals_total":
+                out["refusals"] += sample.value
+    return out
+
+
 def server_log_problems(server: Server) -> list[str]:
     lines = server.log_path.read_text(errors="replace").splitlines()
     return [
@@ -713,6 +739,20 @@ class Bench:
     checks: list[Check] = field(default_factory=list)
     profile: list[str] = field(default_factory=list)
     log_problems: list[str] = field(default_factory=list)
+    redis: list[dict[str, float]] = field(default_factory=list)  # per server, with Redis
+
+    @property
+    def redis_partial(self) -> bool:
+        """A call limited without Redis (its round trip timed out: 50 ms, 300 ms while
+        connecting) or refused by a limit (also among the non-200 answers)."""
+        return any(r["fallbacks"] or r["refusals"] or r["up"] != r["up"] for r in self.redis)
+
+    def redis_summary(self) -> str:
+        return "; ".join(
+            f"server {i + 1}: Redis up {r['up']:g}, {r['fallbacks']:g} calls limited without "
+            f"Redis, {r['refusals']:g} refused by a limit"
+            for i, r in enumerate(self.redis)
+        )
 
     @property
     def hosts(self) -> int:
@@ -935,6 +975,9 @@ def bench_engine(
                 bench.run_profile(ubc_chat, parse_chat)
         finally:
             ledger.close()
+        if redis_url:
+            bench.redis = [redis_use(server) for server in servers.servers]
+            log(f"  {db.engine:<10} h={hosts} rate limits: {bench.redis_summary()}")
         problems = [line for server in servers.servers for line in server_log_problems(server)]
         if problems:
             log(f"  the server(s) logged {len(problems)} error line(s); the first:")
@@ -1194,6 +1237,9 @@ def report(args: argparse.Namespace, benches: list[Bench], facts: dict[str, Any]
                 f"- server log{on}: {len(problems)} error line(s)"
                 + (f", the first: `{problems[0][:200]}`" if problems else "")
             )
+            if bench.redis:
+                verdict = "not every call" if bench.redis_partial else "every call"
+                lines.append(f"- rate limits in Redis{on}: {verdict}: {bench.redis_summary()}")
         lines += ["", "Targets (issue 6" + (", one host" if len(group) > 1 else "") + "):", ""]
         lines += targets(base)
     return "\n".join(lines)
@@ -1327,6 +1373,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"NON-200 ANSWERS on {b.engine}, {b.hosts} host(s) (measured runs): {bad}")
         if b.log_problems:
             log(f"SERVER LOG on {b.engine}, {b.hosts} host(s): {len(b.log_problems)} error line(s)")
+    for b in benches:
+        if b.redis_partial:
+            log(
+                f"RATE LIMITS NOT ALL IN REDIS on {b.engine}, {b.hosts} host(s): "
+                f"{b.redis_summary()}"
+            )
     failed = [c for b in benches for c in b.checks if not c.passed]
     if failed:
         log(f"BILLING CHECK FAILED in {len(failed)} phase(s): see above")
