@@ -1,5 +1,7 @@
 """Helpers of ``scripts/bench_gateway.py``: subprocesses, CPU accounting, machine facts, a
-fresh database, and a fast closed-loop HTTP/1.1 load generator in its own process.
+fresh database, and a fast closed-loop HTTP/1.1 load generator in its own process; and,
+shared with ``scripts/bench_envelopes.py``, several ``ubc serve`` processes on one
+database standing for several hosts (:func:`running_hosts`).
 
 The load generator is a forked process (so it shares no GIL with anything measured)
 running one keep-alive connection per concurrent client on asyncio streams (uvloop when
@@ -25,9 +27,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import psutil
 import psycopg
@@ -168,6 +171,64 @@ def read_line_within(stream: Any, timeout: float) -> str:
     return got[0] if got else ""
 
 
+# --- several hosts -----------------------------------------------------------------------------
+
+
+class AServer(Protocol):
+    """A running ``ubc serve``: its base URL and its (supervisor) process."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def process(self) -> subprocess.Popen[Any]: ...
+
+
+S = TypeVar("S", bound=AServer)
+
+
+@dataclass
+class Hosts(Generic[S]):
+    """``--hosts`` servers on one database, each a ``ubc serve`` on its own port (as on
+    different hosts): set-up and reads use the first; the clients spread over all."""
+
+    servers: list[S]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+    @property
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of each server, for :class:`Load`."""
+        out = []
+        for url in self.urls:
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+            out.append((host, int(port)))
+        return tuple(out)
+
+    def cpu(self) -> dict[int, float]:
+        """CPU seconds so far of every server process and worker, by pid."""
+        out: dict[int, float] = {}
+        for server in self.servers:
+            out.update(tree_cpu(server.process.pid))
+        return out
+
+
+@contextlib.contextmanager
+def running_hosts(
+    start: Callable[[int], AbstractContextManager[S]], hosts: int
+) -> Iterator[Hosts[S]]:
+    """``hosts`` servers, ``start(i)`` for i = 0, 1...: each is entered (ready) before the
+    next starts, so the first writes the genesis alone; all are stopped at the end."""
+    with contextlib.ExitStack() as stack:
+        yield Hosts([stack.enter_context(start(i)) for i in range(hosts)])
+
+
 # --- a fresh database -------------------------------------------------------------------------
 
 
@@ -253,13 +314,20 @@ class Load:
     """``concurrency`` clients sending ``requests`` (round robin per client) to host:port
     for ``seconds``; each answer goes through ``parse`` (status, head, body) after the
     clock stops, which returns a result kept in ``LoadResult.parsed`` or raises
-    ValueError (a malformed answer: counted as a failure)."""
+    ValueError (a malformed answer: counted as a failure). With ``addresses`` (several
+    hosts), client i talks to ``addresses[i % len]`` instead: spread evenly."""
 
     host: str
     port: int
     requests: tuple[tuple[bytes, ...], ...]  # client i cycles through group i % len
     concurrency: int
     seconds: float
+    addresses: tuple[tuple[str, int], ...] = ()
+
+    def address(self, client: int) -> tuple[str, int]:
+        if self.addresses:
+            return self.addresses[client % len(self.addresses)]
+        return self.host, self.port
 
 
 @dataclass
@@ -371,8 +439,7 @@ async def _drive(load: Load, seconds: float, ready_event: Any, go_event: Any) ->
     tasks = [
         asyncio.ensure_future(
             _one_client(
-                load.host,
-                load.port,
+                *load.address(i),
                 load.requests[i % len(load.requests)],
                 i,
                 go,

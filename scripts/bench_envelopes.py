@@ -102,6 +102,8 @@ from typing import Any
 import httpx
 import psutil
 import psycopg
+from _bench import Hosts
+from _bench import running_hosts as start_hosts
 from nacl.signing import SigningKey, VerifyKey
 from sqlalchemy.engine import make_url
 
@@ -451,41 +453,18 @@ def running_server(db: Database, data_dir: Path, workers: int, log_path: Path) -
         stop_server(process)
 
 
-@dataclass
-class Hosts:
-    """``--hosts`` servers on one database, each a ``ubc serve`` on its own port (as on
-    different hosts): set-up, reads and wrk use the first; ubc's clients spread over all."""
-
-    servers: list[Server]
-
-    @property
-    def url(self) -> str:
-        return self.servers[0].url
-
-    @property
-    def urls(self) -> list[str]:
-        return [server.url for server in self.servers]
-
-    def cpu(self) -> dict[int, float]:
-        """CPU seconds so far of every server process and worker, by pid."""
-        out: dict[int, float] = {}
-        for server in self.servers:
-            out.update(server.cpu())
-        return out
-
-
 @contextlib.contextmanager
 def running_hosts(
     db: Database, data_dir: Path, workers: int, hosts: int, tmp: Path
-) -> Iterator[Hosts]:
-    """``hosts`` servers on ``db``: the first is ready (genesis written) before the next
-    starts; all are stopped at the end."""
-    with contextlib.ExitStack() as stack:
-        servers = [
-            stack.enter_context(running_server(db, data_dir, workers, tmp / f"server-{i + 1}.log"))
-            for i in range(hosts)
-        ]
-        yield Hosts(servers)
+) -> Iterator[Hosts[Server]]:
+    """``hosts`` servers on ``db`` (see ``_bench.running_hosts``): set-up, reads and wrk use
+    the first; ubc's clients spread over all."""
+
+    def start(i: int) -> contextlib.AbstractContextManager[Server]:
+        return running_server(db, data_dir, workers, tmp / f"server-{i + 1}.log")
+
+    with start_hosts(start, hosts) as servers:
+        yield servers
 
 
 def wait_ready(server: Server, timeout: float = 60.0) -> None:
@@ -543,7 +522,7 @@ def _post_all_201(client: httpx.Client, envelopes: list[dict[str, Any]], what: s
             raise RuntimeError(f"{what}: {len(bad)} refused, first {bad[0]}")
 
 
-def set_up_members(server: Server | Hosts, data_dir: Path, members: Members) -> int:
+def set_up_members(server: Server | Hosts[Server], data_dir: Path, members: Members) -> int:
     """Register and fund every member; return the journal size afterwards."""
     operator = load_signing_key(data_dir / "operator.key")
     with httpx.Client(base_url=server.url, timeout=120) as client:
@@ -819,7 +798,7 @@ def machine_busy_seconds() -> float:
 
 
 def measure(
-    server: Hosts, mode: Mode, envelopes: list[bytes], clients: Clients, seconds: float
+    server: Hosts[Server], mode: Mode, envelopes: list[bytes], clients: Clients, seconds: float
 ) -> Measurement:
     """Send ``envelopes`` for at most ``seconds`` and count what was accepted."""
     requests = request_bodies(mode, envelopes)
@@ -1080,7 +1059,7 @@ end
 
 
 def run_wrk(
-    server: Server | Hosts, envelopes: list[bytes], clients: int, seconds: float, tmp: Path
+    server: Server | Hosts[Server], envelopes: list[bytes], clients: int, seconds: float, tmp: Path
 ) -> Measurement:
     """Single envelopes through ``wrk`` (one thread, ``clients`` connections, a Lua script
     posting each pre-signed envelope once): the external check of the load generator."""

@@ -37,6 +37,32 @@ server's time goes.
 
     python scripts/bench_gateway.py --runs 3 --seconds 5
     python scripts/bench_gateway.py --seconds 2 --runs 1            # quick: about a minute
+
+``--hosts N`` (N > 1) runs every phase twice in one run, each time on a fresh database
+and data dir: on one server, then on N servers, each a ``ubc serve --workers`` of its own
+on its own port (as on N hosts) against the same database, the clients spread evenly over
+them (client i talks to server i mod N, so a concurrency below N leaves servers idle).
+In both rounds every server has ``UBC_REDIS_URL`` (``--redis-url``, default
+``redis://127.0.0.1:6379/0``; the script stops at once if it does not answer PING) and
+the member's API key has limits (1,000,000 rpm, 10^12 tpm) that the calls never reach
+but that make every call take its rpm and tpm from Redis, shared by the hosts as in
+production; a 429 would show in the failures. After each round the script reads each
+server's ``/metrics`` and reports whether every call took its limits from Redis: calls
+whose round trip to Redis timed out (50 ms; likely on a loaded machine) were limited by
+their process alone (``ubc_ratelimit_redis_fallbacks_total``), which is reported loudly
+but does not fail the run (the billing checks do). The upstream is called directly in the
+one-host round only (the comparison does not depend on ubc's hosts); the N-host rows
+repeat its columns and their added p50 is measured against it. A table row per
+concurrency and host count, and a scaling line per phase: the N-host median calls/s over
+the one-host median, at each concurrency. The servers of one machine share its cores
+with each other, the clients, the upstream, PostgreSQL and Redis: on a small machine the
+ratio shows what N hosts cost in coordination (a Redis round trip per call, one more
+connection pool, the journal lock), not what N machines would add. ``--profile`` samples
+the one-host round only.
+
+    python scripts/bench_gateway.py --runs 3 --seconds 5 --hosts 2
+    python scripts/bench_gateway.py --hosts 2 --runs 1 --seconds 2 --warmup 0.5 \\
+        --concurrency 1,8 --stream-concurrency 1 --embed-concurrency 1   # smoke: 2 minutes
 """
 
 from __future__ import annotations
@@ -62,9 +88,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from _bench import (
     Children,
     Database,
+    Hosts,
     Load,
     LoadResult,
     Window,
@@ -79,8 +107,10 @@ from _bench import (
     ram_gib,
     read_line_within,
     run_load,
+    running_hosts,
     tree_cpu,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
 from ubc.client import UbcClient
@@ -94,6 +124,11 @@ except ImportError:  # the load generator then runs on asyncio's own loop
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# With Redis (``--hosts`` > 1), each key's rpm / tpm: limits checked in Redis on every call,
+# high enough that no benchmark call is refused (any 429 is reported with the other failures).
+KEY_RPM = 1_000_000  # the most an API key may have
+KEY_TPM = 10**12
 ORIGIN = "bench.ubc/ledger"
 CHAT_MODEL = "bench-chat"
 UPSTREAM_MODEL = "fake-chat"
@@ -248,16 +283,22 @@ class Target:
     host: str
     port: int
     requests: tuple[tuple[bytes, ...], ...]  # one group per API key; client i uses i % len
+    addresses: tuple[tuple[str, int], ...] = ()  # several hosts: client i talks to i % len
 
     def load(self, concurrency: int, seconds: float) -> Load:
-        return Load(self.host, self.port, self.requests, concurrency, seconds)
+        return Load(self.host, self.port, self.requests, concurrency, seconds, self.addresses)
 
 
-def target_for(name: str, base_url: str, path: str, keys: list[str], bodies: list[Any]) -> Target:
-    host = base_url.removeprefix("http://")
+def target_for(
+    name: str, base_url: str | Hosts[Server], path: str, keys: list[str], bodies: list[Any]
+) -> Target:
+    """Requests to ``base_url``, or spread over every server of ``Hosts``."""
+    hosts = base_url if isinstance(base_url, Hosts) else None
+    host = (hosts.url if hosts else str(base_url)).removeprefix("http://")
     h, port = host.rsplit(":", 1)
     groups = tuple(tuple(http_request(host, path, key, body) for body in bodies) for key in keys)
-    return Target(name, h, int(port), groups)
+    addresses = hosts.addresses if hosts and len(hosts.servers) > 1 else ()
+    return Target(name, h, int(port), groups, addresses)
 
 
 # --- the services -----------------------------------------------------------------------------
@@ -316,7 +357,9 @@ class Server:
     data_dir: Path
 
 
-def server_env(db: Database, data_dir: Path, models_file: Path) -> dict[str, str]:
+def server_env(
+    db: Database, data_dir: Path, models_file: Path, redis_url: str | None
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UBC_")}
     env.update(
         UBC_DATABASE_URL=db.url,
@@ -325,13 +368,23 @@ def server_env(db: Database, data_dir: Path, models_file: Path) -> dict[str, str
         UBC_MODELS_FILE=str(models_file),
         **{UPSTREAM_KEY_ENV: UPSTREAM_KEY},
     )
+    if redis_url:
+        env["UBC_REDIS_URL"] = redis_url
     return env
 
 
 @contextlib.contextmanager
-def running_server(
-    children: Children, db: Database, upstream: Upstream, tmp: Path, workers: int = 1
-) -> Iterator[Server]:
+def running_servers(
+    children: Children,
+    db: Database,
+    upstream: Upstream,
+    tmp: Path,
+    workers: int = 1,
+    hosts: int = 1,
+    redis_url: str | None = None,
+) -> Iterator[Hosts[Server]]:
+    """``hosts`` ``ubc serve`` processes (each ``--workers``) on their own ports, on one
+    database and one data dir (one ``ubc init``), all with ``redis_url`` if given."""
     data_dir = tmp / "data"
     models_file = tmp / "models.toml"
     models_file.write_text(
@@ -346,15 +399,27 @@ def running_server(
             embed_in=PRICES[EMBED_MODEL]["input"],
         )
     )
-    env = server_env(db, data_dir, models_file)
+    env = server_env(db, data_dir, models_file, redis_url)
     subprocess.run(
         [*ubc_command(), "init", "--data-dir", str(data_dir)],
         env=env,
         check=True,
         stdout=subprocess.DEVNULL,
     )
+
+    def start(i: int) -> contextlib.AbstractContextManager[Server]:
+        name = "server.log" if hosts == 1 else f"server-{i + 1}.log"
+        return running_server(children, env, data_dir, tmp / name, workers)
+
+    with running_hosts(start, hosts) as servers:
+        yield servers
+
+
+@contextlib.contextmanager
+def running_server(
+    children: Children, env: dict[str, str], data_dir: Path, log_path: Path, workers: int
+) -> Iterator[Server]:
     port = free_port()
-    log_path = tmp / "server.log"
     with log_path.open("wb") as out:
         process = children.start(
             [*ubc_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
@@ -387,6 +452,27 @@ def wait_ready(server: Server, timeout: float = 90.0) -> None:
     raise RuntimeError("the server did not become ready")
 
 
+def redis_use(server: Server) -> dict[str, float]:
+    """From the server's ``/metrics``: ``up`` (the last round trip to Redis for the rate
+    limits succeeded), ``fallbacks`` (calls limited by the process alone because Redis
+    could not be reached) and ``refusals`` (429s of a rate limit)."""
+    out = {"up": float("nan"), "fallbacks": 0.0, "refusals": 0.0}
+    try:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).raise_for_status().text
+    except httpx.HTTPError as exc:
+        log(f"  could not read {server.url}/metrics: {exc}")
+        return out
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ubc_ratelimit_redis_up":
+                out["up"] = sample.value
+            elif sample.name == "ubc_ratelimit_redis_fallbacks_total":
+                out["fallbacks"] += sample.value
+            elif sample.name == "ubc_ratelimit_refusals_total":
+                out["refusals"] += sample.value
+    return out
+
+
 def server_log_problems(server: Server) -> list[str]:
     lines = server.log_path.read_text(errors="replace").splitlines()
     return [
@@ -403,8 +489,11 @@ class Member:
     secret: str
 
 
-def set_up_members(server: Server, count: int) -> list[Member]:
-    """Members admitted, funded with DEPOSIT, each with an API key without limits."""
+def set_up_members(server: Server, count: int, limited: bool = False) -> list[Member]:
+    """Members admitted, funded with DEPOSIT, each with an API key without spend cap and
+    without rate limits, or with ``limited`` limits no benchmark reaches (KEY_RPM, KEY_TPM:
+    checked in Redis when it is configured)."""
+    rpm, tpm = (KEY_RPM, KEY_TPM) if limited else (None, None)
     operator_token = (server.data_dir / "operator.token").read_text().strip()
     operator_key = load_signing_key(server.data_dir / "operator.key")
     members = []
@@ -415,7 +504,7 @@ def set_up_members(server: Server, count: int) -> list[Member]:
                 client.register(handle)
                 operator.admit(handle, "basic")
                 operator.deposit(handle, DEPOSIT, external_ref=f"bench-{handle}")
-                secret, _ = client.grant_api_key("bench", scopes=["models"])
+                secret, _ = client.grant_api_key("bench", scopes=["models"], rpm=rpm, tpm=tpm)
             members.append(Member(handle, f"member:{handle}", secret))
     return members
 
@@ -644,16 +733,34 @@ class Bench:
     args: argparse.Namespace
     engine: str
     ledger: Ledger
-    server: Server
+    servers: Hosts[Server]
     upstream: Upstream
     series: dict[tuple[str, str, int], Series] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     profile: list[str] = field(default_factory=list)
     log_problems: list[str] = field(default_factory=list)
+    redis: list[dict[str, float]] = field(default_factory=list)  # per server, with Redis
+
+    @property
+    def redis_partial(self) -> bool:
+        """A call limited without Redis (its round trip timed out: 50 ms, 300 ms while
+        connecting) or refused by a limit (also among the non-200 answers)."""
+        return any(r["fallbacks"] or r["refusals"] or r["up"] != r["up"] for r in self.redis)
+
+    def redis_summary(self) -> str:
+        return "; ".join(
+            f"server {i + 1}: Redis up {r['up']:g}, {r['fallbacks']:g} calls limited without "
+            f"Redis, {r['refusals']:g} refused by a limit"
+            for i, r in enumerate(self.redis)
+        )
+
+    @property
+    def hosts(self) -> int:
+        return len(self.servers.servers)
 
     def meters(self) -> dict[str, Callable[[], dict[int, float]]]:
         meters = {
-            "server": lambda: tree_cpu(self.server.process.pid),
+            "server": self.servers.cpu,  # every host's server and workers
             "upstream": lambda: tree_cpu(self.upstream.process.pid),
         }
         if self.engine == "postgresql":
@@ -684,7 +791,8 @@ class Bench:
         label = "run" if record else "warm-up"
         bad = dict(sorted((s, n) for s, n in result.statuses.items() if s != 200))
         log(
-            f"  {self.engine:<10} {phase:<6} {target.name:<6} c={concurrency:<3} {label:<7} "
+            f"  {self.engine:<10} h={self.hosts} {phase:<6} {target.name:<6} c={concurrency:<3} "
+            f"{label:<7} "
             f"{m.rate:8.0f}/s  p50 {m.p(0.5):7.2f} ms  p99 {m.p(0.99):7.2f} ms  "
             f"server {m.cpu_ms_per_call('server'):6.3f} ms/call  "
             f"postgres {m.cpu_ms_per_call('postgres'):6.3f} ms/call  "
@@ -720,7 +828,7 @@ class Bench:
                     self.measure(phase, t, c, self.args.seconds, parse, True, billed, failed)
         check = self.ledger.check(phase, model, billed, sum(failed))
         self.checks.append(check)
-        log(f"  {self.engine:<10} {phase:<6} billing check: {check.summary()}")
+        log(f"  {self.engine:<10} h={self.hosts} {phase:<6} billing check: {check.summary()}")
         for problem in check.problems[:10]:
             log(f"      ! {problem}")
 
@@ -734,7 +842,8 @@ class Bench:
         out.parent.mkdir(parents=True, exist_ok=True)
         seconds = self.args.seconds
         spy = subprocess.Popen(
-            [py_spy, "record", "--pid", str(self.server.process.pid), "--gil", "--format", "raw"]
+            [py_spy, "record", "--pid", str(self.servers.servers[0].process.pid), "--gil"]
+            + ["--format", "raw"]
             + ["--rate", "250", "--duration", str(int(seconds + 1)), "--output", str(out)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -815,59 +924,63 @@ def _frame_name(frame: str) -> str:
 
 
 def bench_engine(
-    args: argparse.Namespace, children: Children, db: Database, upstream: Upstream, tmp: Path
+    args: argparse.Namespace,
+    children: Children,
+    db: Database,
+    upstream: Upstream,
+    tmp: Path,
+    hosts: int = 1,
 ) -> Bench:
-    with running_server(children, db, upstream, tmp, args.workers) as server:
-        log(f"  server up at {server.url}; {args.members} member(s), deposit {DEPOSIT:,} CU")
-        members = set_up_members(server, args.members)
+    """Every phase on ``hosts`` servers; the upstream called directly too on one host only
+    (it does not depend on ubc's hosts: measured once per run)."""
+    redis_url = args.redis_url if args.hosts > 1 else None
+    with running_servers(children, db, upstream, tmp, args.workers, hosts, redis_url) as servers:
+        log(
+            f"  {hosts} server(s) up at {', '.join(servers.urls)} (workers {args.workers} "
+            f"each{', Redis ' + redis_url if redis_url else ''}); {args.members} member(s), "
+            f"deposit {DEPOSIT:,} CU"
+        )
+        members = set_up_members(servers.servers[0], args.members, limited=bool(redis_url))
         keys = [m.secret for m in members]
         ledger = Ledger(db, members)
-        bench = Bench(args, db.engine, ledger, server, upstream)
+        bench = Bench(args, db.engine, ledger, servers, upstream)
+        direct = hosts == 1
+
+        def with_direct(target: Target, stream: bool) -> list[Target]:
+            if not direct:
+                return [target]
+            body = chat_body(UPSTREAM_MODEL, stream)
+            path = "/v1/chat/completions"
+            return [target_for("direct", upstream.url, path, [UPSTREAM_KEY], [body]), target]
+
         try:
             phases = args.phases
-            direct_chat = target_for(
-                "direct",
-                upstream.url,
-                "/v1/chat/completions",
-                [UPSTREAM_KEY],
-                [chat_body(UPSTREAM_MODEL, False)],
-            )
             ubc_chat = target_for(
-                "ubc", server.url, "/v1/chat/completions", keys, [chat_body(CHAT_MODEL, False)]
+                "ubc", servers, "/v1/chat/completions", keys, [chat_body(CHAT_MODEL, False)]
             )
             if "chat" in phases:
-                bench.phase(
-                    "chat", CHAT_MODEL, [direct_chat, ubc_chat], args.concurrency, parse_chat
-                )
+                targets = with_direct(ubc_chat, False)
+                bench.phase("chat", CHAT_MODEL, targets, args.concurrency, parse_chat)
             if "stream" in phases:
-                targets = [
-                    target_for(
-                        "direct",
-                        upstream.url,
-                        "/v1/chat/completions",
-                        [UPSTREAM_KEY],
-                        [chat_body(UPSTREAM_MODEL, True)],
-                    ),
-                    target_for(
-                        "ubc",
-                        server.url,
-                        "/v1/chat/completions",
-                        keys,
-                        [chat_body(CHAT_MODEL, True)],
-                    ),
-                ]
+                ubc_stream = target_for(
+                    "ubc", servers, "/v1/chat/completions", keys, [chat_body(CHAT_MODEL, True)]
+                )
+                targets = with_direct(ubc_stream, True)
                 bench.phase("stream", CHAT_MODEL, targets, args.stream_concurrency, parse_stream)
             if "embed" in phases:
                 bodies = [{"model": EMBED_MODEL, "input": s} for s in SENTENCES]
-                target = target_for("ubc", server.url, "/v1/embeddings", keys, bodies)
+                target = target_for("ubc", servers, "/v1/embeddings", keys, bodies)
                 bench.phase("embed", EMBED_MODEL, [target], args.embed_concurrency, parse_embedding)
-            if args.profile:
+            if args.profile and hosts == 1:
                 bench.run_profile(ubc_chat, parse_chat)
         finally:
             ledger.close()
-        problems = server_log_problems(server)
+        if redis_url:
+            bench.redis = [redis_use(server) for server in servers.servers]
+            log(f"  {db.engine:<10} h={hosts} rate limits: {bench.redis_summary()}")
+        problems = [line for server in servers.servers for line in server_log_problems(server)]
         if problems:
-            log(f"  the server logged {len(problems)} error line(s); the first:")
+            log(f"  the server(s) logged {len(problems)} error line(s); the first:")
             for line in problems[:10]:
                 log(f"      ! {line[:300]}")
         bench.log_problems = problems
@@ -891,8 +1004,10 @@ def failures(series: list[Series]) -> str:
     return ", ".join(f"{n} × {names.get(s, s)}" for s, n in sorted(total.items()))
 
 
-def added_p50(bench: Bench, phase: str, c: int) -> float:
-    direct = bench.series.get((phase, "direct", c))
+def added_p50(bench: Bench, phase: str, c: int, base: Bench | None = None) -> float:
+    """Median over runs of ubc's p50 on ``bench`` minus the direct p50 (measured on
+    ``base``, the one-host round, if given), run by run."""
+    direct = (base or bench).series.get((phase, "direct", c))
     ubc = bench.series.get((phase, "ubc", c))
     if direct is None or ubc is None:
         return float("nan")
@@ -900,57 +1015,91 @@ def added_p50(bench: Bench, phase: str, c: int) -> float:
     return median([u.p(0.5) - d.p(0.5) for d, u in pairs])
 
 
-def chat_table(bench: Bench, phase: str, concurrencies: list[int]) -> list[str]:
+def chat_table(group: list[Bench], phase: str, concurrencies: list[int]) -> list[str]:
+    """One row per concurrency and host count; the direct columns come from the one-host
+    round (``group[0]``), where the upstream was called directly."""
     stream = phase == "stream"
     lat = "TTLB" if stream else "latency"
+    base = group[0]
     lines = [
-        f"| c | direct calls/s | direct {lat} p50 / p99 ms | ubc calls/s (runs) "
+        f"| c | hosts | direct calls/s | direct {lat} p50 / p99 ms | ubc calls/s (runs) "
         f"| ubc {lat} p50 / p99 ms | added p50 ms | ubc CPU ms/call | PostgreSQL CPU ms/call "
         "| PostgreSQL transactions/call | upstream CPU ms/call (direct / via ubc) "
         "| non-200 (ubc) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in concurrencies:
-        d = bench.series.get((phase, "direct", c))
-        u = bench.series.get((phase, "ubc", c))
-        if d is None or u is None:
-            continue
-        rates = [m.rate for m in u.runs]
-        lines.append(
-            f"| {c} | {d.med(lambda m: m.rate):,.0f} "
-            f"| {fmt(d.med(lambda m: m.p(0.5)))} / {fmt(d.med(lambda m: m.p(0.99)))} "
-            f"| {u.med(lambda m: m.rate):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) "
-            f"| {fmt(u.med(lambda m: m.p(0.5)))} / {fmt(u.med(lambda m: m.p(0.99)))} "
-            f"| {fmt(added_p50(bench, phase, c))} "
-            f"| {fmt(u.med(lambda m: m.cpu_ms_per_call('server')), 3)} "
-            f"| {fmt(u.med(lambda m: m.cpu_ms_per_call('postgres')), 3)} "
-            f"| {fmt(u.med(lambda m: m.per_call('pg_xacts')))} "
-            f"| {fmt(d.med(lambda m: m.cpu_ms_per_call('upstream')), 3)} / "
-            f"{fmt(u.med(lambda m: m.cpu_ms_per_call('upstream')), 3)} "
-            f"| {failures([u])} |"
-        )
+        d = base.series.get((phase, "direct", c))
+        for bench in group:
+            u = bench.series.get((phase, "ubc", c))
+            if d is None or u is None:
+                continue
+            rates = [m.rate for m in u.runs]
+            lines.append(
+                f"| {c} | {bench.hosts} | {d.med(lambda m: m.rate):,.0f} "
+                f"| {fmt(d.med(lambda m: m.p(0.5)))} / {fmt(d.med(lambda m: m.p(0.99)))} "
+                f"| {u.med(lambda m: m.rate):,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) "
+                f"| {fmt(u.med(lambda m: m.p(0.5)))} / {fmt(u.med(lambda m: m.p(0.99)))} "
+                f"| {fmt(added_p50(bench, phase, c, base))} "
+                f"| {fmt(u.med(lambda m: m.cpu_ms_per_call('server')), 3)} "
+                f"| {fmt(u.med(lambda m: m.cpu_ms_per_call('postgres')), 3)} "
+                f"| {fmt(u.med(lambda m: m.per_call('pg_xacts')))} "
+                f"| {fmt(d.med(lambda m: m.cpu_ms_per_call('upstream')), 3)} / "
+                f"{fmt(u.med(lambda m: m.cpu_ms_per_call('upstream')), 3)} "
+                f"| {failures([u])} |"
+            )
     return lines
 
 
-def embed_table(bench: Bench, concurrencies: list[int]) -> list[str]:
+def embed_table(group: list[Bench], concurrencies: list[int]) -> list[str]:
     lines = [
-        "| c | embeddings/s (runs) | p50 / p99 ms | ubc CPU ms/call | PostgreSQL CPU ms/call "
-        "| server cores | non-200 |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| c | hosts | embeddings/s (runs) | p50 / p99 ms | ubc CPU ms/call "
+        "| PostgreSQL CPU ms/call | server cores | non-200 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in concurrencies:
-        u = bench.series.get(("embed", "ubc", c))
-        if u is None:
-            continue
-        rates = [m.rate for m in u.runs]
-        lines.append(
-            f"| {c} | {u.med(lambda m: m.rate):,.1f} ({min(rates):,.1f}–{max(rates):,.1f}) "
-            f"| {fmt(u.med(lambda m: m.p(0.5)))} / {fmt(u.med(lambda m: m.p(0.99)))} "
-            f"| {fmt(u.med(lambda m: m.cpu_ms_per_call('server')), 3)} "
-            f"| {fmt(u.med(lambda m: m.cpu_ms_per_call('postgres')), 3)} "
-            f"| {fmt(u.med(lambda m: m.cores('server')))} | {failures([u])} |"
-        )
+        for bench in group:
+            u = bench.series.get(("embed", "ubc", c))
+            if u is None:
+                continue
+            rates = [m.rate for m in u.runs]
+            lines.append(
+                f"| {c} | {bench.hosts} "
+                f"| {u.med(lambda m: m.rate):,.1f} ({min(rates):,.1f}–{max(rates):,.1f}) "
+                f"| {fmt(u.med(lambda m: m.p(0.5)))} / {fmt(u.med(lambda m: m.p(0.99)))} "
+                f"| {fmt(u.med(lambda m: m.cpu_ms_per_call('server')), 3)} "
+                f"| {fmt(u.med(lambda m: m.cpu_ms_per_call('postgres')), 3)} "
+                f"| {fmt(u.med(lambda m: m.cores('server')))} | {failures([u])} |"
+            )
     return lines
+
+
+def scaling(
+    group: list[Bench], phases: list[str], concurrencies: dict[str, list[int]]
+) -> list[str]:
+    """Per phase: each concurrency's median calls/s on N hosts over that on one host."""
+    base = group[0]
+    out = []
+    for bench in group[1:]:
+        for phase in phases:
+            parts = []
+            for c in concurrencies[phase]:
+                one = base.series.get((phase, "ubc", c))
+                many = bench.series.get((phase, "ubc", c))
+                if one is None or many is None:
+                    continue
+                r1, rn = one.med(lambda m: m.rate), many.med(lambda m: m.rate)
+                ratio = rn / r1 if r1 else float("nan")
+                parts.append(
+                    f"c={c} {rn:,.1f}/s over {r1:,.1f}/s = {fmt(ratio)}x (p50 "
+                    f"{fmt(many.med(lambda m: m.p(0.5)))} vs {fmt(one.med(lambda m: m.p(0.5)))} ms)"
+                )
+            if parts:
+                out.append(
+                    f"- scaling, {bench.engine} {phase}: {bench.hosts} hosts over 1 host: "
+                    + "; ".join(parts)
+                )
+    return out
 
 
 def targets(bench: Bench) -> list[str]:
@@ -1016,8 +1165,9 @@ def report(args: argparse.Namespace, benches: list[Bench], facts: dict[str, Any]
         f"- upstream: `tests/upstream.py --latency-ms {args.latency_ms:g}` (its own process, "
         f"uvloop), {OUTPUT_TOKENS} output tokens per answer; "
         f"ubc: `ubc serve --workers {args.workers}`, "
-        f"metering and journaling on, {args.members} member(s) with one API key each (no rate "
-        "limit, no spend cap); price 1,000 / 2,000 CU per 1K input / output tokens",
+        f"metering and journaling on, {args.members} member(s) with one API key each ("
+        + ("limits never reached" if args.hosts > 1 else "no rate limit")
+        + ", no spend cap); price 1,000 / 2,000 CU per 1K input / output tokens",
         "- load: one process, one keep-alive HTTP/1.1 connection per concurrent client "
         "(asyncio streams" + (", uvloop" if uvloop is not None else "") + "), closed loop; "
         f"warm-up {args.warmup:g} s per row, then {args.runs} run(s) of {args.seconds:g} s, "
@@ -1032,38 +1182,66 @@ def report(args: argparse.Namespace, benches: list[Bench], facts: dict[str, Any]
         f"Clients, upstream, ubc and PostgreSQL share the same {nproc} cores.",
         f"- for scale: {LITELLM}",
     ]
-    for bench in benches:
-        lines += ["", f"#### {bench.engine}", ""]
-        if any(k[0] == "chat" for k in bench.series):
+    concurrencies = {
+        "chat": args.concurrency,
+        "stream": args.stream_concurrency,
+        "embed": args.embed_concurrency,
+    }
+    if args.hosts > 1:
+        lines.append(
+            f"- hosts: every phase on 1 server, then on {args.hosts} servers (separate `ubc "
+            f"serve --workers {args.workers}` processes on their own ports, one fresh database "
+            "each round, clients spread evenly: client i talks to server i mod N), both rounds "
+            f"with `UBC_REDIS_URL={args.redis_url}` and keys limited to {KEY_RPM:,} rpm and "
+            f"{KEY_TPM:,} tpm (checked in Redis on every call, never reached); the upstream is "
+            "called directly in the one-host round only (its columns repeat in the N-host "
+            f"rows). The servers share the same {nproc} cores with each other, the clients, "
+            "the upstream, PostgreSQL and Redis: the ratio shows what N hosts cost in "
+            "coordination on one machine, not what N machines would add"
+        )
+    for engine in dict.fromkeys(b.engine for b in benches):
+        group = sorted((b for b in benches if b.engine == engine), key=lambda b: b.hosts)
+        base = group[0]
+        lines += ["", f"#### {engine}", ""]
+        if any(k[0] == "chat" for k in base.series):
             lines += ["Non-streaming chat completions:", ""]
-            lines += chat_table(bench, "chat", args.concurrency)
+            lines += chat_table(group, "chat", args.concurrency)
             lines.append("")
-        if any(k[0] == "stream" for k in bench.series):
+        if any(k[0] == "stream" for k in base.series):
             lines += [
                 f"Streaming (`stream_options.include_usage`, {OUTPUT_TOKENS} token chunks), "
                 "time to last byte:",
                 "",
             ]
-            lines += chat_table(bench, "stream", args.stream_concurrency)
+            lines += chat_table(group, "stream", args.stream_concurrency)
             lines.append("")
-        if any(k[0] == "embed" for k in bench.series):
+        if any(k[0] == "embed" for k in base.series):
             lines += [
                 f"Local embeddings (`{EMBED_MODEL}`, one short sentence per call) through ubc:",
                 "",
             ]
-            lines += embed_table(bench, args.embed_concurrency)
+            lines += embed_table(group, args.embed_concurrency)
             lines.append("")
-        lines.append("Billing checks (after each phase, cumulative):")
+        if len(group) > 1:
+            lines += ["Scaling (median calls/s through ubc):", ""]
+            lines += scaling(group, args.phases, concurrencies)
+            lines.append("")
+        lines.append("Billing checks (after each phase, cumulative per round):")
         lines.append("")
-        for check in bench.checks:
-            lines.append(f"- {check.phase}: {check.summary()}")
-        problems = bench.log_problems
-        lines.append(
-            f"- server log: {len(problems)} error line(s)"
-            + (f", the first: `{problems[0][:200]}`" if problems else "")
-        )
-        lines += ["", "Targets (issue 6):", ""]
-        lines += targets(bench)
+        for bench in group:
+            on = f" ({bench.hosts} host{'s' if bench.hosts > 1 else ''})" if len(group) > 1 else ""
+            for check in bench.checks:
+                lines.append(f"- {check.phase}{on}: {check.summary()}")
+            problems = bench.log_problems
+            lines.append(
+                f"- server log{on}: {len(problems)} error line(s)"
+                + (f", the first: `{problems[0][:200]}`" if problems else "")
+            )
+            if bench.redis:
+                verdict = "not every call" if bench.redis_partial else "every call"
+                lines.append(f"- rate limits in Redis{on}: {verdict}: {bench.redis_summary()}")
+        lines += ["", "Targets (issue 6" + (", one host" if len(group) > 1 else "") + "):", ""]
+        lines += targets(base)
     return "\n".join(lines)
 
 
@@ -1090,6 +1268,16 @@ def code_version() -> str:
     return f"commit {commit} with uncommitted changes in {', '.join(changed)}"
 
 
+def redis_problem(url: str) -> str | None:
+    """Why Redis at ``url`` cannot be used, or None when it answers PING."""
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2) as client:
+            client.ping()
+    except (redis.RedisError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -1111,6 +1299,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     parser.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        help="N > 1: every phase on 1 server, then on N servers sharing the database and Redis",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="UBC_REDIS_URL of every server when --hosts > 1 (shared rate limits)",
+    )
+    parser.add_argument(
         "--profile", metavar="DIR", help="py-spy one more chat run; collapsed stacks to DIR"
     )
     parser.add_argument("--profile-concurrency", type=int, default=50)
@@ -1125,6 +1324,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown phase {phase!r}: choose from chat, stream, embed")
     if args.members < 1 or args.runs < 1:
         parser.error("--members and --runs must be at least 1")
+    if args.hosts < 1:
+        parser.error("--hosts must be at least 1")
+    if args.hosts > 1:
+        problem = redis_problem(args.redis_url)
+        if problem:
+            parser.error(f"--hosts {args.hosts} needs Redis at {args.redis_url}: {problem}")
 
     # Ctrl-C (even if the shell started us ignoring it) and SIGTERM unwind the same way:
     # load generator, server and upstream stopped, the PostgreSQL database dropped.
@@ -1141,8 +1346,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         upstream = start_upstream(children, args.latency_ms)
         log(f"upstream at {upstream.url} (latency {args.latency_ms:g} ms)")
-        for engine in engines:
-            log(f"{engine}: fresh database and data dir")
+        for engine, hosts in [(e, h) for e in engines for h in sorted({1, args.hosts})]:
+            log(f"{engine}, {hosts} host(s): fresh database and data dir")
             with (
                 tempfile.TemporaryDirectory(prefix="ubc-bench-gateway-") as tmp,
                 fresh_database(
@@ -1150,7 +1355,7 @@ def main(argv: list[str] | None = None) -> int:
                 ) as db,
             ):
                 facts["databases"][engine] = (db.server_version, db.settings)
-                benches.append(bench_engine(args, children, db, upstream, Path(tmp)))
+                benches.append(bench_engine(args, children, db, upstream, Path(tmp), hosts))
     finally:
         children.stop_all()
     print(report(args, benches, facts))
@@ -1165,9 +1370,15 @@ def main(argv: list[str] | None = None) -> int:
     for b in benches:
         bad = failures(list(b.series.values()))
         if bad != "0":
-            log(f"NON-200 ANSWERS on {b.engine} (measured runs): {bad}")
+            log(f"NON-200 ANSWERS on {b.engine}, {b.hosts} host(s) (measured runs): {bad}")
         if b.log_problems:
-            log(f"SERVER LOG on {b.engine}: {len(b.log_problems)} error line(s)")
+            log(f"SERVER LOG on {b.engine}, {b.hosts} host(s): {len(b.log_problems)} error line(s)")
+    for b in benches:
+        if b.redis_partial:
+            log(
+                f"RATE LIMITS NOT ALL IN REDIS on {b.engine}, {b.hosts} host(s): "
+                f"{b.redis_summary()}"
+            )
     failed = [c for b in benches for c in b.checks if not c.passed]
     if failed:
         log(f"BILLING CHECK FAILED in {len(failed)} phase(s): see above")
