@@ -41,6 +41,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -129,6 +130,19 @@ WITNESS_REQUESTS = Counter(
     "status, `bad_cosignature` (a 200 whose cosignature did not verify: not stored), "
     "`timeout` or `unreachable`",
     ["witness", "status"],
+)
+
+WEBHOOK_DELIVERIES = Counter(
+    "ubc_webhook_deliveries_total",
+    "Webhook delivery attempts, by outcome: `ok` (2xx), `http_4xx`, `http_5xx`, ..., "
+    "`timeout` or `unreachable`",
+    ["status"],
+)
+WEBHOOK_LAG = Gauge(
+    "ubc_webhook_lag_entries",
+    "Journal entries not yet delivered to the active webhook endpoint furthest behind "
+    "(set by the delivering process)",
+    multiprocess_mode="livemax",
 )
 
 #: The label of a refused envelope whose type could not be read.
