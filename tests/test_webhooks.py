@@ -243,7 +243,8 @@ def signed_correctly(secret: str, headers: dict[str, str], body: bytes) -> bool:
 
 def test_deliveries_arrive_in_order_signed_once_each(ledger: Ledger, receiver: Receiver) -> None:
     hook = ledger.add(receiver.url)
-    assert hook["secret"].startswith("whsec_") and hook["created"] is True
+    assert hook["secret"].startswith("whsec_")
+    assert hook["created"] is True
     seqs = [ledger.pay() for _ in range(5)] + [ledger.deposit()]
     wait_for(lambda: receiver.unique() == seqs, "six deliveries")
     now = int(ledger.clock.now().timestamp())
@@ -281,7 +282,8 @@ def test_a_receiver_that_fails_times_out_then_recovers_gets_everything(
     assert (failed["seq"], failed["attempt"], failed["status_code"]) == (first[0], 1, 500)
     assert "down for maintenance" in failed["error"]
     state = ledger.hook(hook["id"])
-    assert state["attempts"] == 1 and state["cursor"] == first[0]
+    assert state["attempts"] == 1
+    assert state["cursor"] == first[0]
     # The retry is not due before the backoff (1 s at most, from the ledger's clock).
     time.sleep(0.6)
     assert len(ledger.log(hook["id"])) == 1
@@ -289,7 +291,8 @@ def test_a_receiver_that_fails_times_out_then_recovers_gets_everything(
     ledger.clock.advance(1.0)
     wait_for(lambda: len(ledger.log(hook["id"])) >= 2, "a second attempt")
     hung = ledger.log(hook["id"])[0]
-    assert hung["status_code"] is None and hung["error"].startswith("timeout")
+    assert hung["status_code"] is None
+    assert hung["error"].startswith("timeout")
     assert hung["attempt"] == 2
     receiver.mode = "ok"
     more = [ledger.pay(), ledger.deposit()]
@@ -307,7 +310,7 @@ def test_a_receiver_down_for_an_hour_receives_everything_in_order(
     waited = 0.0
     attempts = 0
     while waited < 3600:  # retries back off, from 1 s doubling (the clock moved, no sleep)
-        wait_for(lambda: len(ledger.log(hook["id"])) > attempts, "the next attempt")
+        wait_for(lambda n=attempts: len(ledger.log(hook["id"])) > n, "the next attempt")
         attempts = len(ledger.log(hook["id"]))
         step = min(2.0**attempts, 3600.0)  # at least the backoff after that many
         ledger.clock.advance(step)
@@ -339,14 +342,16 @@ def test_an_endpoint_failing_for_a_day_is_marked_failing_and_a_replay_resumes_it
         count = len(ledger.log(hook["id"]))
         wait_for(lambda: len(ledger.log(hook["id"])) > count, "a retry")  # noqa: B023
     state = ledger.hook(hook["id"])
-    assert state["status"] == "failing" and state["cursor"] == seq
+    assert state["status"] == "failing"
+    assert state["cursor"] == seq
     assert len(ledger.log(hook["id"])) >= 24
     receiver.mode = "ok"
     ledger.clock.advance(3600)
     time.sleep(0.6)
     assert receiver.seqs() == []  # failing: left alone
     answer = ledger.http.post(f"/api/webhooks/{hook['id']}/replay", json={}, headers=ledger.op)
-    assert answer.status_code == 200 and answer.json()["status"] == "active"
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "active"
     wait_for(lambda: receiver.seqs() == [seq], "the delivery after the replay")
 
 
@@ -380,7 +385,8 @@ def test_replay_from_a_seq_delivers_again(ledger: Ledger, receiver: Receiver) ->
     too_far = ledger.http.post(
         f"/api/webhooks/{hook['id']}/replay", json={"from": 10**6}, headers=ledger.op
     )
-    assert too_far.status_code == 400 and "beyond the journal" in too_far.json()["error"]["message"]
+    assert too_far.status_code == 400
+    assert "beyond the journal" in too_far.json()["error"]["message"]
 
 
 def test_a_type_filter(ledger: Ledger, receiver: Receiver) -> None:
@@ -418,31 +424,40 @@ def test_the_api_and_the_cli_refuse_bad_inputs_and_are_idempotent(
     assert ledger.http.get("/api/webhooks").status_code == 401
     # Idempotent: the same URL and types again is the same endpoint, without its secret.
     first = add(url=receiver.url, types=["transfer"], secret="s" * 32)
-    assert first.status_code == 201 and first.json()["secret"] == "s" * 32
+    assert first.status_code == 201
+    assert first.json()["secret"] == "s" * 32
     again = add(url=receiver.url, types=["transfer"])
     assert again.status_code == 200
-    assert again.json()["id"] == first.json()["id"] and again.json()["secret"] is None
+    assert again.json()["id"] == first.json()["id"]
+    assert again.json()["secret"] is None
     assert add(url=receiver.url, types=["deposit"]).status_code == 409
     gone = ledger.http.delete("/api/webhooks/wh_0000000000000000", headers=ledger.op)
-    assert gone.status_code == 404 and gone.json()["error"]["type"] == "not_found"
+    assert gone.status_code == 404
+    assert gone.json()["error"]["type"] == "not_found"
     # The CLI says the same in one line.
     env = {"UBC_SERVER": ledger.server.url, "UBC_TOKEN": ledger.server.operator_token}
     runner = CliRunner()
     result = runner.invoke(cli, ["webhooks", "add", "ftp://example.org/x"], env=env)
-    assert result.exit_code == 1 and "http:// or https://" in result.output
+    assert result.exit_code == 1
+    assert "http:// or https://" in result.output
     result = runner.invoke(cli, ["webhooks", "add", receiver.url, "--type", "bogus"], env=env)
-    assert result.exit_code == 1 and "unknown payload type 'bogus'" in result.output
+    assert result.exit_code == 1
+    assert "unknown payload type 'bogus'" in result.output
     other = f"http://127.0.0.1:{receiver.port}/other"
     result = runner.invoke(cli, ["webhooks", "add", other, "--type", "deposit"], env=env)
-    assert result.exit_code == 0 and "Signing secret (shown once" in result.output
+    assert result.exit_code == 0
+    assert "Signing secret (shown once" in result.output
     listed = runner.invoke(cli, ["webhooks", "list"], env=env)
-    assert listed.exit_code == 0 and other in listed.output and "types: deposit" in listed.output
+    assert listed.exit_code == 0
+    assert other in listed.output
+    assert "types: deposit" in listed.output
     hook_id = listed.output.split()[0]
     result = runner.invoke(cli, ["webhooks", "deliveries", first.json()["id"]], env=env)
     assert result.exit_code == 0, result.output
     assert runner.invoke(cli, ["webhooks", "remove", hook_id], env=env).exit_code == 0
     result = runner.invoke(cli, ["webhooks", "remove", hook_id], env=env)
-    assert result.exit_code == 1 and "no webhook" in result.output
+    assert result.exit_code == 1
+    assert "no webhook" in result.output
 
 
 def test_verify_webhook_refuses_what_is_not_signed_right() -> None:
@@ -543,7 +558,8 @@ def test_client_events_exactly_once_in_order_across_a_reconnect(ledger: Ledger) 
             writer.join()
     assert got == [start, *written]
     assert len(transport.opened) >= 2  # it reconnected, with Last-Event-ID
-    assert transport.opened[0] is None and all(transport.opened[1:])
+    assert transport.opened[0] is None
+    assert all(transport.opened[1:])
 
 
 def test_client_events_refused_raises(ledger: Ledger) -> None:

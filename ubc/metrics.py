@@ -138,6 +138,8 @@ WEBHOOK_DELIVERIES = Counter(
     "`timeout` or `unreachable`",
     ["status"],
 )
+for _status in ("ok", "http_4xx", "http_5xx", "timeout", "unreachable"):
+    WEBHOOK_DELIVERIES.labels(_status)  # exposed at 0 before the first delivery
 WEBHOOK_LAG = Gauge(
     "ubc_webhook_lag_entries",
     "Journal entries not yet delivered to the active webhook endpoint furthest behind "

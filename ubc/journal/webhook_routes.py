@@ -100,6 +100,11 @@ class WebhookCreated(Webhook):
     )
 
 
+class WebhookRemoved(Schema):
+    id: str
+    removed: bool
+
+
 class WebhookList(Schema):
     webhooks: list[Webhook]
 
@@ -149,6 +154,7 @@ def list_webhooks(session: ReadSession, reader: Reader) -> dict[str, Any]:
             401,
             403,
             409,
+            422,
             notes={
                 400: "a URL that is not http(s), an unknown payload type, a bad secret, "
                 "a `from` beyond the journal",
@@ -211,22 +217,23 @@ def add_webhook(request: Request, body: WebhookCreate, reader: Reader) -> JSONRe
 @router.delete(
     "/api/webhooks/{webhook_id}",
     summary="Remove a webhook endpoint and its delivery log (operator)",
-    status_code=204,
-    responses=error_responses(401, 403, 404),
+    response_model=WebhookRemoved,
+    responses=error_responses(401, 403, 404, notes={404: "no such webhook (or removed)"}),
 )
-def remove_webhook(request: Request, webhook_id: str, reader: Reader) -> None:
+def remove_webhook(request: Request, webhook_id: str, reader: Reader) -> dict[str, Any]:
     require_operator(reader)
     with unit_of_work(request.app.state.sessions) as session:
         _get(session, webhook_id)
         session.execute(delete(deliveries_t).where(deliveries_t.c.endpoint == webhook_id))
         session.execute(delete(endpoints_t).where(endpoints_t.c.id == webhook_id))
+    return {"id": webhook_id, "removed": True}
 
 
 @router.get(
     "/api/webhooks/{webhook_id}/deliveries",
     summary="The delivery log of a webhook endpoint, newest first (operator)",
     response_model=DeliveryLog,
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(401, 403, 404, 422),
 )
 def webhook_deliveries(
     session: ReadSession,
@@ -268,7 +275,7 @@ def webhook_deliveries(
     summary="Deliver again from a seq, or resume a failing endpoint (operator)",
     response_model=Webhook,
     responses=error_responses(
-        400, 401, 403, 404, notes={400: "a `from` beyond the journal's size"}
+        400, 401, 403, 404, 422, notes={400: "a `from` beyond the journal's size"}
     ),
 )
 def replay_webhook(
