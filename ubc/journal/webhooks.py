@@ -37,7 +37,8 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -326,8 +327,11 @@ class Deliverer:
         self.leading = False
         self._last_prune = 0.0
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Until ``stop``: become the leader when possible, then deliver."""
+    async def run(
+        self, stop: asyncio.Event, leads: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
+        """Until ``stop``: deliver while this process leads. ``leads`` says whether it
+        does now (e.g. a shared leader lock's check); without it, :func:`try_lead`."""
         connection: Connection | None = None
         async with httpx.AsyncClient(
             timeout=self.timeout, transport=self._transport, follow_redirects=False
@@ -335,7 +339,12 @@ class Deliverer:
             try:
                 while not stop.is_set():
                     try:
-                        if not self.leading:
+                        if leads is not None:
+                            leading = await leads()
+                            if self.leading and not leading:
+                                await self._drain()
+                            self.leading = leading
+                        elif not self.leading:
                             self.leading, connection = await asyncio.to_thread(
                                 try_lead, self.engine
                             )
@@ -351,13 +360,11 @@ class Deliverer:
                     except Exception:  # keep going; the next round retries
                         log.exception("webhook round failed")
                     wait = POLL_SECONDS if self.leading else 1.0
-                    try:
+                    with suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=wait)
-                    except TimeoutError:
-                        pass
             finally:
                 await self._drain()
-                if self.leading:
+                if connection is not None:
                     await asyncio.to_thread(resign, connection)
                 self.leading = False
 
