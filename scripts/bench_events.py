@@ -20,8 +20,9 @@ second (open loop: each send is scheduled at its own moment, whatever the answer
 ``--latency-seconds``. For each entry: the time from the 201 to the arrival of its SSE
 event, p50, p99 and max (a negative delay: the event came before the writer's event loop
 read the 201; the writers use httpx, whose CPU per request matters on a small machine, so
-the note under the table says the rate actually reached). With ``--webhook`` a receiver on loopback is registered as a
-webhook endpoint too, and the time to its delivery is measured the same way.
+the note under the table says the rate actually reached). With ``--webhook`` a receiver
+on loopback is registered as a webhook endpoint too, and the time to its delivery is
+measured the same way.
 
     python scripts/bench_events.py --engine postgresql --runs 3 --seconds 5 \\
         --rate 500 --latency-seconds 10 --webhook
