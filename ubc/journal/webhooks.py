@@ -383,7 +383,7 @@ class Deliverer:
             running = self._tasks.get(endpoint.id)
             if running is not None and not running.done():
                 continue
-            self._tasks[endpoint.id] = asyncio.create_task(self._deliver(client, endpoint))
+            self._tasks[endpoint.id] = asyncio.create_task(self._guarded(client, endpoint))
         for key in [k for k, t in self._tasks.items() if t.done()]:
             del self._tasks[key]
         if time.monotonic() - self._last_prune > 60:
@@ -415,6 +415,12 @@ class Deliverer:
         cutoff = now - timedelta(seconds=self.retention_seconds)
         with self.sessions() as session, session.begin():
             session.execute(delete(deliveries_t).where(deliveries_t.c.attempted_at < cutoff))
+
+    async def _guarded(self, client: httpx.AsyncClient, endpoint: _Endpoint) -> None:
+        try:
+            await self._deliver(client, endpoint)
+        except Exception:  # a database hiccup: the next tick starts again from the cursor
+            log.exception("webhook %s: delivering failed", endpoint.id)
 
     async def _deliver(self, client: httpx.AsyncClient, endpoint: _Endpoint) -> None:
         """Deliver ``endpoint``'s entries from its cursor on, in order, until it has none
