@@ -41,6 +41,7 @@ from ubc.db.leader import Leaders
 from ubc.db.replica import ReadReplica
 from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes import service as write_path
+from ubc.envelopes.registry import REGISTRY
 from ubc.envelopes.writer import GroupCommitWriter
 from ubc.epochs import routes as epoch_routes
 from ubc.epochs import service as epochs
@@ -52,6 +53,7 @@ from ubc.gateway import usage as gateway_usage
 from ubc.gateway.metering import HoldWriter
 from ubc.gateway.service import Gateway, GatewayError
 from ubc.journal import routes as journal_routes
+from ubc.journal import webhook_routes, webhooks
 from ubc.ledger import routes as ledger_routes
 from ubc.ledger import service as ledger
 from ubc.ledger.routes import EpochReads
@@ -98,6 +100,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         engine=engine,
         clock=ledger_clock,
     )
+    # Webhook deliveries (docs/events.md): one process of all delivers (the leader lock).
+    deliverer = webhooks.Deliverer(
+        sessions=sessions,
+        engine=engine,
+        clock=ledger_clock,
+        timeout=settings.webhook_timeout_seconds,
+        retry_seconds=settings.webhook_retry_seconds,
+        retention_seconds=settings.webhook_log_retention_seconds,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -138,6 +149,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 _sweep_holds(app, settings.hold_sweep_interval_seconds, stop, leaders)
             ),
             asyncio.create_task(_advance_epochs(app, stop, leaders)),
+            asyncio.create_task(deliverer.run(stop, lambda: _leads(leaders, "webhooks"))),
         ]
         if witness_endpoints:  # cosignatures, in rounds: never on the write path
             background.append(
@@ -175,6 +187,8 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.state.clock = ledger_clock
     app.state.witnessing = witnessing
     app.state.witness_rounds = witness_rounds
+    app.state.webhooks = deliverer
+    app.state.payload_types = frozenset(REGISTRY.specs)
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.read_sessions = make_session_factory(read_engine, retry_reads=True)
@@ -200,6 +214,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         member_routes.router,
         apikey_routes.router,
         journal_routes.router,
+        webhook_routes.router,
         epoch_routes.router,
         cause_routes.router,
         market_routes.router,

@@ -132,6 +132,21 @@ class Settings(BaseSettings):
     witness_timeout_seconds: float = Field(
         default=10.0, gt=0, description="how long one add-checkpoint call may take"
     )
+    # Webhooks (issue 18; docs/events.md).
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="how long one webhook delivery may take"
+    )
+    webhook_retry_seconds: float = Field(
+        default=24 * 3600.0,
+        ge=60,
+        description="a webhook endpoint failing the same entry this long (retried with "
+        "backoff, 1 s doubling to 1 h) is marked failing until replayed",
+    )
+    webhook_log_retention_seconds: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="how long the delivery log keeps each attempt",
+    )
     redis_url: str | None = Field(
         default=None,
         description="redis://host:port/db shared by every worker and host for the API keys' "

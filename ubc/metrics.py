@@ -159,6 +159,21 @@ REPLICA_FALLBACKS = Counter(
 for _reason in ("behind", "down"):  # a series that exists (at 0) is alertable
     REPLICA_FALLBACKS.labels(_reason)
 
+WEBHOOK_DELIVERIES = Counter(
+    "ubc_webhook_deliveries_total",
+    "Webhook delivery attempts, by outcome: `ok` (2xx), `http_4xx`, `http_5xx`, ..., "
+    "`timeout` or `unreachable`",
+    ["status"],
+)
+for _status in ("ok", "http_4xx", "http_5xx", "timeout", "unreachable"):
+    WEBHOOK_DELIVERIES.labels(_status)  # exposed at 0 before the first delivery
+WEBHOOK_LAG = Gauge(
+    "ubc_webhook_lag_entries",
+    "Journal entries not yet delivered to the active webhook endpoint furthest behind "
+    "(set by the delivering process)",
+    multiprocess_mode="livemax",
+)
+
 #: The label of a refused envelope whose type could not be read.
 INVALID_TYPE = "invalid"
 NO_MODEL = "none"

@@ -8,6 +8,7 @@ from ubc.epochs.models import Epoch, EpochAllocation, EpochExpiry
 from ubc.gateway.models import ApiKeySpend, GatewayHold, UsageRecord
 from ubc.journal.cosignatures import JournalCosignature, JournalWitness, JournalWitnessRound
 from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
+from ubc.journal.webhooks import WebhookDelivery, WebhookEndpoint
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
 from ubc.market.models import Fill, Offer, WithdrawalRequest
 from ubc.members.models import ApiKey, ExternalRef, Member, MemberKey
@@ -41,6 +42,8 @@ __all__ = [
     "Request",
     "Transfer",
     "UsageRecord",
+    "WebhookDelivery",
+    "WebhookEndpoint",
     "WithdrawalRequest",
     "metadata",
 ]

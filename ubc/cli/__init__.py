@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from ubc.cli import audit, epoch, events, gateway, market, member, server, witness
+from ubc.cli import audit, epoch, events, gateway, market, member, server, webhooks, witness
 
 app = typer.Typer(
     name="ubc",
@@ -20,6 +20,7 @@ market.register(app)
 gateway.register(app)
 witness.register(app)
 events.register(app)
+webhooks.register(app)
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ import httpx
 import typer
 
 from ubc.cli._errors import CliError
+from ubc.client import UbcApiError, UbcClient, read_events
 
 __all__ = ["register", "read_events"]
 
@@ -81,50 +81,14 @@ def follow(
     types: list[str],
     transport: httpx.BaseTransport | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """The stream's entries, reconnecting after the last one received on a dropped
-    connection; an HTTP error (401, 403, ...) ends it with a message."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    last: int | None = None
-    failures = 0
-    timeout = httpx.Timeout(10.0, read=60.0)  # keep-alives come every 15 s
-    with httpx.Client(base_url=server.rstrip("/"), timeout=timeout, transport=transport) as client:
-        while True:
-            params: dict[str, Any] = {"type": types}
-            sent = dict(headers)
-            if last is not None:
-                sent["Last-Event-ID"] = str(last)
-            elif start is not None:
-                params["from"] = start
-            try:
-                with client.stream("GET", "/journal/stream", params=params, headers=sent) as r:
-                    if r.status_code == 503:
-                        raise httpx.TransportError("the server has no stream free")
-                    if r.status_code != 200:
-                        r.read()
-                        raise CliError(f"the stream was refused: {_message(r)}")
-                    for seq, data in read_events(r.iter_lines()):
-                        failures = 0
-                        last = seq
-                        yield data
-            except (httpx.TransportError, httpx.RemoteProtocolError):
-                pass
-            time.sleep(BACKOFF[min(failures, len(BACKOFF) - 1)])
-            failures += 1
-
-
-def read_events(lines: Iterator[str]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(seq, data) of each ``entry`` event of SSE ``lines``; comments are skipped."""
-    fields: dict[str, str] = {}
-    for raw in lines:
-        if raw == "":
-            if fields.get("event") == "entry" and "id" in fields and "data" in fields:
-                yield int(fields["id"]), json.loads(fields["data"])
-            fields = {}
-            continue
-        if raw.startswith(":"):
-            continue
-        name, _, value = raw.partition(":")
-        fields[name] = value[1:] if value.startswith(" ") else value
+    """The stream's entries through :meth:`UbcClient.events`, reconnecting after the
+    last one received on a dropped connection; an HTTP error (401, 403, ...) ends it with
+    a message."""
+    with UbcClient(server, token=token, transport=transport) as client:
+        try:
+            yield from client.events(from_seq=start, types=types, backoff=BACKOFF)
+        except UbcApiError as exc:
+            raise CliError(f"the stream was refused: {exc}") from None
 
 
 def line(item: dict[str, Any]) -> str:
@@ -141,11 +105,3 @@ def line(item: dict[str, Any]) -> str:
     )
     parts = [str(item["seq"]), body["committed_at"], item.get("type", "?"), str(payload.get("id"))]
     return " ".join(parts + ([effects] if effects else []))
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        error = response.json()["error"]
-        return f"{response.status_code} {error['type']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"{response.status_code} {response.text[:200]}"

@@ -5,6 +5,10 @@
     with UbcClient("http://127.0.0.1:8000", key=key, handle="alice", token=secret) as alice:
         alice.send("bob", 30, memo="thanks")
         alice.balance()
+        for event in alice.events(from_seq=0, types=["transfer"]):  # live, resumes itself
+            ...
+
+    verify_webhook(body, headers, secret)  # a webhook receiver's check (docs/events.md)
 
 Errors::
 
@@ -33,8 +37,10 @@ from ubc.client._client import (
     UbcClient,
     api_key_hash,
     new_api_key_secret,
+    read_events,
     to_address,
 )
+from ubc.client._webhooks import WebhookSignatureError, verify_webhook
 
 __all__ = [
     "API_KEY_PREFIX",
@@ -53,7 +59,10 @@ __all__ = [
     "TransferLeg",
     "UbcApiError",
     "UbcClient",
+    "WebhookSignatureError",
     "api_key_hash",
     "new_api_key_secret",
+    "read_events",
     "to_address",
+    "verify_webhook",
 ]

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import secrets
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ __all__ = [
     "WithdrawalRequest",
     "api_key_hash",
     "new_api_key_secret",
+    "read_events",
     "to_address",
 ]
 
@@ -899,7 +902,98 @@ class UbcClient:
         _raise_for_error(response)
         return response.text
 
+    # --- the event stream and webhooks ---
+
+    def events(
+        self,
+        from_seq: int | None = None,
+        types: Sequence[str] | None = None,
+        *,
+        reconnect: bool = True,
+        backoff: Sequence[float] = (0.2, 1.0, 2.0, 5.0),
+    ) -> Iterator[dict[str, Any]]:
+        """The journal's entries as they are appended (``GET /journal/stream``), each the
+        event's data ``{seq, type, leaf_hash, entry}`` (``entry``: standard base64 of the
+        entry's bytes, absent from none); from ``from_seq`` (default: new entries only),
+        only ``types`` if given. A dropped connection (or a server with no stream free,
+        503) is reopened with ``Last-Event-ID``, after the waits of ``backoff``, so that
+        no entry is lost or repeated; ``reconnect=False`` ends the iteration instead. An
+        HTTP error (401, 403, ...) raises :class:`UbcApiError`. Runs until the caller stops
+        iterating."""
+        last: int | None = None
+        failures = 0
+        timeout = httpx.Timeout(self._http.timeout.connect, read=60.0)  # keep-alives: 15 s
+        while True:
+            params: dict[str, Any] = {"type": list(types or [])}
+            headers = self._headers()
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            elif from_seq is not None:
+                params["from"] = from_seq
+            try:
+                with self._http.stream(
+                    "GET", "/journal/stream", params=params, headers=headers, timeout=timeout
+                ) as response:
+                    if response.status_code != 200 and response.status_code != 503:
+                        response.read()
+                        _raise_for_error(response)
+                    if response.status_code == 200:
+                        for seq, data in read_events(response.iter_lines()):
+                            failures = 0
+                            last = seq
+                            yield data
+            except (httpx.TransportError, httpx.RemoteProtocolError):
+                pass
+            if not reconnect:
+                return
+            time.sleep(backoff[min(failures, len(backoff) - 1)] if backoff else 0)
+            failures += 1
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """The webhook endpoints (operator token)."""
+        return cast(list[dict[str, Any]], self._get("/api/webhooks")["webhooks"])
+
+    def add_webhook(
+        self,
+        url: str,
+        types: Sequence[str] = (),
+        *,
+        secret: str | None = None,
+        from_seq: int | None = None,
+    ) -> dict[str, Any]:
+        """Register an endpoint (operator token); the answer carries its ``secret`` once."""
+        body: dict[str, Any] = {"url": url, "types": list(types)}
+        if secret is not None:
+            body["secret"] = secret
+        if from_seq is not None:
+            body["from"] = from_seq
+        return cast(dict[str, Any], self._send("POST", "/api/webhooks", body))
+
+    def remove_webhook(self, webhook_id: str) -> None:
+        self._send("DELETE", f"/api/webhooks/{_path(webhook_id)}", None)
+
+    def webhook_deliveries(
+        self, webhook_id: str, *, limit: int = 100, before: int | None = None
+    ) -> dict[str, Any]:
+        """The endpoint's delivery log, newest first: ``{deliveries, next_before}``."""
+        params: dict[str, str | int] = {"limit": limit}
+        if before is not None:
+            params["before"] = before
+        path = f"/api/webhooks/{_path(webhook_id)}/deliveries"
+        return cast(dict[str, Any], self._get(path, params=params))
+
+    def replay_webhook(self, webhook_id: str, from_seq: int | None = None) -> dict[str, Any]:
+        """Deliver again from ``from_seq`` (default: where it stopped; resumes a failing one)."""
+        body = {} if from_seq is None else {"from": from_seq}
+        path = f"/api/webhooks/{_path(webhook_id)}/replay"
+        return cast(dict[str, Any], self._send("POST", path, body))
+
     # --- internals ---
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        response = self._http.request(method, path, json=body, headers=self._headers())
+        _raise_for_error(response)
+        return response.json() if response.content else None
 
     def _require_key(self) -> SigningKey:
         if self.key is None:
@@ -948,6 +1042,22 @@ class UbcClient:
         value = response.headers.get(JOURNAL_SIZE_HEADER, "")
         if value.isascii() and value.isdigit():
             self.journal_size = max(self.journal_size or 0, int(value))
+
+
+def read_events(lines: Iterator[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(seq, data) of each ``entry`` event of Server-Sent Events ``lines``; comments and
+    other events are skipped."""
+    fields: dict[str, str] = {}
+    for raw in lines:
+        if raw == "":
+            if fields.get("event") == "entry" and "id" in fields and "data" in fields:
+                yield int(fields["id"]), json.loads(fields["data"])
+            fields = {}
+            continue
+        if raw.startswith(":"):
+            continue
+        name, _, value = raw.partition(":")
+        fields[name] = value[1:] if value.startswith(" ") else value
 
 
 def _path(segment: str) -> str:
