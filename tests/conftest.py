@@ -240,9 +240,11 @@ def live_server(db_url: str, tmp_path: Path) -> Iterator[LiveServer]:
 CHROMIUM = os.environ.get("UBC_TEST_CHROMIUM", "/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's chromium driven by Playwright (its own browser download is not used).
+    """Debian's chromium driven by Playwright (its own browser download is not used), one
+    per test module: Playwright's sync API runs an event loop in the main thread while it
+    is open, so that a later module's ``asyncio.run`` would fail if it stayed open.
     Missing, the browser tests are skipped, or fail under ``UBC_REQUIRE_BROWSER=1``
     (set by .ci/run, which installs chromium with apt when it is missing)."""
     if not Path(CHROMIUM).exists():
