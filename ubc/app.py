@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.mount(console_routes.STATIC_URL, console_routes.static, name="console_static")
     _document(app)
     app.add_middleware(gateway_routes.FastPath)
+    app.add_middleware(envelope_routes.EnvelopeFastPath, exception_handlers=app.exception_handlers)
     app.add_middleware(RefuseNul)
     # Outermost: body size, read timeout and JSON depth (also for FastPath), /docs, and
     # security headers on every response.
