@@ -1204,6 +1204,18 @@ def database_backends_cpu(conninfo: str, database: str) -> dict[int, float]:
     return _cpu_by_pid(processes)
 
 
+def group_commits(url: str) -> tuple[float, float]:
+    """Group commits of the envelope writer so far and the envelopes they applied, every
+    worker's (``GET /metrics``, open on the loopback interface)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    found = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for kind in found:
+            if line.startswith(f'ubc_writer_batch_size_{kind}{{writer="envelopes"}}'):
+                found[kind] = float(line.rsplit(" ", 1)[1])
+    return found["count"], found["sum"]
+
+
 @dataclass
 class CpuRun:
     accepted: int
@@ -1212,6 +1224,12 @@ class CpuRun:
     server_cpu: float  # CPU seconds, every server process
     postgres_cpu: float  # CPU seconds, the backends of the benchmark's database
     client_cpu: float  # CPU seconds
+    commits: float  # group commits of the envelope writer
+    committed: float  # envelopes they applied
+
+    @property
+    def per_commit(self) -> float:
+        return self.committed / self.commits if self.commits else 0.0
 
 
 def cpu_profile(
@@ -1241,21 +1259,33 @@ def cpu_profile(
         _check_failures(warm)
         for run in range(opts.runs):
             envelopes = signer.transfers(count)
+            commits_before = group_commits(server.url)
             server_before = server.cpu()
             pg_before = database_backends_cpu(conninfo, database)
             m = measure(server, mode, envelopes, opts.clients, 600)
             server_cpu = _cpu_used(server_before, server.cpu())
             pg_after = database_backends_cpu(conninfo, database)
+            commits_after = group_commits(server.url)
             # Backends that appeared during the run count from zero; gone ones are lost.
             pg_cpu = _cpu_used(pg_before, pg_after)
             _check_failures(m)
-            r = CpuRun(m.ok, m.failed, m.seconds, server_cpu, pg_cpu, m.client_cpu * m.seconds)
+            r = CpuRun(
+                m.ok,
+                m.failed,
+                m.seconds,
+                server_cpu,
+                pg_cpu,
+                m.client_cpu * m.seconds,
+                commits_after[0] - commits_before[0],
+                commits_after[1] - commits_before[1],
+            )
             runs.append(r)
             log(
                 f"  run {run + 1}: {r.accepted} accepted ({r.failed} failed) in {r.seconds:.1f} s;"
                 f" per envelope: server {1e6 * r.server_cpu / r.accepted:.0f} µs, postgres "
                 f"{1e6 * r.postgres_cpu / r.accepted:.0f} µs, client "
-                f"{1e6 * r.client_cpu / r.accepted:.0f} µs"
+                f"{1e6 * r.client_cpu / r.accepted:.0f} µs; {r.per_commit:.1f} envelopes per "
+                "group commit"
             )
     return runs
 
@@ -1279,6 +1309,9 @@ def cpu_profile_report(runs: list[CpuRun], workers: int, clients: int, count: in
     for name, values in per.items():
         shown = ", ".join(f"{v:.0f}" for v in values)
         lines.append(f"| {name} CPU (µs) | {median(values):.0f} | {shown} |")
+    sizes = [r.per_commit for r in runs]
+    shown = ", ".join(f"{v:.1f}" for v in sizes)
+    lines.append(f"| envelopes per group commit | {median(sizes):.1f} | {shown} |")
     rates = ", ".join(f"{r.accepted / r.seconds:.0f}" for r in runs)
     lines.append(f"| (transfers/s, contention-sensitive) | — | {rates} |")
     return "\n".join(lines)
