@@ -50,6 +50,17 @@ same server with the same durable commits): ``pgbench`` with ``--clients`` conne
   ``pgledger_create_account`` and each transaction calls ``pgledger_create_transfer``
   between two random ones (their ids are looked up by number in a side table).
 
+``--hosts N`` (N > 1) measures every mode twice in one run, each time on a fresh
+database: on one server, then on N servers, each a ``ubc serve`` of its own on its own
+port (as on N hosts; each with ``--workers``) against the same database, the clients
+spread evenly over them (client k talks to server k mod N). A scaling line per mode gives
+the ratio. The servers of one machine share its cores with each other, the clients and
+PostgreSQL: on a small machine the ratio shows the cost of the hosts' coordination (the
+journal lock, one more connection pool), not what N machines would add. The comparisons
+(pgbench) and wrk run beside the one-server measurement only.
+
+    python scripts/bench_envelopes.py --engines postgresql --runs 3 --seconds 5 --hosts 2
+
 ``--wrk`` also sends single envelopes through wrk (one thread, ``--clients`` connections,
 a Lua script posting each pre-signed envelope once and counting 201s), to check that the
 built-in load generator measures the server, not itself.
@@ -440,6 +451,43 @@ def running_server(db: Database, data_dir: Path, workers: int, log_path: Path) -
         stop_server(process)
 
 
+@dataclass
+class Hosts:
+    """``--hosts`` servers on one database, each a ``ubc serve`` on its own port (as on
+    different hosts): set-up, reads and wrk use the first; ubc's clients spread over all."""
+
+    servers: list[Server]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [server.url for server in self.servers]
+
+    def cpu(self) -> dict[int, float]:
+        """CPU seconds so far of every server process and worker, by pid."""
+        out: dict[int, float] = {}
+        for server in self.servers:
+            out.update(server.cpu())
+        return out
+
+
+@contextlib.contextmanager
+def running_hosts(
+    db: Database, data_dir: Path, workers: int, hosts: int, tmp: Path
+) -> Iterator[Hosts]:
+    """``hosts`` servers on ``db``: the first is ready (genesis written) before the next
+    starts; all are stopped at the end."""
+    with contextlib.ExitStack() as stack:
+        servers = [
+            stack.enter_context(running_server(db, data_dir, workers, tmp / f"server-{i + 1}.log"))
+            for i in range(hosts)
+        ]
+        yield Hosts(servers)
+
+
 def wait_ready(server: Server, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     with httpx.Client(base_url=server.url, timeout=5) as client:
@@ -495,7 +543,7 @@ def _post_all_201(client: httpx.Client, envelopes: list[dict[str, Any]], what: s
             raise RuntimeError(f"{what}: {len(bad)} refused, first {bad[0]}")
 
 
-def set_up_members(server: Server, data_dir: Path, members: Members) -> int:
+def set_up_members(server: Server | Hosts, data_dir: Path, members: Members) -> int:
     """Register and fund every member; return the journal size afterwards."""
     operator = load_signing_key(data_dir / "operator.key")
     with httpx.Client(base_url=server.url, timeout=120) as client:
@@ -652,7 +700,7 @@ async def _raw_connection(
 
 
 async def _drive(
-    url: str,
+    urls: list[str],
     mode: Mode,
     requests: list[bytes],
     clients: int,
@@ -663,26 +711,37 @@ async def _drive(
     answers = _Answers(mode)
     # The iterator is shared: each request is sent once, by whichever client is free.
     pending = iter(requests)
+    # Client k talks to host k mod len(urls): the clients spread evenly over the hosts.
     if http_client == "raw":
-        host, port = url.removeprefix("http://").rsplit(":", 1)
+        addresses = [url.removeprefix("http://").rsplit(":", 1) for url in urls]
         delay = start_at - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
         cpu_start, started = time.process_time(), time.time()
         await asyncio.gather(
-            *(_raw_connection(host, int(port), pending, end_at, answers) for _ in range(clients))
+            *(
+                _raw_connection(host, int(port), pending, end_at, answers)
+                for host, port in (addresses[k % len(addresses)] for k in range(clients))
+            )
         )
         ended, cpu = time.time(), time.process_time() - cpu_start
     else:
         limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(
-            base_url=url,
-            limits=limits,
-            timeout=httpx.Timeout(300.0),
-            headers={"content-type": "application/json"},
-        ) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            http = [
+                await stack.enter_async_context(
+                    httpx.AsyncClient(
+                        base_url=url,
+                        limits=limits,
+                        timeout=httpx.Timeout(300.0),
+                        headers={"content-type": "application/json"},
+                    )
+                )
+                for url in urls
+            ]
 
-            async def one_client() -> None:
+            async def one_client(k: int) -> None:
+                client = http[k % len(http)]
                 for body in pending:
                     try:
                         response = await client.post(mode.path, content=body)
@@ -697,7 +756,7 @@ async def _drive(
             if delay > 0:
                 await asyncio.sleep(delay)
             cpu_start, started = time.process_time(), time.time()
-            await asyncio.gather(*(one_client() for _ in range(clients)))
+            await asyncio.gather(*(one_client(k) for k in range(clients)))
             ended, cpu = time.time(), time.process_time() - cpu_start
     ok, failed = answers.count()
     return {
@@ -712,7 +771,7 @@ async def _drive(
 
 
 def _client_process(
-    url: str,
+    urls: list[str],
     mode: Mode,
     requests: list[bytes],
     clients: int,
@@ -723,7 +782,7 @@ def _client_process(
 ) -> None:
     _child_signals()
     try:
-        drive = _drive(url, mode, requests, clients, http_client, start_at, end_at)
+        drive = _drive(urls, mode, requests, clients, http_client, start_at, end_at)
         if uvloop is not None:
             result = uvloop.run(drive)
         else:
@@ -760,7 +819,7 @@ def machine_busy_seconds() -> float:
 
 
 def measure(
-    server: Server, mode: Mode, envelopes: list[bytes], clients: Clients, seconds: float
+    server: Hosts, mode: Mode, envelopes: list[bytes], clients: Clients, seconds: float
 ) -> Measurement:
     """Send ``envelopes`` for at most ``seconds`` and count what was accepted."""
     requests = request_bodies(mode, envelopes)
@@ -777,7 +836,7 @@ def measure(
         ctx.Process(
             target=_client_process,
             args=(
-                server.url,
+                server.urls,
                 mode,
                 requests[i::procs],
                 shares[i],
@@ -1021,7 +1080,7 @@ end
 
 
 def run_wrk(
-    server: Server, envelopes: list[bytes], clients: int, seconds: float, tmp: Path
+    server: Server | Hosts, envelopes: list[bytes], clients: int, seconds: float, tmp: Path
 ) -> Measurement:
     """Single envelopes through ``wrk`` (one thread, ``clients`` connections, a Lua script
     posting each pre-signed envelope once): the external check of the load generator."""
@@ -1071,6 +1130,7 @@ def run_wrk(
 class Row:
     engine: str
     mode: Mode
+    hosts: int = 1
     runs: list[Measurement] = field(default_factory=list)
 
     @property
@@ -1115,18 +1175,25 @@ def envelopes_for(mode: Mode, rate: float, seconds: float, limit: int) -> int:
 
 
 def bench_engine(
-    db: Database, modes: list[Mode], members: Members, signer: Signer, opts: Options, tmp: Path
+    db: Database,
+    modes: list[Mode],
+    members: Members,
+    signer: Signer,
+    opts: Options,
+    tmp: Path,
+    hosts: int = 1,
 ) -> list[Row]:
     data_dir = tmp / "data"
     ubc_init(db, data_dir)
     single = next((m for m in modes if not m.batch), None)
-    if opts.wrk and single is not None:
+    if opts.wrk and single is not None and hosts == 1:
         modes = [*modes, Mode("single (wrk)", 0, single.clients, external="wrk")]
-    comparisons = opts.comparisons if db.engine == "postgresql" else []
+    # The comparisons run once, beside the one-host measurement (they use no ubc server).
+    comparisons = opts.comparisons if db.engine == "postgresql" and hosts == 1 else []
     clients = single.clients if single is not None else TARGET_SINGLE_CLIENTS
     modes = [*modes, *(Mode(f"{c.name} (pgbench)", 0, clients, c.name) for c in comparisons)]
     by_name = {c.name: c for c in comparisons}
-    rows = [Row(db.engine, mode) for mode in modes]
+    rows = [Row(db.engine, mode, hosts) for mode in modes]
 
     def measure_mode(mode: Mode, n: int, seconds: float) -> Measurement:
         if mode.external == "wrk":
@@ -1135,8 +1202,11 @@ def bench_engine(
             return run_pgbench(by_name[mode.external], mode.clients, seconds)
         return measure(server, mode, signer.transfers(n), opts.clients, seconds)
 
-    with running_server(db, data_dir, opts.workers, tmp / "server.log") as server:
-        log(f"  server up at {server.url} (workers {opts.workers}); setting up members")
+    with running_hosts(db, data_dir, opts.workers, hosts, tmp) as server:
+        log(
+            f"  {hosts} server(s) up at {', '.join(server.urls)} (workers {opts.workers} each); "
+            "setting up members"
+        )
         size = set_up_members(server, data_dir, members)
         accepted = in_flight = 0
         # Warm up each mode (connections, statement caches, buffer pool) and estimate its
@@ -1150,7 +1220,7 @@ def bench_engine(
             if mode.external == "wrk":
                 in_flight += mode.clients
             estimate[mode] = warm.rate
-            log(f"  {db.engine:<10} {mode.name:<10} warm-up {warm.rate:9.0f}/s")
+            log(f"  {db.engine:<10} {mode.name:<10} hosts {hosts} warm-up {warm.rate:9.0f}/s")
             _check_failures(warm)
         for run in range(opts.runs):
             for row in rows:
@@ -1164,7 +1234,8 @@ def bench_engine(
                 estimate[mode] = max(estimate[mode], m.rate)
                 row.runs.append(m)
                 log(
-                    f"  {db.engine:<10} {mode.name:<10} run {run + 1}  {m.rate:9.0f}/s"
+                    f"  {db.engine:<10} {mode.name:<10} hosts {hosts} run {run + 1}"
+                    f"  {m.rate:9.0f}/s"
                     f"  ({m.ok} in {m.seconds:.1f} s, {m.failed} failed; CPU cores: server "
                     f"{m.server_cpu:.2f}, client {m.client_cpu:.2f}, postgres "
                     f"{m.postgres_cpu:.2f}, machine {m.machine_cpu:.2f})"
@@ -1347,23 +1418,37 @@ def table(rows: list[Row], ceilings: list[Ceiling]) -> str:
     pgledger = [max(r.rates) for r in rows if r.mode.external == "pgledger" and r.runs]
     pgledger_best = max(pgledger) if pgledger else None
     lines = [
-        "| engine | mode | clients | transfers/s (median) | runs (min–max) | failed "
+        "| engine | hosts | mode | clients | transfers/s (median) | runs (min–max) | failed "
         "| ratio to ceiling | target | CPU cores server / client / postgres / machine |",
-        "|---|---|---:|---:|---|---:|---:|---|---|",
+        "|---|---:|---|---:|---:|---|---:|---:|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.engine} | {r.mode.name} | {r.mode.clients} | {r.median:,.0f} "
+            f"| {r.engine} | {r.hosts} | {r.mode.name} | {r.mode.clients} | {r.median:,.0f} "
             f"| {len(r.runs)} ({min(r.rates):,.0f}–{max(r.rates):,.0f}) | {r.failed} "
             f"| {r.median / ceiling:.1%} | {target(r, ceiling, pgledger_best)} "
             f"| {r.median_of('server_cpu'):.2f} / {r.median_of('client_cpu'):.2f} / "
             f"{r.median_of('postgres_cpu'):.2f} / {r.median_of('machine_cpu'):.2f} |"
         )
     lines.append(
-        f"| this machine | Ed25519 verification ceiling | {ceilings[0].processes} processes "
+        f"| this machine | — | Ed25519 verification ceiling | {ceilings[0].processes} processes "
         f"| {ceiling:,.0f} | {len(ceilings)} ({' and '.join(f'{c.rate:,.0f}' for c in ceilings)}) "
         "| — | 100% | — | — |"
     )
+    return "\n".join(lines)
+
+
+def scaling(rows: list[Row]) -> str:
+    """Each mode's median on N hosts over its median on one host, per engine."""
+    one = {(r.engine, r.mode.name): r.median for r in rows if r.hosts == 1 and r.runs}
+    lines = []
+    for r in rows:
+        base = one.get((r.engine, r.mode.name))
+        if r.hosts > 1 and r.runs and base:
+            lines.append(
+                f"- scaling, {r.engine} {r.mode.name}: {r.hosts} hosts {r.median:,.0f}/s over "
+                f"1 host {base:,.0f}/s = {r.median / base:.2f}x"
+            )
     return "\n".join(lines)
 
 
@@ -1387,6 +1472,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="rounds of every mode (median)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one measurement")
     parser.add_argument("--workers", type=int, default=1, help="ubc serve --workers")
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        help="N > 1: measure every mode on one server and then on N servers (separate "
+        "`ubc serve` processes on their own ports, one database), the clients spread over them",
+    )
     parser.add_argument("--clients", type=int, default=32, help="clients of single envelopes")
     parser.add_argument("--batch-clients", type=int, default=2, help="clients of batches")
     parser.add_argument("--batches", default="100,1000", help="envelopes per batch request")
@@ -1441,6 +1533,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
     if any(not 1 <= b <= MAX_BATCH for b in batches):
         parser.error(f"batch sizes must be 1 to {MAX_BATCH}")
+    if args.hosts < 1:
+        parser.error("--hosts must be at least 1")
     if args.members < 2:
         parser.error("need at least 2 members")
     modes = [Mode("single", 0, args.clients)]
@@ -1481,12 +1575,13 @@ def main(argv: list[str] | None = None) -> int:
     settings: dict[str, dict[str, str]] = {}
     signer = Signer(members, args.seed)
     try:
-        for engine in engines:
-            log(f"{engine}: fresh database and data dir, {args.members} members")
+        for engine, hosts in [(e, h) for e in engines for h in sorted({1, args.hosts})]:
+            log(f"{engine}, {hosts} host(s): fresh database and data dir, {args.members} members")
             with contextlib.ExitStack() as stack:
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ubc-bench-")))
                 db = stack.enter_context(fresh_database(engine, args.postgres_url, tmp))
-                if engine == "postgresql" and (args.pgledger_sql or not args.no_plain_sql):
+                comparing = hosts == 1 and (args.pgledger_sql or not args.no_plain_sql)
+                if engine == "postgresql" and comparing:
                     log("  plain SQL" + (" and pgledger" if args.pgledger_sql else ""))
                     opts.comparisons = stack.enter_context(
                         comparison_databases(
@@ -1497,7 +1592,7 @@ def main(argv: list[str] | None = None) -> int:
                         opts.comparisons = [c for c in opts.comparisons if c.name != "plain SQL"]
                 versions[engine] = db.server_version
                 settings[engine] = db.settings
-                rows.extend(bench_engine(db, modes, members, signer, opts, tmp))
+                rows.extend(bench_engine(db, modes, members, signer, opts, tmp, hosts))
     finally:
         signer.close()
     log("verification ceiling again")
@@ -1507,6 +1602,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.markdown:
         print(table(rows, ceilings))
+        if args.hosts > 1:
+            print()
+            print(scaling(rows))
         return 0
     nproc = len(os.sched_getaffinity(0))
     print(f"- date: {started:%Y-%m-%d %H:%M} UTC")
@@ -1528,7 +1626,14 @@ def main(argv: list[str] | None = None) -> int:
         else "httpx.AsyncClient"
     )
     print(
-        f"- `ubc serve --workers {args.workers}` on 127.0.0.1 (uvicorn); clients: {kind} in "
+        f"- `ubc serve --workers {args.workers}` on 127.0.0.1 (uvicorn)"
+        + (
+            f", on 1 host and then on {args.hosts} hosts (separate processes on their own "
+            "ports, one database; clients spread evenly over them)"
+            if args.hosts > 1
+            else ""
+        )
+        + f"; clients: {kind} in "
         f"{args.client_processes} process(es), one keep-alive connection each, "
         f"{args.clients} for single envelopes, {args.batch_clients} for batches (non-atomic)"
     )
@@ -1554,6 +1659,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(table(rows, ceilings))
+    if args.hosts > 1:
+        print()
+        print(scaling(rows))
     return 0
 
 

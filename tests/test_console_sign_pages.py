@@ -16,6 +16,7 @@ from ubc.console.actions import ACTIONS
 from ubc.signing import generate_signing_key
 
 from .conftest import LiveServer
+from .console_helpers import sign_in
 
 PAGES = ["/key", "/register"] + [a.path for a in ACTIONS]
 
@@ -54,6 +55,10 @@ def test_every_signing_page_is_labelled_and_has_no_inline_script(
     live_server: LiveServer,
 ) -> None:
     with httpx.Client(base_url=live_server.url) as http:
+        # Signed in as the operator (the countersign page reads through its session).
+        csrf = re.search(r'name="csrf" value="([^"]+)"', http.get("/signin").text)
+        assert csrf is not None
+        http.post("/signin", data={"csrf": csrf[1], "secret": live_server.operator_token})
         for path in PAGES:
             response = http.get(path)
             assert response.status_code == 200, path
@@ -63,6 +68,8 @@ def test_every_signing_page_is_labelled_and_has_no_inline_script(
             form.feed(response.text)
             assert form.inputs, path
             for field in form.inputs:
+                if field.get("type") == "hidden":
+                    continue  # the sign-out form's CSRF token: nothing to label
                 assert field.get("id") in form.labels or field.get("_wrapped"), (path, field)
             assert form.scripts == [
                 {"type": "module", "src": live_server.url + "/console/static/js/actions.js"}
@@ -80,9 +87,15 @@ def test_query_parameters_prefill_fields_escaped(live_server: LiveServer) -> Non
         assert 'value="bob&#34;&gt;&lt;script&gt;x()&lt;/script&gt;"' in text
         admit = http.get("/operator/act/admit?member=carol").text
         assert re.search(r'id="f-handle"[^>]*value="carol"', admit, re.S)
-        # A secret is never put into a page from a URL.
-        countersign = http.get("/operator/act/countersign?id=w1&token=ubc_tok_leak").text
-        assert "ubc_tok_leak" not in countersign
+        # The countersign page reads through the operator's session: it has no token field.
+        csrf = re.search(r'name="csrf" value="([^"]+)"', http.get("/signin").text)
+        assert csrf is not None
+        http.post("/signin", data={"csrf": csrf[1], "secret": live_server.operator_token})
+        countersign = http.get('/operator/act/countersign?id=w1"><script>x()</script>').text
+        assert "<script>x()" not in countersign
+        assert 'value="w1&#34;&gt;&lt;script&gt;x()&lt;/script&gt;"' in countersign
+        assert 'type="password"' not in countersign
+        assert live_server.operator_token not in countersign
 
 
 def test_keyboard_phone_width_and_errors_at_their_field(
@@ -138,7 +151,9 @@ def test_keyboard_phone_width_and_errors_at_their_field(
         page.wait_for_selector("#f-handle-error:not([hidden])")
         assert "holds the key of member:dora" in page.text_content("#f-handle-error")
         assert len([r for r in page.request_log if r == "POST"]) == posts
-        # Nothing is wider than the screen on any page.
+        # Nothing is wider than the screen on any page (signed in as the operator, whose
+        # session the countersign page reads through).
+        sign_in(page, url, live_server.operator_token, "/operator")
         for path in PAGES:
             page.goto(url + path)
             page.wait_for_selector("body[data-ready=yes]")

@@ -600,8 +600,7 @@ def test_monkeypatching_chunk_sets_the_background_batch(
     small_epoch(book, ["alice", "bob", "carol", "dave", "erin"])
     book.accept(book.open_(1, {"basic": 100}, None))
     assert book.epoch(1).applied == 0
-    app = SimpleNamespace(state=SimpleNamespace(sessions=book.sessions, clock=SYSTEM_CLOCK))
-    assert ubc.app._advance_once(app)  # type: ignore[arg-type]  # one background round
+    assert background_round(book)
     assert book.epoch(1).applied == 2
 
 

@@ -164,10 +164,13 @@ def test_metrics_after_a_known_sequence(env: Env) -> None:  # noqa: F811 - the f
     assert delta(before, after, seconds, model="chat-limited") == 2
     assert delta(before, after, seconds, model="chat-fail-500") == 1
 
-    # Every metric of ubc/metrics.py is exposed (the epochs' once there is one).
+    # Every metric of ubc/metrics.py is exposed (the epochs' once there is one, the
+    # witnesses' once witnesses are configured: tests/test_witness_cosign.py, the read
+    # replica's gauges with a replica: tests/test_replica.py).
     exposed = {name for name, _ in after}
+    replica_gauges = ("ubc_replica_up", "ubc_replica_lag", "ubc_replica_replay")
     for name in _defined_names():
-        if not name.startswith("ubc_epoch"):
+        if not name.startswith(("ubc_epoch", "ubc_witness", *replica_gauges)):
             assert name in exposed or f"{name}_count" in exposed, name
     # State, read at the scrape: the journal, holds, balances.
     size = int(env.operator.checkpoint().split("\n")[1])

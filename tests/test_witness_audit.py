@@ -2,10 +2,11 @@
 
 A real ledger (served on loopback, SQLite and PostgreSQL) and a real witness (its app
 served on loopback, as in tests/test_witness.py): the witness's ``add-checkpoint`` answer
-appended to the ledger's checkpoint is the cosigned checkpoint. Until the ledger itself
-calls witnesses and serves cosigned checkpoints (item 1), a small proxy in front of the
-ledger plays that part: it serves ``GET /journal/checkpoint`` with the cosignatures
-appended, so ``ubc proof get`` and ``ubc audit verify URL`` are shown to work unchanged.
+appended to the ledger's checkpoint is the cosigned checkpoint. A small proxy in front of
+the ledger serves ``GET /journal/checkpoint`` with the cosignatures appended, as a ledger
+that was never configured with witnesses could be fronted by someone else: ``ubc proof
+get`` and ``ubc audit verify URL`` work unchanged. The ledger asking its own witnesses
+(``UBC_WITNESSES``) is tests/test_witness_cosign.py.
 
 The split view: one database grows, is cloned (SQLite backup / ``CREATE DATABASE ...
 TEMPLATE``), and the two copies take different entries, served with the same data dir

@@ -38,6 +38,8 @@ from ubc.db import (
     run_unit_of_work,
     unit_of_work,
 )
+from ubc.db.leader import Leaders
+from ubc.db.replica import ReadReplica
 from ubc.envelopes import routes as envelope_routes
 from ubc.envelopes import service as write_path
 from ubc.envelopes.writer import GroupCommitWriter
@@ -61,6 +63,7 @@ from ubc.members.auth import api_key_principal
 from ubc.migrations import current_revision, head_revision
 from ubc.runtime import Runtime, is_loopback, load_runtime
 from ubc.schemas import ErrorBody, Health, Readiness, error_responses
+from ubc.witness import cosigning
 
 log = logging.getLogger("ubc")
 
@@ -84,6 +87,27 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     # Holds of model calls commit without waiting for the disk (see make_engine).
     hold_engine = make_engine(settings.database_url, lazy_commit=True, pool_size=2)
     sessions = make_session_factory(engine)
+    # Reads of history, reports and the journal go to a streaming replica when one is set
+    # (ubc.deps routes them; README "A read replica").
+    replica = (
+        ReadReplica(settings.read_database_url, primary=engine)
+        if settings.read_database_url
+        else None
+    )
+    # The ledger's witnesses (UBC_WITNESSES): a bad setting stops the start here.
+    witness_endpoints = cosigning.parse_witnesses(settings.witnesses)
+    witnessing = cosigning.witnessing_of(
+        witness_endpoints, settings.witness_quorum, settings.witness_interval_seconds
+    )
+    witness_rounds = cosigning.WitnessRounds(
+        witness_endpoints,
+        quorum=witnessing.quorum,
+        interval=settings.witness_interval_seconds,
+        timeout=settings.witness_timeout_seconds,
+        sessions=sessions,
+        engine=engine,
+        clock=ledger_clock,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,10 +140,21 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             await gateway.shared_limiter.start()  # a warning if Redis is down; serve anyway
         app.state.gateway = gateway
         stop = asyncio.Event()
+        # One process (of every worker and host on this database) runs each background
+        # job's rounds at a time: ubc.db.leader.
+        leaders = app.state.leaders = Leaders(engine)
         background = [
-            asyncio.create_task(_sweep_holds(app, settings.hold_sweep_interval_seconds, stop)),
-            asyncio.create_task(_advance_epochs(app, stop)),
+            asyncio.create_task(
+                _sweep_holds(app, settings.hold_sweep_interval_seconds, stop, leaders)
+            ),
+            asyncio.create_task(_advance_epochs(app, stop, leaders)),
         ]
+        if witness_endpoints:  # cosignatures, in rounds: never on the write path
+            background.append(
+                asyncio.create_task(
+                    witness_rounds.run(stop, lambda: _leads(leaders, "witness-round"))
+                )
+            )
         try:
             yield
         finally:
@@ -127,12 +162,15 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             # so that nothing is left using the engines when they are disposed.
             stop.set()
             await asyncio.gather(*background)
+            await leaders.aclose()  # another process takes the jobs over
             await holds.stop()
             await gateway.aclose()  # queued usage entries are written before the writer stops
             await writer.stop()
             engine.dispose()
             read_engine.dispose()
             hold_engine.dispose()
+            if replica is not None:
+                replica.dispose()
 
     app = FastAPI(
         # FastAPI's own OpenTelemetry spans and metrics: only where OpenTelemetry is set up
@@ -149,9 +187,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     )
     app.state.settings = settings
     app.state.clock = ledger_clock
+    app.state.witnessing = witnessing
+    app.state.witness_rounds = witness_rounds
     app.state.engine = engine
     app.state.sessions = sessions
     app.state.read_sessions = make_session_factory(read_engine, retry_reads=True)
+    app.state.replica = replica
     # What the layers below use of the ones beside or above them, handed over here, at the
     # top (DESIGN section 2: no cycle, each layer imports only the ones below it): the
     # read routes' API-key lookup (the members' tables), the ledger's reads of the epochs,
@@ -165,6 +206,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         app.state.read_sessions,
         ledger_clock.now,
         balance_interval=settings.metrics_balance_interval_seconds,
+        replica=(lambda: replica.status(ledger_clock.now())) if replica is not None else None,
     )
     for router in (
         envelope_routes.router,
@@ -280,7 +322,12 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
                 },
                 status_code=503,
             )
-        return JSONResponse({"status": "ok", "revision": current})
+        ready: dict[str, Any] = {"status": "ok", "revision": current}
+        if replica is not None:
+            # Informative: a replica behind or down does not fail readiness (reads then go
+            # to the primary).
+            ready["replica"] = replica.status(ledger_clock.now()).to_json()
+        return JSONResponse(ready)
 
     @app.get(
         "/metrics",
@@ -424,23 +471,39 @@ def _document(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-async def _sweep_holds(app: FastAPI, interval: float, stop: asyncio.Event) -> None:
-    """Release expired holds now and every ``interval`` seconds, also after a restart."""
+async def _leads(leaders: Leaders | None, job: str) -> bool:
+    """Whether this process runs ``job``'s round now: it holds the job's leader lock
+    (``ubc.db.leader``); without ``leaders``, always."""
+    return leaders is None or await leaders.lead(job)
+
+
+async def _sweep_holds(
+    app: FastAPI, interval: float, stop: asyncio.Event, leaders: Leaders | None = None
+) -> None:
+    """Release expired holds now and every ``interval`` seconds, also after a restart
+    (in the one process that leads the job ``hold-sweep``)."""
     while not stop.is_set():
-        try:
-            started = time.perf_counter()
-            calls, other, offers = await asyncio.to_thread(sweep_once, app)
-            if calls or other or offers:
-                _job_done("hold sweep", started, calls=calls, holds=other, offers=offers)
-        except Exception:  # keep sweeping; the next round retries
-            log.exception("hold sweep failed")
+        if await _leads(leaders, "hold-sweep"):
+            try:
+                started = time.perf_counter()
+                calls, other, offers = await asyncio.to_thread(sweep_once, app)
+                if calls or other or offers:
+                    _job_done("hold sweep", started, calls=calls, holds=other, offers=offers)
+            except Exception:  # keep sweeping; the next round retries
+                log.exception("hold sweep failed")
         await _pause(stop, interval)
 
 
-async def _advance_epochs(app: FastAPI, stop: asyncio.Event) -> None:
+async def _advance_epochs(
+    app: FastAPI, stop: asyncio.Event, leaders: Leaders | None = None
+) -> None:
     """Fix and apply opening epochs' allocations batch by batch, and journal closing
-    epochs' expiry steps one by one (also an open or a close left half-done by a crash)."""
+    epochs' expiry steps one by one (also an open or a close left half-done by a crash);
+    in the one process that leads the job ``epochs``."""
     while not stop.is_set():
+        if not await _leads(leaders, "epochs"):
+            await _pause(stop, 0.5)
+            continue
         try:
             started = time.perf_counter()
             steps = await asyncio.to_thread(_advance_once, app)
@@ -486,8 +549,6 @@ def _advance_once(app: FastAPI) -> list[str]:
         )
 
     def expire(session: Session) -> bool:
-        if not epochs.closing_epochs(session):
-            return False
         return epochs.next_close_step(
             session, app.state.ctx, now=clock.now(), submit=write_path.submit
         )

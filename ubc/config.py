@@ -19,6 +19,11 @@ class Settings(BaseSettings):
         default="sqlite:///ubc.db",
         description="SQLAlchemy URL; sqlite:///ubc.db (default) or postgresql+psycopg://...",
     )
+    read_database_url: str | None = Field(
+        default=None,
+        description='a PostgreSQL streaming replica of DATABASE_URL for reads (README "A '
+        'read replica"); unset: the primary serves every read',
+    )
     data_dir: Path = Field(default=Path("ubc-data"), description="keys and tokens")
     origin: str = Field(
         default="localhost/ubc",
@@ -105,6 +110,28 @@ class Settings(BaseSettings):
         description="the server's log lines: text (one readable line) or json (one object "
         "per line); `ubc serve --log-format` overrides it",
     )
+    # The ledger's witnesses (issue 18; docs/witness.md section 8).
+    witnesses: str = Field(
+        default="",
+        description="witnesses that cosign the ledger's checkpoints, `<vkey>@<url>` "
+        "separated by commas (the vkey of type 0x04 that `ubc witness init` prints); "
+        "empty: none",
+    )
+    witness_quorum: int | None = Field(
+        default=None,
+        ge=1,
+        description="how many of UBC_WITNESSES make a checkpoint witnessed "
+        "(GET /journal/checkpoint/cosigned); default: all of them",
+    )
+    witness_interval_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="at most one round of add-checkpoint calls per this many seconds (all "
+        "processes together), and only when the checkpoint changed",
+    )
+    witness_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="how long one add-checkpoint call may take"
+    )
     redis_url: str | None = Field(
         default=None,
         description="redis://host:port/db shared by every worker and host for the API keys' "
@@ -116,6 +143,11 @@ class Settings(BaseSettings):
     @classmethod
     def _psycopg_for_postgres(cls, url: str) -> str:
         return normalise_database_url(url)  # postgres:// as providers hand it out
+
+    @field_validator("read_database_url")
+    @classmethod
+    def _psycopg_for_replica(cls, url: str | None) -> str | None:
+        return normalise_database_url(url) if url else None
 
 
 @lru_cache(maxsize=1)

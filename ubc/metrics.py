@@ -41,6 +41,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -123,6 +124,40 @@ HOLDS_EXPIRED = Counter(
     "ubc_holds_expired_total",
     "Holds released by the expiry sweeper (model calls' hold.expire and other holds)",
 )
+WITNESS_REQUESTS = Counter(
+    "ubc_witness_requests_total",
+    "add-checkpoint calls to the ledger's witnesses, by witness name and outcome: the HTTP "
+    "status, `bad_cosignature` (a 200 whose cosignature did not verify: not stored), "
+    "`timeout` or `unreachable`",
+    ["witness", "status"],
+)
+
+BACKGROUND_LEADER = Gauge(
+    "ubc_background_leader",
+    "1 where this process (with several workers: one of them) leads the background job "
+    "`job` (holds its leader lock: ubc.db.leader), else 0; over all hosts, 1 for each job",
+    ["job"],
+    multiprocess_mode="livemax",
+)
+
+
+def set_leader(job: str, leading: bool) -> None:
+    """Whether this process leads the background job ``job`` (see ``ubc.db.leader``)."""
+    BACKGROUND_LEADER.labels(job).set(1 if leading else 0)
+
+
+REPLICA_READS = Counter(
+    "ubc_replica_reads_total",
+    "Reads served by the read replica (UBC_READ_DATABASE_URL)",
+)
+REPLICA_FALLBACKS = Counter(
+    "ubc_replica_fallbacks_total",
+    "Reads meant for the read replica that the primary served, by reason: behind (the "
+    "replica had not replayed the journal size the read asked for) or down (unreachable)",
+    ["reason"],
+)
+for _reason in ("behind", "down"):  # a series that exists (at 0) is alertable
+    REPLICA_FALLBACKS.labels(_reason)
 
 #: The label of a refused envelope whose type could not be read.
 INVALID_TYPE = "invalid"
@@ -206,11 +241,62 @@ class _BalanceSums:
     seconds: float  # how long the query took
 
 
+class ReplicaState(Protocol):
+    """The read replica as seen at scrape time (``ubc.db.replica.ReplicaStatus``)."""
+
+    @property
+    def up(self) -> bool: ...
+    @property
+    def paused(self) -> bool: ...
+    @property
+    def lag_entries(self) -> int | None: ...
+    @property
+    def lag_seconds(self) -> float | None: ...
+    @property
+    def replay_lag_seconds(self) -> float | None: ...
+
+
+def _replica_families(state: ReplicaState) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "ubc_replica_up", "Whether the read replica answered", value=1 if state.up else 0
+    )
+    if not state.up:
+        return
+    yield GaugeMetricFamily(
+        "ubc_replica_replay_paused",
+        "Whether replay is paused on the replica",
+        value=1 if state.paused else 0,
+    )
+    if state.lag_entries is not None:
+        yield GaugeMetricFamily(
+            "ubc_replica_lag_entries",
+            "Journal entries on the primary not yet replayed by the read replica",
+            value=state.lag_entries,
+        )
+    if state.lag_seconds is not None:
+        yield GaugeMetricFamily(
+            "ubc_replica_lag_seconds",
+            "Age (the ledger's clock) of the oldest journal entry the read replica has not "
+            "replayed yet; 0 when it has them all",
+            value=state.lag_seconds,
+        )
+    if state.replay_lag_seconds is not None:
+        yield GaugeMetricFamily(
+            "ubc_replica_replay_lag_seconds",
+            "PostgreSQL replay lag of the read replica: 0 when it has replayed all it "
+            "received, else the age of the latest transaction it replayed "
+            "(pg_last_xact_replay_timestamp; an upper bound after a quiet period)",
+            value=state.replay_lag_seconds,
+        )
+
+
 class StateCollector:
     """Reads the ledger's state when collected (once per scrape; see :func:`exposition`).
 
     ``now`` is the ledger's clock (the checkpoint's age is measured in the ledger's time).
     A failed query does not fail the scrape: ``ubc_metrics_database_up`` is 0 instead.
+    ``replica``, when a read replica is configured, reads its state and lag (the
+    ``ubc_replica_*`` gauges).
     """
 
     def __init__(
@@ -219,14 +305,18 @@ class StateCollector:
         now: Callable[[], datetime],
         *,
         balance_interval: float = 30.0,
+        replica: Callable[[], ReplicaState] | None = None,
     ) -> None:
         self.sessions = sessions
         self.now = now
         self.balance_interval = balance_interval
+        self.replica = replica
         self._balances: _BalanceSums | None = None
         self._lock = threading.Lock()
 
     def collect(self) -> Iterator[Metric]:
+        if self.replica is not None:
+            yield from _replica_families(self.replica())
         try:
             with self.sessions() as session:
                 families = list(self._state(session))
@@ -294,6 +384,24 @@ class StateCollector:
             value=int(overdue or 0),
         )
         yield from self._epoch(session)
+        yield from self._witnesses(session)
+
+    def _witnesses(self, session: Session) -> Iterator[Metric]:
+        """Per witness of the ledger (``journal_witnesses``), the largest checkpoint size
+        it cosigned; nothing when no witness is configured."""
+        rows = session.execute(
+            text("SELECT witness, cosigned_size FROM journal_witnesses ORDER BY witness")
+        ).all()
+        if not rows:
+            return
+        cosigned = GaugeMetricFamily(
+            "ubc_witness_cosigned_size",
+            "The largest checkpoint size each witness cosigned (0: none yet), by witness name",
+            labels=["witness"],
+        )
+        for vkey, size in rows:
+            cosigned.add_metric([str(vkey).split("+", 1)[0]], int(size or 0))
+        yield cosigned
 
     def _epoch(self, session: Session) -> Iterator[Metric]:
         row = session.execute(

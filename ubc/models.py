@@ -6,6 +6,7 @@ from ubc.causes.models import Cause, CauseSteward
 from ubc.envelopes.models import LedgerConfigRow
 from ubc.epochs.models import Epoch, EpochAllocation, EpochExpiry
 from ubc.gateway.models import ApiKeySpend, GatewayHold, UsageRecord
+from ubc.journal.cosignatures import JournalCosignature, JournalWitness, JournalWitnessRound
 from ubc.journal.models import JournalEntry, JournalHead, MerkleNode
 from ubc.ledger.models import Account, Asset, Posting, Request, Transfer
 from ubc.market.models import Fill, Offer, WithdrawalRequest
@@ -26,8 +27,11 @@ __all__ = [
     "ExternalRef",
     "Fill",
     "GatewayHold",
+    "JournalCosignature",
     "JournalEntry",
     "JournalHead",
+    "JournalWitness",
+    "JournalWitnessRound",
     "LedgerConfigRow",
     "Member",
     "MemberKey",

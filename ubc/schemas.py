@@ -81,6 +81,20 @@ class Health(BaseModel):
     status: str = Field(examples=["ok"])
 
 
+class ReplicaReadiness(Schema):
+    """The read replica (``UBC_READ_DATABASE_URL``) as ``/readyz`` saw it: informative,
+    never a reason to be unready (the primary serves its reads meanwhile)."""
+
+    status: str = Field(description="ok, lagging (entries not replayed yet), paused or down")
+    lag_entries: Annotated[int, absent("journal entries the replica has not replayed yet")]
+    lag_seconds: Annotated[
+        float, absent("how long ago the oldest entry it lacks was committed (0: none)")
+    ]
+    replay_lag_seconds: Annotated[float, absent("PostgreSQL's replay lag")]
+    reason: Annotated[str, absent("why it is down")]
+    warning: Annotated[str, absent("the URL is not a standby")]
+
+
 class Readiness(Schema):
     """``ok`` with the schema revision, or ``unavailable`` with the reason."""
 
@@ -88,6 +102,7 @@ class Readiness(Schema):
     revision: Annotated[str | None, absent("the database's schema revision")]
     reason: Annotated[str, absent("why not ready")]
     head: Annotated[str, absent("the revision the code expects, when not migrated")]
+    replica: Annotated[ReplicaReadiness, absent("with a read replica: how it is")]
 
 
 #: What each status means on any route; a route may say more in ``notes``.

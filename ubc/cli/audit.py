@@ -199,13 +199,14 @@ def proof_get(
     """Fetch and verify the inclusion proof of entry SEQ; write a C2SP tlog-proof file.
 
     The receipt keeps the checkpoint as served, with every signature line (the ledger's
-    and any witness's cosignatures)."""
+    and any witness's cosignatures): the latest checkpoint when it is cosigned, else the
+    largest one the ledger's witnesses cosigned if it covers the entry."""
     policy = _witness_policy(witness, quorum)
     token = token or saved_api_key()  # a member's own entries, with its API key
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=server, headers=headers, timeout=30) as client:
         trusted = vkey or client.get("/api/ledger").json()["vkey"]
-        note = client.get("/journal/checkpoint").text
+        note = _receipt_checkpoint(client, seq, policy)
         size = int(note.split("\n")[1])
         answer = client.get("/journal/proof/inclusion", params={"seq": seq, "size": size})
         entries = client.get("/journal/entries", params={"start": seq, "end": seq + 1})
@@ -245,6 +246,35 @@ def proof_check(
     _check_proof(vkey, parsed.checkpoint, parsed.index, parsed.extra, list(parsed.proof))
     witnessed = _check_witnesses(policy, parsed.checkpoint)
     console.print(f"Entry {parsed.index} is included in the signed checkpoint{witnessed}.")
+
+
+def _receipt_checkpoint(client: httpx.Client, seq: int, policy: WitnessPolicy | None) -> str:
+    """The checkpoint a receipt of entry ``seq`` is made against: the latest one when it
+    carries cosignatures (as ``policy`` requires them, when given), else the largest
+    checkpoint the ledger's witnesses cosigned (``GET /journal/checkpoint/cosigned``) if
+    it covers the entry, else the latest one (which ``policy``, if any, then refuses)."""
+    latest = client.get("/journal/checkpoint").text
+    if _witnessed(latest, policy):
+        return latest
+    cosigned = client.get("/journal/checkpoint/cosigned")
+    if cosigned.status_code == 200:
+        note = cosigned.text
+        try:
+            covers = seq < parse_checkpoint(note.split("\n\n", 1)[0] + "\n").size
+        except ValueError:
+            covers = False
+        if covers and (policy is None or _witnessed(note, policy)):
+            return note
+    return latest
+
+
+def _witnessed(note: str, policy: WitnessPolicy | None) -> bool:
+    """Whether ``note`` satisfies ``policy``; without one, whether it carries any line
+    besides the ledger's own signature."""
+    if policy is None:
+        return note.rstrip("\n").count("\n\u2014 ") >= 2
+    verdict = policy.check(note)
+    return verdict.ok and not verdict.invalid
 
 
 def _check_proof(vkey: str, note: str, seq: int, entry: bytes, hashes: list[bytes]) -> None:

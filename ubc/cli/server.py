@@ -195,6 +195,7 @@ def serve(
     """Run the service (migrating the database first)."""
     from ubc.gateway.catalog import load_catalog
     from ubc.serving import run, uvicorn_config
+    from ubc.witness.cosigning import parse_witnesses, witnessing_of
 
     settings = get_settings()
     overrides = {
@@ -209,6 +210,14 @@ def serve(
         settings = settings.model_copy(update={"log_format": log_format})
     # A models file that is missing or wrong is one line here, not a worker's traceback.
     load_catalog(settings.models_file)
+    try:  # UBC_WITNESSES and UBC_WITNESS_QUORUM, in one line
+        witnessing_of(
+            parse_witnesses(settings.witnesses),
+            settings.witness_quorum,
+            settings.witness_interval_seconds,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         choice = find_origin(settings)
     except SetupError as exc:

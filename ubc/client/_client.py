@@ -68,6 +68,11 @@ __all__ = [
 
 API_KEY_PREFIX = "ubc_sk_"
 DEFAULT_TIMEOUT = 10.0
+#: Answered by every write: the journal's size once its entries are in.
+JOURNAL_SIZE_HEADER = "UBC-Journal-Size"
+#: Sent with every read after a write: a read replica that has not replayed that much
+#: leaves the read to the primary (read-your-writes).
+MIN_JOURNAL_SIZE_HEADER = "UBC-Min-Journal-Size"
 _API_KEY_BYTES = 32
 
 
@@ -351,6 +356,11 @@ class UbcClient:
     acts as the operator). ``token`` authenticates reads. ``transport`` replaces the
     network, e.g. with ``httpx.MockTransport`` in tests. Envelope submissions are resent
     up to ``retries`` times on transport errors (safe: envelope ids are idempotency keys).
+
+    Reads see this client's own writes, also where a read replica serves reads: every
+    read sends the journal size the client's latest write produced
+    (:attr:`journal_size`); hand it to another client (``other.journal_size =
+    this.journal_size``) for that one to see them too.
     """
 
     def __init__(
@@ -370,6 +380,7 @@ class UbcClient:
         self.token = token
         self.retries = retries
         self._origin = origin
+        self.journal_size: int | None = None
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"),
             transport=transport,
@@ -871,7 +882,7 @@ class UbcClient:
             "GET",
             "/api/reports/utilization",
             params={"epoch": epoch},
-            headers={**self._headers(), "Accept": "text/csv"},
+            headers={**self._read_headers(), "Accept": "text/csv"},
         ) as response:  # the timeout bounds each read, not the whole answer
             if not response.is_success:
                 response.read()
@@ -884,7 +895,7 @@ class UbcClient:
 
     def checkpoint(self) -> str:
         """The journal's latest signed checkpoint (a C2SP signed note)."""
-        response = self._http.get("/journal/checkpoint")
+        response = self._http.get("/journal/checkpoint", headers=self._read_headers())
         _raise_for_error(response)
         return response.text
 
@@ -907,7 +918,7 @@ class UbcClient:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     def _get(self, path: str, params: Mapping[str, str | int] | None = None) -> Any:
-        response = self._http.get(path, params=params, headers=self._headers())
+        response = self._http.get(path, params=params, headers=self._read_headers())
         _raise_for_error(response)
         return response.json()
 
@@ -922,8 +933,21 @@ class UbcClient:
                 if attempt >= self.retries:
                     raise
                 attempt += 1
+        self._saw_journal_size(response)
         _raise_for_error(response)
         return response.json()
+
+    def _read_headers(self) -> dict[str, str]:
+        headers = self._headers()
+        if self.journal_size is not None:
+            headers[MIN_JOURNAL_SIZE_HEADER] = str(self.journal_size)
+        return headers
+
+    def _saw_journal_size(self, response: httpx.Response) -> None:
+        """Remember the journal size a write produced (the largest seen)."""
+        value = response.headers.get(JOURNAL_SIZE_HEADER, "")
+        if value.isascii() and value.isdigit():
+            self.journal_size = max(self.journal_size or 0, int(value))
 
 
 def _path(segment: str) -> str:

@@ -6,18 +6,26 @@ Every page here is a form; the browser's JavaScript (``static/js/actions.js``, o
 (``POST /api/envelopes``, ``POST /api/withdrawals``). The server renders the forms and
 never sees a private key: these routes take no input but query parameters that prefill
 fields, and they change nothing.
+
+The pages know who is signed in (the session cookie of ``ubc.console.web``): a member's
+signing pages name the signed-in handle (and ``actions.js`` warns when the key held by
+this browser is another member's); the countersign page lists the pending withdrawals,
+read on the server through the operator's session, so no token is ever typed into a page.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from ubc.console.routes import page
+from ubc.console.operator import operator_page
+from ubc.console.web import SignedIn, page, signed_in
+from ubc.deps import ReadSession
+from ubc.market import service as market
 
 __all__ = ["ACTIONS", "Action", "Field", "router"]
 
@@ -323,19 +331,11 @@ _OPERATOR: tuple[Action, ...] = (
         "countersign",
         "/operator/act/countersign",
         "Countersign a withdrawal",
-        "Load a withdrawal a member signed, check it, add the operator's signature and "
-        "submit it: the value leaves the member's account now.",
+        "Choose a withdrawal a member signed, add the operator's signature and submit it: "
+        "the value leaves the member's account now.",
         "operator",
         "Countersign and submit",
-        (
-            Field("id", "Withdrawal id"),
-            Field(
-                "token",
-                "Operator token",
-                "password",
-                help="only to read the withdrawal; sent as an Authorization header, never kept",
-            ),
-        ),
+        (Field("id", "Withdrawal id", help="choose one below, or paste its id"),),
     ),
     Action(
         "deposit",
@@ -362,7 +362,6 @@ def _form_page(action: Action) -> Callable[[Request], Response]:
         values = {f.name: query.get(f.name, f.default) for f in action.fields}
         if "handle" in values and "member" in query and "handle" not in query:
             values["handle"] = query["member"]  # /operator/act/admit?member=alice
-        values.pop("token", None)  # a secret is never put in a URL or a page
         return page(request, "actions/form.html", action=action, values=values)
 
     show.__name__ = f"action_{action.name.replace('-', '_')}"
@@ -370,15 +369,43 @@ def _form_page(action: Action) -> Callable[[Request], Response]:
 
 
 for _action in ACTIONS:
+    if _action.name == "countersign":
+        continue  # its own page below: it reads the pending withdrawals
     router.add_api_route(
         _action.path, _form_page(_action), methods=["GET"], response_class=HTMLResponse
     )
 
 
+PENDING_ROWS = 100
+COUNTERSIGN = next(a for a in ACTIONS if a.name == "countersign")
+
+
+@router.get(COUNTERSIGN.path, response_class=HTMLResponse)
+def countersign_page(request: Request, session: ReadSession) -> Response:
+    """The pending withdrawals, read on the server through the operator's session (no
+    token typed into the page), each with the envelope the member signed; the browser
+    adds the operator key's signature to the chosen one and submits it."""
+
+    def build(_: SignedIn) -> dict[str, Any]:
+        pending = market.list_withdrawals(
+            session, status="pending", account=None, limit=PENDING_ROWS
+        )
+        values = {"id": request.query_params.get("id", "")}
+        return {"action": COUNTERSIGN, "values": values, "pending": pending}
+
+    return operator_page(request, session, "actions/countersign.html", build)
+
+
 @router.get("/key", response_class=HTMLResponse)
-def key_page(request: Request) -> Response:
-    """The keys this browser holds: import the CLI's key file or make one; forget it."""
-    return page(request, "actions/key.html", handle=request.query_params.get("handle", ""))
+def key_page(request: Request, session: ReadSession) -> Response:
+    """The keys this browser holds: import the CLI's key file or make one; forget it. The
+    handle is prefilled from the query, else from the signed-in member."""
+    reader = signed_in(request, session)
+    account = (reader.account if reader is not None else None) or ""
+    handle = request.query_params.get("handle") or (
+        account.removeprefix("member:") if account.startswith("member:") else ""
+    )
+    return page(request, "actions/key.html", reader=reader, handle=handle)
 
 
 @router.get("/register", response_class=HTMLResponse)

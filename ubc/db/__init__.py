@@ -70,6 +70,7 @@ def make_engine(
     readonly: bool = False,
     durable: bool = True,
     lazy_commit: bool = False,
+    connect_timeout: int = POSTGRES_CONNECT_TIMEOUT_S,
 ) -> Engine:
     """The engine for ``url`` with the pragmas and isolation ubc relies on.
 
@@ -83,6 +84,8 @@ def make_engine(
     never half-applied, and a later durable commit makes every earlier one durable. The
     model endpoint's holds use it: a hold lost in a crash belonged to a call the crash
     ended anyway.
+
+    ``connect_timeout`` (PostgreSQL, seconds): a new connection fails after this long.
     """
     url = normalise_database_url(url)
     if is_sqlite(url):
@@ -114,7 +117,7 @@ def make_engine(
         # generic plan chosen while tables were small (a sequential scan) as they grow.
         connect_args={
             "prepare_threshold": None,
-            "connect_timeout": POSTGRES_CONNECT_TIMEOUT_S,
+            "connect_timeout": connect_timeout,
             **({"options": "-c synchronous_commit=off"} if lazy_commit else {}),
         },
     )

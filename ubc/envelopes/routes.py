@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ubc.deps import json_body
+from ubc.deps import JOURNAL_SIZE_HEADER, json_body
 from ubc.envelopes.payloads import PAYLOAD_MODELS
 from ubc.envelopes.schemas import BatchResults, Receipt
 from ubc.envelopes.service import Accepted, Outcome
@@ -82,6 +82,16 @@ _BATCH_ERRORS_DOC = error_responses(
     },
 )
 
+# The journal size a write produced: reads that send it back see the write (docs/http.md).
+_SIZE_DOC: dict[str, Any] = {
+    JOURNAL_SIZE_HEADER: {
+        "description": "the journal's size once the accepted entries are in (the largest "
+        "accepted seq + 1); send it as UBC-Min-Journal-Size on reads to see this write "
+        "where a read replica serves them; absent when nothing was accepted",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
 
 @router.post(
     "/api/envelopes",
@@ -100,8 +110,12 @@ _BATCH_ERRORS_DOC = error_responses(
     },
     response_model=Receipt,
     responses={
-        201: {"description": "accepted"},
-        200: {"model": Receipt, "description": "replay: the same body as when it was accepted"},
+        201: {"description": "accepted", "headers": _SIZE_DOC},
+        200: {
+            "model": Receipt,
+            "description": "replay: the same body as when it was accepted",
+            "headers": _SIZE_DOC,
+        },
         **_ERRORS_DOC,
     },
 )
@@ -110,7 +124,7 @@ async def post_envelope(request: Request) -> JSONResponse:
     writer: GroupCommitWriter = request.app.state.writer
     [outcome] = await writer.submit([raw])
     status, body = _answer(outcome)
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=_journal_size([outcome]))
 
 
 @router.post(
@@ -145,7 +159,10 @@ async def post_envelope(request: Request) -> JSONResponse:
         }
     },
     response_model=BatchResults,
-    responses={200: {"description": "one result per envelope"}, **_BATCH_ERRORS_DOC},
+    responses={
+        200: {"description": "one result per envelope", "headers": _SIZE_DOC},
+        **_BATCH_ERRORS_DOC,
+    },
 )
 async def post_batch(request: Request) -> JSONResponse:
     body = await json_body(request)
@@ -163,7 +180,7 @@ async def post_batch(request: Request) -> JSONResponse:
     for index, outcome in enumerate(outcomes):
         status, answer = _answer(outcome)
         results.append({"index": index, "status": status, "body": answer})
-    return JSONResponse({"results": results})
+    return JSONResponse({"results": results}, headers=_journal_size(outcomes))
 
 
 class EnvelopeFastPath:
@@ -232,6 +249,13 @@ def openapi_components() -> dict[str, Any]:
             model.__name__ + "Payload" if not model.__name__.endswith("Payload") else model.__name__
         ] = schema
     return components
+
+
+def _journal_size(outcomes: list[Outcome]) -> dict[str, str]:
+    """``UBC-Journal-Size``: the journal's size once the accepted envelopes' entries are in
+    it (a read that asks for it sees them, on the read replica too); none if none was."""
+    seqs = [o.receipt.seq for o in outcomes if isinstance(o, Accepted)]
+    return {JOURNAL_SIZE_HEADER: str(max(seqs) + 1)} if seqs else {}
 
 
 def _answer(outcome: Outcome) -> tuple[int, dict[str, Any]]:

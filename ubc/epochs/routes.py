@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from ubc.deps import Reader, ReadSession
+from ubc.deps import Reader, ReadSession, RequestReads
 from ubc.epochs import report
 from ubc.epochs import service as epochs
 from ubc.epochs.schemas import Epoch, EpochList, UtilizationReport
@@ -70,6 +70,7 @@ def get_epoch(
 def utilization_report(
     request: Request,
     session: ReadSession,
+    reads: RequestReads,
     reader: Reader,
     epoch: Annotated[int, Query(ge=1, le=MAX_AMOUNT, description="the epoch number")],
     below: Annotated[
@@ -98,7 +99,7 @@ def utilization_report(
         # this one goes back to the pool now, not when the last row has been sent.
         session.close()
         return StreamingResponse(
-            _csv_stream(request.app.state.read_sessions, info, price),
+            _csv_stream(reads.factory, info, price),  # the replica's, if it serves
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": f'attachment; filename="utilization-epoch-{epoch}.csv"'

@@ -8,15 +8,18 @@ bundles) are for the operator, auditors and, for its own entries, each member, u
 from __future__ import annotations
 
 import base64
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel
+from pydantic import Field as PydanticField
 
 from ubc.auth import Principal, authenticate_bearer
-from ubc.deps import Bearer, ReadSession
+from ubc.deps import Bearer, PrimaryReadSession, ReadSession
 from ubc.errors import BadRequest, Forbidden, NotFound
-from ubc.journal import store
+from ubc.journal import cosignatures, store
 from ubc.journal.merkle import consistency_proof, inclusion_proof, leaf_hash
 from ubc.journal.schemas import ConsistencyProof, InclusionProof, JournalEntries
 from ubc.journal.stream import router as stream_router
@@ -29,6 +32,7 @@ from ubc.journal.tiles import (
     tile_exists,
 )
 from ubc.params import MAX_DB_INT
+from ubc.rules.payload import format_timestamp
 from ubc.schemas import error_responses
 
 router = APIRouter(tags=["journal"])
@@ -42,16 +46,130 @@ OPTIONAL_BEARER: dict[str, Any] = {"security": [{}]}
 
 @router.get(
     "/journal/checkpoint",
-    summary="The latest C2SP tlog-checkpoint, a signed note",
+    summary="The latest C2SP tlog-checkpoint, a signed note, with the witnesses' cosignatures",
     response_class=PlainTextResponse,
     responses={
-        200: {"description": "the signed note (text/plain)"},
+        200: {
+            "description": "the signed note (text/plain): the ledger's signature line, then "
+            "the cosignature lines its witnesses gave for this very checkpoint, if any"
+        },
         **error_responses(),
     },
 )
-def get_checkpoint(session: ReadSession) -> PlainTextResponse:
-    _, checkpoint = store.latest_checkpoint(session)
+def get_checkpoint(request: Request, session: ReadSession) -> PlainTextResponse:
+    size, checkpoint = store.latest_checkpoint(session)
+    witnessing = _witnessing(request)
+    if witnessing is not None:
+        checkpoint = cosignatures.with_cosignatures(session, size, checkpoint, witnessing.vkeys)
     return PlainTextResponse(checkpoint, headers={"Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/journal/checkpoint/cosigned",
+    summary="The largest checkpoint a quorum of the ledger's witnesses cosigned",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "description": "the signed note (text/plain) with the cosignature lines: it "
+            "may be older than the latest checkpoint (witnesses are asked in rounds)"
+        },
+        **error_responses(
+            404, notes={404: "no witness is configured, or no checkpoint has a quorum yet"}
+        ),
+    },
+)
+def get_cosigned_checkpoint(request: Request, session: ReadSession) -> PlainTextResponse:
+    witnessing = _witnessing(request)
+    if witnessing is None:
+        raise NotFound("this ledger has no witnesses (UBC_WITNESSES)")
+    found = cosignatures.witnessed_checkpoint(session, witnessing)
+    if found is None:
+        raise NotFound(
+            f"no checkpoint has been cosigned by {witnessing.quorum} of the ledger's "
+            f"{len(witnessing.witnesses)} witnesses yet"
+        )
+    return PlainTextResponse(found[1], headers={"Cache-Control": "no-cache"})
+
+
+class WitnessStatus(BaseModel):
+    name: str = PydanticField(description="the witness's name (its cosignature lines' name)")
+    vkey: str = PydanticField(description="its cosignature vkey (type 0x04)")
+    url: str = PydanticField(description="where the ledger calls it (without credentials)")
+    size: int | None = PydanticField(
+        None, description="its size for this ledger as last known (from its 200 or 409)"
+    )
+    cosigned_size: int | None = PydanticField(
+        None, description="the largest checkpoint size it cosigned (of those still kept)"
+    )
+    attempted_at: str | None = PydanticField(None, description="the last call (ledger time)")
+    succeeded_at: str | None = PydanticField(None, description="the last cosignature stored")
+    status: str | None = PydanticField(
+        None,
+        description="the last call's outcome: cosigned, timeout, unreachable, "
+        "bad_cosignature, conflict, ahead, http_<status>; null before the first call",
+    )
+    error: str | None = PydanticField(None, description="what went wrong, for people")
+
+
+class WitnessesStatus(BaseModel):
+    size: int = PydanticField(description="the journal's size (its latest checkpoint)")
+    quorum: int = PydanticField(description="cosignatures that make a checkpoint witnessed")
+    interval_seconds: float = PydanticField(description="at most one round per this long")
+    witnessed_size: int | None = PydanticField(
+        None, description="the size of GET /journal/checkpoint/cosigned; null if none"
+    )
+    latest_round_at: str | None = PydanticField(None, description="when the last round started")
+    witnesses: list[WitnessStatus]
+
+
+@router.get(
+    "/journal/witnesses",
+    summary="How far the ledger's witnesses got",
+    response_model=WitnessesStatus,
+    responses=error_responses(),
+)
+def get_witnesses(request: Request, session: ReadSession) -> dict[str, Any]:
+    witnessing = _witnessing(request)
+    size, _ = store.latest_checkpoint(session)
+    if witnessing is None:
+        return {"size": size, "quorum": 0, "interval_seconds": 0, "witnesses": []}
+    rows = cosignatures.witness_rows(session, witnessing.vkeys)
+    items = []
+    for info in witnessing.witnesses:
+        row = rows.get(info.vkey, {})
+        items.append(
+            {
+                "name": info.name,
+                "vkey": info.vkey,
+                "url": info.url,
+                "size": row.get("size"),
+                "cosigned_size": row.get("cosigned_size"),
+                "attempted_at": _when(row.get("attempted_at")),
+                "succeeded_at": _when(row.get("succeeded_at")),
+                "status": row.get("status") or None,
+                "error": row.get("error"),
+            }
+        )
+    return {
+        "size": size,
+        "quorum": witnessing.quorum,
+        "interval_seconds": witnessing.interval_seconds,
+        "witnessed_size": cosignatures.witnessed_size(session, witnessing.vkeys, witnessing.quorum),
+        "latest_round_at": _when(cosignatures.latest_round(session)),
+        "witnesses": items,
+    }
+
+
+def _witnessing(request: Request) -> cosignatures.Witnessing | None:
+    """The ledger's witnesses (``app.state.witnessing``), None when it has none."""
+    witnessing = getattr(request.app.state, "witnessing", None)
+    if isinstance(witnessing, cosignatures.Witnessing) and witnessing.witnesses:
+        return witnessing
+    return None
+
+
+def _when(value: object) -> str | None:
+    return format_timestamp(value) if isinstance(value, datetime) else None
 
 
 @router.get(
@@ -78,7 +196,13 @@ def get_checkpoint(session: ReadSession) -> PlainTextResponse:
         ),
     },
 )
-def get_tile(path: str, request: Request, session: ReadSession, _bearer: Bearer) -> Response:
+def get_tile(
+    path: str,
+    request: Request,
+    session: ReadSession,
+    auth_session: PrimaryReadSession,
+    _bearer: Bearer,
+) -> Response:
     authorization = request.headers.get("authorization")
     size, _ = store.latest_checkpoint(session)
     if path.startswith("entries/"):
@@ -88,7 +212,7 @@ def get_tile(path: str, request: Request, session: ReadSession, _bearer: Bearer)
             raise NotFound(f"no such tile: {exc}") from None
         if not tile_exists(0, bundle.n, bundle.width, size):
             raise NotFound(f"entry bundle {path} is beyond the journal's size {size}")
-        reader = _principal(request, session, authorization)
+        reader = _principal(request, auth_session, authorization)
         if not _sees_all_entries(request, reader):
             raise Forbidden("entry bundles are for the operator and auditors")
         start = bundle.n * TILE_WIDTH
@@ -120,6 +244,7 @@ def get_tile(path: str, request: Request, session: ReadSession, _bearer: Bearer)
 def get_entries(
     request: Request,
     session: ReadSession,
+    auth_session: PrimaryReadSession,
     start: Annotated[int, Query(ge=0, le=MAX_DB_INT)],
     end: Annotated[int, Query(ge=1, le=MAX_DB_INT)],
     _bearer: Bearer,
@@ -127,7 +252,7 @@ def get_entries(
     authorization = request.headers.get("authorization")
     if end <= start or end - start > MAX_ENTRIES_PAGE:
         raise BadRequest(f"need start < end and at most {MAX_ENTRIES_PAGE} entries per page")
-    reader = _principal(request, session, authorization)
+    reader = _principal(request, auth_session, authorization)
     sees_all = _sees_all_entries(request, reader)
     items = []
     for seq, entry, accounts in store.entries(session, start, end):

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from ubc.db import run_unit_of_work
-from ubc.deps import Reader, ReadSession, clock, json_body, require_read
+from ubc.deps import PrimaryReadSession, Reader, ReadSession, clock, json_body, require_read
 from ubc.errors import Forbidden, NotFound
 from ubc.market import service
 from ubc.market.schemas import (
@@ -141,7 +141,7 @@ async def post_withdrawal(request: Request) -> JSONResponse:
     responses=error_responses(401, 403, 422, notes={400: "an unknown status"}),
 )
 def list_withdrawals(
-    session: ReadSession,
+    session: PrimaryReadSession,  # withdrawals asked for are not journaled: see them at once
     reader: Reader,
     status: str | None = None,
     account: str | None = None,
@@ -168,7 +168,9 @@ def list_withdrawals(
         401, 403, 404, notes={404: "unknown, or of an account the reader may not read"}
     ),
 )
-def get_withdrawal(withdrawal_id: str, session: ReadSession, reader: Reader) -> dict[str, Any]:
+def get_withdrawal(
+    withdrawal_id: str, session: PrimaryReadSession, reader: Reader
+) -> dict[str, Any]:
     item = service.get_withdrawal(session, withdrawal_id)
     if not reader.may_read(item["account"]):
         # The same 404 as an unknown id: another member's withdrawal ids cannot be probed.

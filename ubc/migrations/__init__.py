@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 __all__ = [
     "alembic_config",
@@ -28,6 +28,10 @@ __all__ = [
 PACKAGE = Path(__file__).resolve().parent.parent  # the ubc package's directory
 PACKAGED = PACKAGE / "_alembic"  # inside an installed wheel
 CHECKOUT = PACKAGE.parent / "alembic"  # a source checkout (editable install, PYTHONPATH)
+#: The PostgreSQL advisory lock that serialises migrations of one database: several hosts
+#: started at once (each ``ubc serve`` migrates) migrate in turn, and all but the first
+#: find nothing left to do.
+MIGRATION_LOCK_KEY = 0x75626320_6D696772  # "ubc migr"
 
 
 def _is_script_directory(path: Path) -> bool:
@@ -61,6 +65,11 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the database behind ``engine`` to ``revision``."""
     config = alembic_config()
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Held until this transaction ends (the migration's own, DDL included).
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 

@@ -26,7 +26,12 @@ __all__ = [
     "NoteError",
     "NoteSigner",
     "NoteVerifier",
+    "check_name",
+    "check_note_chars",
+    "is_valid_name",
     "key_hash",
+    "parse_signature_line",
+    "strict_b64decode",
     "vkey",
 ]
 
@@ -46,7 +51,7 @@ class NoteError(ValueError):
 
 def key_hash(name: str, public_key: bytes) -> bytes:
     """Return the 4-byte key hash: SHA-256(name || 0x0A || 0x01 || public key)[:4]."""
-    _check_name(name)
+    check_name(name)
     _check_public_key(public_key)
     data = name.encode("utf-8") + b"\n" + bytes([ED25519_KEY_TYPE]) + public_key
     return hashlib.sha256(data).digest()[:_KEY_HASH_SIZE]
@@ -99,7 +104,7 @@ class NoteSigner:
         """
         if not text.endswith("\n"):
             raise NoteError("note text must end with a newline")
-        _check_note_chars(text)
+        check_note_chars(text)
         sig = self._key.sign(text.encode("utf-8")).signature
         encoded = base64.b64encode(self._key_hash + sig).decode("ascii")
         return f"{text}\n{_SIG_PREFIX}{self._name} {encoded}\n"
@@ -126,13 +131,13 @@ class NoteVerifier:
         if len(parts) != 3:
             raise NoteError("malformed vkey: expected <name>+<hash>+<key>")
         name, hash_hex, key_b64 = parts
-        if not _is_valid_name(name):
+        if not is_valid_name(name):
             raise NoteError(f"malformed vkey: invalid key name {name!r}")
         if len(hash_hex) != 2 * _KEY_HASH_SIZE or not all(
             c in "0123456789abcdefABCDEF" for c in hash_hex
         ):
             raise NoteError("malformed vkey: key hash must be 8 hex characters")
-        raw = _strict_b64decode(key_b64)
+        raw = strict_b64decode(key_b64)
         if raw is None or len(raw) == 0:
             raise NoteError("malformed vkey: key is not valid base64")
         if raw[0] != ED25519_KEY_TYPE:
@@ -167,7 +172,7 @@ class NoteVerifier:
         line of this key must verify, and at least one must be present; otherwise, or if
         the note is malformed, :class:`NoteError` is raised.
         """
-        _check_note_chars(note)
+        check_note_chars(note)
         # The text is separated from the signatures by the *last* blank line; the text
         # itself may contain blank lines.
         split = note.rfind("\n\n")
@@ -183,7 +188,7 @@ class NoteVerifier:
         message = text.encode("utf-8")
         found = False
         for number, line in enumerate(lines, start=1):
-            name, h, sig = _parse_signature_line(line, number)
+            name, h, sig = parse_signature_line(line, number)
             if name != self._name or h != self._key_hash:
                 continue
             found = True
@@ -203,7 +208,12 @@ class NoteVerifier:
 # --- helpers -------------------------------------------------------------------------------
 
 
-def _is_valid_name(name: str) -> bool:
+# The signed-note grammar's checks, public for the other note formats of ubc (the witness's
+# cosignatures, ubc.witness) that share it.
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether ``name`` may name a key."""
     # Spec: non-empty, no Unicode spaces, no '+'. Control characters are excluded because
     # they may not appear in a note at all.
     return (
@@ -213,8 +223,9 @@ def _is_valid_name(name: str) -> bool:
     )
 
 
-def _check_name(name: str) -> None:
-    if not _is_valid_name(name):
+def check_name(name: str) -> None:
+    """NoteError unless ``name`` may name a key."""
+    if not is_valid_name(name):
         raise NoteError(f"invalid key name {name!r}: must be non-empty, no spaces or '+'")
 
 
@@ -223,7 +234,7 @@ def _check_public_key(public_key: bytes) -> None:
         raise NoteError("Ed25519 public key must be 32 bytes")
 
 
-def _check_note_chars(s: str) -> None:
+def check_note_chars(s: str) -> None:
     """Notes must be valid UTF-8 with no ASCII control characters other than newline."""
     for c in s:
         o = ord(c)
@@ -231,21 +242,22 @@ def _check_note_chars(s: str) -> None:
             raise NoteError(f"malformed note: forbidden character U+{o:04X}")
 
 
-def _parse_signature_line(line: str, number: int) -> tuple[str, bytes, bytes]:
+def parse_signature_line(line: str, number: int) -> tuple[str, bytes, bytes]:
     """Split ``— <name> <base64>`` into name, 4-byte key hash and signature bytes."""
     if not line.startswith(_SIG_PREFIX):
         raise NoteError(f"malformed note: signature line {number} does not start with '— '")
     name, sep, encoded = line[len(_SIG_PREFIX) :].partition(" ")
-    if not sep or not _is_valid_name(name):
+    if not sep or not is_valid_name(name):
         raise NoteError(f"malformed note: signature line {number} has no valid key name")
-    raw = _strict_b64decode(encoded)
+    raw = strict_b64decode(encoded)
     # At least the 4-byte hash and one byte of signature, as in the reference code.
     if raw is None or len(raw) <= _KEY_HASH_SIZE:
         raise NoteError(f"malformed note: signature line {number} has an invalid signature")
     return name, raw[:_KEY_HASH_SIZE], raw[_KEY_HASH_SIZE:]
 
 
-def _strict_b64decode(s: str) -> bytes | None:
+def strict_b64decode(s: str) -> bytes | None:
+    """Standard padded base64 (no other characters), or None."""
     try:
         return base64.b64decode(s, validate=True)
     except (binascii.Error, ValueError):

@@ -7,6 +7,9 @@
 - :mod:`ubc.witness.store`: the latest cosigned checkpoint per origin, in SQLite or
   PostgreSQL, in a table of its own (not part of the ledger's schema).
 - :mod:`ubc.witness.app`: the HTTP service, ``POST /add-checkpoint``.
+- :mod:`ubc.witness.cosigning`: the ledger's side: it asks its own witnesses
+  (``UBC_WITNESSES``) to cosign its checkpoints, in rounds run by a background task, and
+  stores the cosignatures it verified (served by ``GET /journal/checkpoint``).
 - :mod:`ubc.witness.quorum`: what a reader requires: valid cosignatures on a checkpoint
   from at least K of the witnesses it trusts (``ubc audit verify --witness``, ``ubc
   proof check --witness``).

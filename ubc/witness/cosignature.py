@@ -26,11 +26,11 @@ from nacl.signing import SigningKey, VerifyKey
 from ubc.signing.note import (
     MAX_SIGNATURE_LINES,
     NoteError,
-    _check_name,
-    _check_note_chars,
-    _is_valid_name,
-    _parse_signature_line,
-    _strict_b64decode,
+    check_name,
+    check_note_chars,
+    is_valid_name,
+    parse_signature_line,
+    strict_b64decode,
 )
 
 __all__ = [
@@ -69,7 +69,7 @@ class CosignatureMissing(CosignatureError):
 
 def cosignature_key_id(name: str, public_key: bytes) -> bytes:
     """SHA-256(name || 0x0A || 0x04 || public key)[:4]."""
-    _check_name(name)
+    check_name(name)
     _check_public_key(public_key)
     data = name.encode("utf-8") + b"\n" + bytes([COSIGNATURE_KEY_TYPE]) + public_key
     return hashlib.sha256(data).digest()[:_KEY_ID_SIZE]
@@ -96,7 +96,7 @@ def split_note(note: str) -> tuple[str, list[str]]:
     Checks only the structure (what signed-note requires of every note); raises
     :class:`NoteError` if the note is malformed.
     """
-    _check_note_chars(note)
+    check_note_chars(note)
     split = note.rfind("\n\n")
     if split < 0:
         raise NoteError("malformed note: no blank line before the signatures")
@@ -107,7 +107,7 @@ def split_note(note: str) -> tuple[str, list[str]]:
     if len(lines) > MAX_SIGNATURE_LINES:
         raise NoteError(f"malformed note: more than {MAX_SIGNATURE_LINES} signatures")
     for number, line in enumerate(lines, start=1):
-        _parse_signature_line(line, number)
+        parse_signature_line(line, number)
     return body, lines
 
 
@@ -157,7 +157,7 @@ class Cosigner(_Identity):
 
     def sign(self, body: str, timestamp: int) -> str:
         """The cosignature line (ending in a newline) on checkpoint ``body`` at ``timestamp``."""
-        _check_note_chars(body)
+        check_note_chars(body)
         signature = self._key.sign(cosigned_message(body, timestamp)).signature
         raw = self._key_id + timestamp.to_bytes(_TIMESTAMP_SIZE, "big") + signature
         return f"{_SIG_PREFIX}{self._name} {base64.b64encode(raw).decode('ascii')}\n"
@@ -177,13 +177,13 @@ class CosignatureVerifier(_Identity):
         if len(parts) != 3:
             raise CosignatureError("malformed cosigner vkey: expected <name>+<hash>+<key>")
         name, id_hex, key_b64 = parts
-        if not _is_valid_name(name):
+        if not is_valid_name(name):
             raise CosignatureError(f"malformed cosigner vkey: invalid name {name!r}")
         if len(id_hex) != 2 * _KEY_ID_SIZE or not all(
             c in "0123456789abcdefABCDEF" for c in id_hex
         ):
             raise CosignatureError("malformed cosigner vkey: key ID must be 8 hex characters")
-        raw = _strict_b64decode(key_b64)
+        raw = strict_b64decode(key_b64)
         if raw is None or not raw:
             raise CosignatureError("malformed cosigner vkey: key is not valid base64")
         if raw[0] != COSIGNATURE_KEY_TYPE:
@@ -204,7 +204,7 @@ class CosignatureVerifier(_Identity):
         is this cosigner's and verifies; :class:`CosignatureError` if it is this
         cosigner's and does not.
         """
-        name, key_id, rest = _parse_signature_line(line.removesuffix("\n"), 1)
+        name, key_id, rest = parse_signature_line(line.removesuffix("\n"), 1)
         if name != self._name or key_id != self._key_id:
             return None
         if len(rest) != COSIGNATURE_SIZE:

@@ -38,7 +38,7 @@ from nacl.signing import VerifyKey
 
 from ubc.journal.checkpoint import Checkpoint, parse_checkpoint
 from ubc.journal.merkle import HASH_SIZE, ProofError, verify_consistency
-from ubc.signing.note import NoteError, NoteVerifier, _parse_signature_line
+from ubc.signing.note import NoteError, NoteVerifier, parse_signature_line
 from ubc.witness.cosignature import Cosigner, split_note
 from ubc.witness.store import MAX_STORED_SIZE, WitnessStore
 
@@ -251,7 +251,7 @@ class Witness:
         message = body.encode("utf-8")
         verified = False
         for number, line in enumerate(lines, start=1):
-            name, key_hash, signature = _parse_signature_line(line, number)
+            name, key_hash, signature = parse_signature_line(line, number)
             for key in keys:
                 if name != key.name or key_hash != key.key_hash:
                     continue

@@ -24,20 +24,50 @@ function describeHeld(role, held) {
   return `${who} — key id ${held.keyid}, public key ${held.publicKey}`;
 }
 
+// Who the page says is signed in (the session cookie): "member:<handle>", "operator" or "".
+function sessionOf(node) {
+  return node.dataset.session || "";
+}
+
 async function showSigner() {
   const node = $("#signer");
   if (!node) return;
   const role = node.dataset.role;
+  const session = sessionOf(node);
+  const signedInHandle = session.startsWith("member:") ? session.slice("member:".length) : "";
   const held = await ubc.loadKey(role);
   node.replaceChildren();
+  node.classList.remove("mismatch");
+  delete node.dataset.mismatch;
+  const keysLink = (text) =>
+    el("a", { href: signedInHandle ? `/key?handle=${encodeURIComponent(signedInHandle)}` : "/key" }, text);
   if (held) {
-    node.append(`Signing as ${describeHeld(role, held)}. `, el("a", { href: "/key" }, "Keys"));
+    node.append(`Signing as ${describeHeld(role, held)}. `, keysLink("Keys"));
     node.dataset.loaded = "yes";
+    if (role === "member" && signedInHandle && held.handle !== signedInHandle) {
+      // Signed in (to read) as one member, holding another's key (to sign): say so.
+      node.classList.add("mismatch");
+      node.dataset.mismatch = "yes";
+      node.append(
+        el(
+          "strong",
+          { class: "warning", role: "alert" },
+          ` You are signed in as member:${signedInHandle}, but the key in this browser is ` +
+            `${held.handle ? `member:${held.handle}` : "one with no handle"}'s: what you sign here is signed as that member. `,
+        ),
+        keysLink(`Load member:${signedInHandle}'s key`),
+      );
+    }
   } else if (role === "member" && $("#register-form")) {
     node.append("No member key in this browser yet: one will be made when you register.");
     node.dataset.loaded = "no";
   } else {
-    node.append(`No ${role} key in this browser. `, el("a", { href: "/key" }, `Load the ${role} key`), " first.");
+    const whose = role === "member" && signedInHandle ? ` (member:${signedInHandle}'s)` : "";
+    node.append(
+      `No ${role} key in this browser: signing needs it. `,
+      keysLink(role === "member" ? "Load your key" : "Load the operator key"),
+      `${whose} first.`,
+    );
     node.dataset.loaded = "no";
   }
 }
@@ -411,51 +441,43 @@ async function submitAction(form) {
   showResult("Done: the ledger's receipt", rows, spec.extra ? spec.extra(built) : null);
 }
 
+// The countersign page lists the pending withdrawals (read on the server through the
+// operator's session cookie: no token is typed into the page), each row with the envelope
+// the member signed; this adds the operator key's signature to the chosen one.
+function pendingRow(id) {
+  for (const row of document.querySelectorAll("#pending tr[data-id]")) {
+    if (row.dataset.id === id) return row;
+  }
+  return null;
+}
+
 async function submitCountersign(form) {
   const held = await ubc.loadKey("operator");
   if (!held) throw new Error("No operator key in this browser: load it on the Keys page first.");
-  const values = new FormData(form);
-  const id = text(values, "id");
-  const token = values.get("token") || "";
-  const headers = token ? { Authorization: `Bearer ${token}` } : {};
-  const item = await ubc.api("GET", `/api/withdrawals/${encodeURIComponent(id)}`, undefined, headers);
-  if (item.status !== "pending") {
-    throw new FieldError("id", `This withdrawal is ${item.status}, not pending.`);
-  }
-  const signed = await ubc.addSignature(item.envelope, held);
+  const id = text(new FormData(form), "id");
+  if (!id) throw new FieldError("id", "Choose a pending withdrawal (or paste its id).");
+  const row = pendingRow(id);
+  if (!row) throw new FieldError("id", "No pending withdrawal has this id (paid out already? reload the page).");
+  const envelope = JSON.parse(row.dataset.envelope);
+  const cells = row.querySelectorAll("td");
+  const signed = await ubc.addSignature(envelope, held);
   const receipt = await ubc.api("POST", "/api/envelopes", signed);
-  form.elements.token.value = "";
-  showResult(
-    "Countersigned: the value has left the account",
-    [["account", item.account], ["amount", `${item.amount} ${item.asset}`], ["reference", item.external_ref]].concat(
-      receiptRows(receipt),
-    ),
-  );
+  const rows = [
+    ["account", cells[1].textContent],
+    ["amount", cells[2].textContent],
+    ["reference", cells[3].textContent],
+  ];
+  row.remove();
+  showResult("Countersigned: the value has left the account", rows.concat(receiptRows(receipt)));
 }
 
-async function listPending(form) {
-  const token = form.elements.token.value || "";
-  const headers = token ? { Authorization: `Bearer ${token}` } : {};
-  const answer = await ubc.api("GET", "/api/withdrawals?status=pending", undefined, headers);
-  const section = $("#pending");
-  section.replaceChildren(el("h2", {}, "Pending withdrawals"));
-  if (!answer.withdrawals.length) {
-    section.append(el("p", {}, "None is waiting."));
-  } else {
-    const table = el("table", {}, el("tr", {}, el("th", {}, "account"), el("th", {}, "amount"), el("th", {}, "reference"), el("th", {}, "")));
-    for (const item of answer.withdrawals) {
-      const use = el("button", { type: "button", class: "use", "data-id": item.id }, "Choose");
-      use.addEventListener("click", () => {
-        form.elements.id.value = item.id;
-        form.elements.id.focus();
-      });
-      table.append(
-        el("tr", {}, el("td", {}, item.account), el("td", { class: "num" }, `${item.amount} ${item.asset}`), el("td", {}, item.external_ref), el("td", {}, use)),
-      );
-    }
-    section.append(table);
+function wirePending(form) {
+  for (const button of document.querySelectorAll("#pending button.use")) {
+    button.addEventListener("click", () => {
+      form.elements.id.value = button.dataset.id;
+      form.elements.id.focus();
+    });
   }
-  section.hidden = false;
 }
 
 function wireForm(form, handler, aliases = () => ({})) {
@@ -622,19 +644,7 @@ async function start() {
     const name = actionForm.dataset.action;
     const handler = name === "countersign" ? submitCountersign : submitAction;
     wireForm(actionForm, handler, () => (ACTIONS[name] && ACTIONS[name].aliases) || {});
-    if (name === "countersign") {
-      const list = el("button", { type: "button", id: "list-pending", class: "generate" }, "List pending withdrawals");
-      actionForm.querySelector("button[type=submit]").after(list);
-      actionForm.after(el("section", { id: "pending", "aria-live": "polite", hidden: "" }));
-      list.addEventListener("click", async () => {
-        clearErrors(actionForm);
-        try {
-          await listPending(actionForm);
-        } catch (error) {
-          showError(actionForm, error);
-        }
-      });
-    }
+    if (name === "countersign") wirePending(actionForm);
   }
   const registerForm = $("#register-form");
   if (registerForm) wireForm(registerForm, submitRegister);
