@@ -61,6 +61,14 @@ journal lock, one more connection pool), not what N machines would add. The comp
 
     python scripts/bench_envelopes.py --engines postgresql --runs 3 --seconds 5 --hosts 2
 
+``--cpu-profile N`` measures CPU instead of rates, for a machine shared with other work:
+PostgreSQL only, N pre-signed single envelopes sent by ``--clients`` clients in each of
+``--runs`` runs (all of them, however long it takes), and the server's CPU (every process)
+and PostgreSQL's (the backends of the benchmark's database) per accepted envelope, with the
+envelopes per group commit (from ``GET /metrics``), medians:
+
+    python scripts/bench_envelopes.py --cpu-profile 10000 --workers 2 --runs 3
+
 ``--wrk`` also sends single envelopes through wrk (one thread, ``--clients`` connections,
 a Lua script posting each pre-signed envelope once and counting 201s), to check that the
 built-in load generator measures the server, not itself.
