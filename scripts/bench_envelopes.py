@@ -61,6 +61,14 @@ journal lock, one more connection pool), not what N machines would add. The comp
 
     python scripts/bench_envelopes.py --engines postgresql --runs 3 --seconds 5 --hosts 2
 
+``--cpu-profile N`` measures CPU instead of rates, for a machine shared with other work:
+PostgreSQL only, N pre-signed single envelopes sent by ``--clients`` clients in each of
+``--runs`` runs (all of them, however long it takes), and the server's CPU (every process)
+and PostgreSQL's (the backends of the benchmark's database) per accepted envelope, with the
+envelopes per group commit (from ``GET /metrics``), medians:
+
+    python scripts/bench_envelopes.py --cpu-profile 10000 --workers 2 --runs 3
+
 ``--wrk`` also sends single envelopes through wrk (one thread, ``--clients`` connections,
 a Lua script posting each pre-signed envelope once and counting 201s), to check that the
 built-in load generator measures the server, not itself.
@@ -1236,6 +1244,137 @@ def bench_engine(
     return rows
 
 
+def database_backends_cpu(conninfo: str, database: str) -> dict[int, float]:
+    """CPU seconds so far of the PostgreSQL backends connected to ``database`` (not the
+    other databases of a shared server, nor its background processes)."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        pids = [
+            int(row[0])
+            for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (database,),
+            )
+        ]
+    processes = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            processes.append(psutil.Process(pid))
+    return _cpu_by_pid(processes)
+
+
+def group_commits(url: str) -> tuple[float, float]:
+    """Group commits of the envelope writer so far and the envelopes they applied, every
+    worker's (``GET /metrics``, open on the loopback interface)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    found = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for kind in found:
+            if line.startswith(f'ubc_writer_batch_size_{kind}{{writer="envelopes"}}'):
+                found[kind] = float(line.rsplit(" ", 1)[1])
+    return found["count"], found["sum"]
+
+
+@dataclass
+class CpuRun:
+    accepted: int
+    failed: int
+    seconds: float
+    server_cpu: float  # CPU seconds, every server process
+    postgres_cpu: float  # CPU seconds, the backends of the benchmark's database
+    client_cpu: float  # CPU seconds
+    commits: float  # group commits of the envelope writer
+    committed: float  # envelopes they applied
+
+    @property
+    def per_commit(self) -> float:
+        return self.committed / self.commits if self.commits else 0.0
+
+
+def cpu_profile(
+    db: Database,
+    members: Members,
+    signer: Signer,
+    opts: Options,
+    tmp: Path,
+    count: int,
+    clients: int,
+) -> list[CpuRun]:
+    """Server and PostgreSQL CPU per accepted single envelope: ``count`` pre-signed
+    transfers sent by ``opts`` clients, all of them whatever it takes, ``opts.runs``
+    times. CPU seconds are robust to other work on the machine, where rates are not."""
+    data_dir = tmp / "data"
+    ubc_init(db, data_dir)
+    mode = Mode("single", 0, clients)
+    url = make_url(db.url)
+    database = str(url.database)
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    runs: list[CpuRun] = []
+    with running_server(db, data_dir, opts.workers, tmp / "server.log") as server:
+        log(f"  server up at {server.url} (workers {opts.workers}); setting up members")
+        set_up_members(server, data_dir, members)
+        warm = measure(server, mode, signer.transfers(2000), opts.clients, 600)
+        log(f"  warm-up: {warm.ok} accepted, {warm.failed} failed")
+        _check_failures(warm)
+        for run in range(opts.runs):
+            envelopes = signer.transfers(count)
+            commits_before = group_commits(server.url)
+            server_before = server.cpu()
+            pg_before = database_backends_cpu(conninfo, database)
+            m = measure(server, mode, envelopes, opts.clients, 600)
+            server_cpu = _cpu_used(server_before, server.cpu())
+            pg_after = database_backends_cpu(conninfo, database)
+            commits_after = group_commits(server.url)
+            # Backends that appeared during the run count from zero; gone ones are lost.
+            pg_cpu = _cpu_used(pg_before, pg_after)
+            _check_failures(m)
+            r = CpuRun(
+                m.ok,
+                m.failed,
+                m.seconds,
+                server_cpu,
+                pg_cpu,
+                m.client_cpu * m.seconds,
+                commits_after[0] - commits_before[0],
+                commits_after[1] - commits_before[1],
+            )
+            runs.append(r)
+            log(
+                f"  run {run + 1}: {r.accepted} accepted ({r.failed} failed) in {r.seconds:.1f} s;"
+                f" per envelope: server {1e6 * r.server_cpu / r.accepted:.0f} µs, postgres "
+                f"{1e6 * r.postgres_cpu / r.accepted:.0f} µs, client "
+                f"{1e6 * r.client_cpu / r.accepted:.0f} µs; {r.per_commit:.1f} envelopes per "
+                "group commit"
+            )
+    return runs
+
+
+def cpu_profile_report(runs: list[CpuRun], workers: int, clients: int, count: int) -> str:
+    def median(values: list[float]) -> float:
+        return float(statistics.median(values))
+
+    per = {
+        "server": [1e6 * r.server_cpu / r.accepted for r in runs],
+        "postgres": [1e6 * r.postgres_cpu / r.accepted for r in runs],
+        "client": [1e6 * r.client_cpu / r.accepted for r in runs],
+    }
+    lines = [
+        f"CPU per accepted single envelope, PostgreSQL, `ubc serve --workers {workers}`, "
+        f"{clients} clients, {count} envelopes per run, median of {len(runs)}:",
+        "",
+        "| per envelope | median | runs |",
+        "|---|---:|---|",
+    ]
+    for name, values in per.items():
+        shown = ", ".join(f"{v:.0f}" for v in values)
+        lines.append(f"| {name} CPU (µs) | {median(values):.0f} | {shown} |")
+    sizes = [r.per_commit for r in runs]
+    shown = ", ".join(f"{v:.1f}" for v in sizes)
+    lines.append(f"| envelopes per group commit | {median(sizes):.1f} | {shown} |")
+    rates = ", ".join(f"{r.accepted / r.seconds:.0f}" for r in runs)
+    lines.append(f"| (transfers/s, contention-sensitive) | — | {rates} |")
+    return "\n".join(lines)
+
+
 def _check_failures(m: Measurement) -> None:
     if m.failed:
         log(f"    {m.failed} failed; first errors:")
@@ -1364,6 +1503,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wrk", action="store_true", help="single envelopes through wrk too (external check)"
     )
+    parser.add_argument(
+        "--cpu-profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of rates: send N pre-signed single envelopes on PostgreSQL (--clients "
+        "clients) in each of --runs runs and report the server's and PostgreSQL's CPU per "
+        "accepted envelope (robust to other work on the machine)",
+    )
     args = parser.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for engine in engines:
@@ -1401,6 +1549,8 @@ def main(argv: list[str] | None = None) -> int:
     # client processes and the server stopped, the PostgreSQL database dropped.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.cpu_profile:
+        return _cpu_profile_main(args, opts)
     started = datetime.now(UTC)
     load_before = loadavg()
     members = Members.generate(args.members)
@@ -1499,6 +1649,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.hosts > 1:
         print()
         print(scaling(rows))
+    return 0
+
+
+def _cpu_profile_main(args: argparse.Namespace, opts: Options) -> int:
+    started = datetime.now(UTC)
+    members = Members.generate(args.members)
+    signer = Signer(members, args.seed)
+    try:
+        with contextlib.ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ubc-bench-")))
+            db = stack.enter_context(fresh_database("postgresql", args.postgres_url, tmp))
+            log(f"postgresql: fresh database and data dir, {args.members} members")
+            runs = cpu_profile(db, members, signer, opts, tmp, args.cpu_profile, args.clients)
+    finally:
+        signer.close()
+    print(f"- date: {started:%Y-%m-%d %H:%M} UTC")
+    print(f"- command: python {' '.join([sys.argv[0], *sys.argv[1:]])}")
+    print(f"- CPU: {cpu_model()}, nproc {len(os.sched_getaffinity(0))}")
+    print()
+    print(cpu_profile_report(runs, args.workers, args.clients, args.cpu_profile))
     return 0
 
 

@@ -200,10 +200,20 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def run_server(
-    db_url: str, data_dir: Path, *, clock: Clock | None = None, **overrides: object
+    db_url: str,
+    data_dir: Path,
+    *,
+    clock: Clock | None = None,
+    port: int | None = None,
+    graceful_shutdown: float | None = None,
+    **overrides: object,
 ) -> Iterator[LiveServer]:
     """A served ledger in a thread; ``clock``: its time (a ManualClock moves only when
-    the test moves it), else the wall clock; ``overrides``: settings."""
+    the test moves it), else the wall clock; ``port``: the port (a free one by default:
+    give the same again to restart a server where its clients know it);
+    ``graceful_shutdown``: how long a stopping server lets open responses (journal
+    streams) run before it cuts them, as ``ubc serve`` does after 10 s (by default
+    uvicorn's: until they end); ``overrides``: settings."""
     settings = Settings(
         database_url=db_url,
         data_dir=data_dir,
@@ -211,8 +221,14 @@ def run_server(
         **overrides,  # type: ignore[arg-type]
     )
     app = create_app(settings, clock=clock)
-    port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    port = port or _free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        timeout_graceful_shutdown=graceful_shutdown,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -9,9 +9,11 @@ import contextlib
 import itertools
 import json
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -19,10 +21,11 @@ import pytest
 from nacl.signing import SigningKey
 from typer.testing import CliRunner
 
-from tests.conftest import LiveServer, run_server
+from tests.conftest import LiveServer, _free_port, make_data_dir, run_server
 from tests.test_journal_http import bearer, envelope, grant, post, transfer
 from ubc.cli import app
 from ubc.cli.events import follow, read_events
+from ubc.client import UbcClient
 from ubc.journal import stream as journal_stream
 from ubc.signing import encode_public_key, generate_signing_key
 
@@ -58,41 +61,47 @@ class Ledger:
 @pytest.fixture
 def ledger(live_server: LiveServer) -> Iterator[Ledger]:
     with httpx.Client(base_url=live_server.url, timeout=30) as c:
-        operator = live_server.operator_key
-        keys = {h: generate_signing_key() for h in ("alice", "bob", "carol")}
-        for handle, key in keys.items():
-            public = encode_public_key(bytes(key.verify_key))
-            post(
-                c,
-                envelope(
-                    "member.register",
-                    [key],
-                    actor=f"member:{handle}",
-                    handle=handle,
-                    public_key=public,
-                ),
-            )
-            post(
-                c,
-                envelope("member.admit", [operator], actor="operator", handle=handle, tier="basic"),
-            )
-            post(
-                c,
-                envelope(
-                    "deposit",
-                    [operator],
-                    actor="operator",
-                    to=f"member:{handle}",
-                    asset="CU",
-                    amount=100_000,
-                    external_ref=f"bank-{handle}",
-                ),
-            )
-        secrets = {
-            "bob-read": grant(c, keys["bob"], "bob", ["read"]),
-            "carol-models": grant(c, keys["carol"], "carol", ["models"]),
-        }
+        keys, secrets = members(c, live_server.operator_key)
         yield Ledger(live_server, c, keys, secrets)
+
+
+def members(c: httpx.Client, operator: SigningKey) -> tuple[dict[str, SigningKey], dict[str, str]]:
+    """alice, bob and carol, admitted and holding 100,000 CU each; bob's read key and
+    carol's model key (their secrets)."""
+    keys = {h: generate_signing_key() for h in ("alice", "bob", "carol")}
+    for handle, key in keys.items():
+        public = encode_public_key(bytes(key.verify_key))
+        post(
+            c,
+            envelope(
+                "member.register",
+                [key],
+                actor=f"member:{handle}",
+                handle=handle,
+                public_key=public,
+            ),
+        )
+        post(
+            c,
+            envelope("member.admit", [operator], actor="operator", handle=handle, tier="basic"),
+        )
+        post(
+            c,
+            envelope(
+                "deposit",
+                [operator],
+                actor="operator",
+                to=f"member:{handle}",
+                asset="CU",
+                amount=100_000,
+                external_ref=f"bank-{handle}",
+            ),
+        )
+    secrets = {
+        "bob-read": grant(c, keys["bob"], "bob", ["read"]),
+        "carol-models": grant(c, keys["carol"], "carol", ["models"]),
+    }
+    return keys, secrets
 
 
 @contextlib.contextmanager
@@ -148,6 +157,48 @@ def test_resume_with_last_event_id_has_no_gap_and_no_duplicate(ledger: Ledger) -
     assert [s for s, _ in first + rest] == list(range(size + 3))
     bad = ledger.client.get("/journal/stream", headers={**ledger.auditor, "Last-Event-ID": "x"})
     assert bad.status_code == 400
+
+
+def test_the_client_resumes_across_a_server_restart(db_url: str, tmp_path: Path) -> None:
+    """A server stopped and started again (same database, same address) while a client
+    follows the stream and writes go on before and after: the client's iterator
+    reconnects with Last-Event-ID and gets every entry exactly once, in order."""
+    data = make_data_dir(tmp_path / "data")
+    port = _free_port()
+    got: list[int] = []
+    written: list[int] = []
+    with run_server(db_url, data, port=port, graceful_shutdown=0.2) as first:
+        with httpx.Client(base_url=first.url, timeout=30) as c:
+            keys, _ = members(c, first.operator_key)
+            start = post(c, transfer(keys["alice"], "alice", "bob", 1))
+        follower = UbcClient(first.url, token=first.auditor_token)
+        events = follower.events(from_seq=start, types=["transfer"], backoff=[0.1])
+
+        def follow_all() -> None:
+            for data_ in events:
+                got.append(data_["seq"])
+                if len(got) == 21:
+                    return
+
+        reader = threading.Thread(target=follow_all, daemon=True)
+        reader.start()
+        with httpx.Client(base_url=first.url, timeout=30) as c:
+            written += [post(c, transfer(keys["alice"], "alice", "bob", 1)) for _ in range(10)]
+        wait_until(lambda: len(got) == 11)
+    # Stopped: the stream was cut; the client retries until the server is back.
+    with run_server(db_url, data, port=port) as second, httpx.Client(base_url=second.url) as c:
+        written += [post(c, transfer(keys["bob"], "bob", "carol", 1)) for _ in range(10)]
+        reader.join(timeout=30)
+        assert not reader.is_alive(), got
+    follower.close()
+    assert got == [start, *written]
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
 
 
 def test_from_the_middle(ledger: Ledger) -> None:

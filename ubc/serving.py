@@ -55,6 +55,8 @@ MAX_HEAD_BYTES = 64 * 1024
 APP = "ubc.app:create_app"
 #: How long a stopping server waits for open responses before cutting them.
 GRACEFUL_SHUTDOWN_SECONDS = 10
+#: Seconds a worker may take to answer its supervisor's ping (see ``uvicorn_config``).
+WORKER_HEALTHCHECK_SECONDS = 60
 
 PROTOCOL = "ubc.serving:LimitedHttpToolsProtocol"
 
@@ -111,6 +113,11 @@ def uvicorn_config(
         "limit_concurrency": settings.max_connections,
         # h11's own head limit; our httptools protocol reads the same value.
         "h11_max_incomplete_event_size": max_head_bytes,
+        # With several workers, uvicorn's supervisor kills a worker that does not answer
+        # its ping within this many seconds (default 5), including one still importing the
+        # app: on a busy two-core machine a worker's start took longer, and a worker was
+        # then killed and restarted every few seconds, never serving.
+        "timeout_worker_healthcheck": WORKER_HEALTHCHECK_SECONDS,
     }
     return ServerConfig(app, timeout_request=settings.timeout_request_seconds, **options)
 
