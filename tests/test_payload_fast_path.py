@@ -169,3 +169,33 @@ def test_deep_nesting_is_refused_by_both() -> None:
     assert canonical._parse_canonical(data) is None
     with pytest.raises(PayloadError, match="nesting"):
         parse_payload(data)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.uuids().map(str),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.uuids().map(lambda u: u.hex),
+        st.uuids().map(lambda u: "{" + str(u) + "}"),
+        st.uuids().map(lambda u: "urn:uuid:" + str(u)),
+        st.uuids().map(lambda u: str(u) + "\n"),
+        st.text(st.sampled_from(list("0af-9F{}:\n\u0660x")), max_size=40),
+    )
+)
+def test_uuid_check_matches_the_uuid_module(value: str) -> None:
+    """The payload schemas' UUID check (a pattern first) accepts exactly the strings that
+    uuid.UUID reads and writes back unchanged, with the same messages otherwise."""
+    import uuid
+
+    from ubc.rules.payload import _uuid
+
+    try:
+        expected: object = str(uuid.UUID(value)) == value or "must be a UUID in lowercase"
+    except ValueError:
+        expected = "must be a UUID"
+    try:
+        got: object = _uuid(value) == value
+    except ValueError as exc:
+        got = "must be a UUID in lowercase" if "lowercase" in str(exc) else str(exc)
+    assert got == expected
