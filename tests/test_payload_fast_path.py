@@ -148,7 +148,7 @@ def test_random_bytes_same_verdict(data: bytes) -> None:
         b'\xef\xbb\xbf{"a":1}',
         b'{"a":NaN}',
         b'{"a":Infinity}',
-        b'[1]',
+        b"[1]",
         b'"a"',
         b'{"a":[[[[[[[1]]]]]]]}',
         b'{"a":[[[[[[[[1]]]]]]]]}',
@@ -156,7 +156,7 @@ def test_random_bytes_same_verdict(data: bytes) -> None:
         b'{"a":"\x7f"}',
         b'{"a":"\\n\\t"}',
         b'{"a":true,"b":false,"c":null}',
-        b'{}',
+        b"{}",
         b"",
     ],
 )

@@ -150,12 +150,14 @@ def _parse_canonical(data: bytes) -> dict[str, Any] | None:
     return value if again == data else None
 
 
-def _plain(value: dict[str, Any] | list[Any], depth: int) -> bool:
-    """True if ``value`` (at nesting ``depth``) holds no float, no integer outside the
-    signed 64-bit range and no container deeper than :data:`MAX_DEPTH`."""
+def _plain(value: Any, depth: int) -> bool:
+    """True if ``value`` (an object or array at nesting ``depth``) holds no float, no
+    integer outside the signed 64-bit range and no container deeper than
+    :data:`MAX_DEPTH`."""
     if depth > MAX_DEPTH:
         return False
-    for item in value.values() if type(value) is dict else value:
+    items: Any = value.values() if type(value) is dict else value
+    for item in items:
         kind = type(item)
         if kind is str or kind is bool or item is None:
             continue
