@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import orjson
 from sqlalchemy import select
 
 from ubc.db import make_engine, make_session_factory, table
@@ -149,9 +150,20 @@ def export_blocks(path: Path, lines: int, *, skip: int = 0) -> Iterator[tuple[in
 
 
 def parse_export_line(line: bytes, path: Path | str, number: int) -> tuple[int, bytes]:
-    """One entry line of an export: (seq, the entry's exact bytes); SourceError otherwise."""
+    """One entry line of an export: (seq, the entry's exact bytes); SourceError otherwise.
+
+    The line is read with orjson, which takes a fraction of json's time on the long base64
+    string; json reads it when orjson refuses it or when its ``seq`` is not an integer
+    (orjson reads integers beyond 64 bits as floats, which ``int()`` would round), so the
+    result is always the one json gives.
+    """
     try:
-        item = json.loads(line)
+        try:
+            item = orjson.loads(line)
+            if type(item) is not dict or type(item.get("seq")) is not int:
+                raise ValueError("not for orjson")
+        except ValueError:
+            item = json.loads(line)
         return int(item["seq"]), base64.b64decode(item["entry"], validate=True)
     except (ValueError, KeyError, TypeError):
         raise SourceError(f"{path}:{number}: not an entry line") from None

@@ -36,7 +36,14 @@ ACTOR_PATTERN = r"^(member:[a-z0-9][a-z0-9_-]{2,31}|operator|ledger)$"
 _RFC3339_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 
 
+# The lowercase hyphenated form: exactly the strings str(uuid.UUID(s)) gives back
+# unchanged, so matching it is the whole check below, without building a UUID.
+_UUID_FORM = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _uuid(value: str) -> str:
+    if _UUID_FORM.fullmatch(value):
+        return value
     try:
         parsed = uuid.UUID(value)
     except ValueError:

@@ -16,6 +16,7 @@ import json
 import re
 from typing import Any, cast
 
+import orjson
 import rfc8785
 
 __all__ = [
@@ -73,6 +74,9 @@ def parse_payload(data: bytes) -> dict[str, Any]:
     """
     if not isinstance(data, bytes):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    fast = _parse_canonical(data)
+    if fast is not None:
+        return fast
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -116,6 +120,57 @@ def is_canonical(data: bytes) -> bool:
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _parse_canonical(data: bytes) -> dict[str, Any] | None:
+    """The fast path of :func:`parse_payload`: the value of ``data`` when it is certain
+    the strict parser gives the same one, else None (the strict parser then decides).
+
+    Certain means: ``data`` is ASCII without ``\\u`` escapes (so no lone surrogate, no NUL
+    and code point order of keys is RFC 8785's UTF-16 order), orjson reads it as an
+    object, the value holds only objects, arrays, strings, booleans, null and integers
+    (orjson reads integers beyond 64 bits as floats) within the signed 64-bit range, at
+    most :data:`MAX_DEPTH` deep, and serializing that value back compactly with sorted
+    keys gives exactly ``data``. The last excludes duplicate keys (the value keeps one of
+    them), whitespace, any other spelling of a number or string, and trailing bytes. This
+    is the form canonical_json gives for such values, which is what clients send.
+    """
+    if not data.isascii() or b"\\u" in data:
+        return None
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is not dict or not _plain(value, 1):
+        return None
+    try:
+        again = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        return None
+    return value if again == data else None
+
+
+def _plain(value: Any, depth: int) -> bool:
+    """True if ``value`` (an object or array at nesting ``depth``) holds no float, no
+    integer outside the signed 64-bit range and no container deeper than
+    :data:`MAX_DEPTH`."""
+    if depth > MAX_DEPTH:
+        return False
+    items: Any = value.values() if type(value) is dict else value
+    for item in items:
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is int:
+            if not _INT64_MIN <= item <= _INT64_MAX:
+                return False
+        elif kind is dict or kind is list:
+            if not _plain(item, depth + 1):
+                return False
+        else:
+            return False
+    return True
+
 
 # One JSON string literal (escapes included); used to blank strings out before counting
 # brackets. Unrolled-loop form so matching stays linear.
