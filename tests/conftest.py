@@ -221,27 +221,41 @@ def run_server(
         **overrides,  # type: ignore[arg-type]
     )
     app = create_app(settings, clock=clock)
-    port = port or _free_port()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
-        port=port,
+        port=port or _free_port(),
         log_level="warning",
         timeout_graceful_shutdown=graceful_shutdown,
     )
+    with serve_in_thread(config) as url:
+        yield LiveServer(url, db_url, data_dir, settings, app)
+
+
+@contextlib.contextmanager
+def serve_in_thread(config: uvicorn.Config) -> Iterator[str]:
+    """``config``'s server in a background thread: its base URL once it has started; it
+    is stopped at the end."""
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
+            raise RuntimeError(f"the test server on port {config.port} did not start")
         time.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", db_url, data_dir, settings, app)
+        yield f"http://{config.host}:{config.port}"
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+def serve_asgi(app: Any, port: int | None = None) -> contextlib.AbstractContextManager[str]:
+    """Any ASGI application (a witness, a proxy) on loopback in a thread, on ``port`` or a
+    free one: its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=port or _free_port(), log_level="warning")
+    return serve_in_thread(config)
 
 
 @pytest.fixture

@@ -14,17 +14,15 @@ import json
 import select
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
-from tests.conftest import _free_port, make_data_dir
+from tests.conftest import _free_port, make_data_dir, serve_in_thread
 from ubc import serving
 from ubc.app import create_app
 from ubc.cli import app as cli
@@ -48,19 +46,8 @@ def serve(settings: Settings, app: Any = None, **options: Any) -> Iterator[tuple
         log_level="warning",
         **options,
     )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
+    with serve_in_thread(config):
         yield ("127.0.0.1", port)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 def make_settings(tmp_path: Path, sqlite_template: Path, **overrides: Any) -> Settings:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import sqlite3
-import threading
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
@@ -18,9 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.conftest import _free_port, make_data_dir
+from tests.conftest import make_data_dir, serve_asgi
 from ubc.app import create_app
 from ubc.config import Settings
 from ubc.envelopes.payloads import validate_payload
@@ -40,24 +36,6 @@ def _without_fast_path(app: Any) -> Any:
     return app
 
 
-@contextlib.contextmanager
-def _serve(app: Any) -> Iterator[str]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-
-
 @pytest.fixture
 def both(db_url: str, tmp_path: Path) -> Iterator[tuple[httpx.Client, httpx.Client]]:
     """The same ledger served with the fast path (first) and without it (second)."""
@@ -70,8 +48,8 @@ def both(db_url: str, tmp_path: Path) -> Iterator[tuple[httpx.Client, httpx.Clie
     fast_app = create_app(settings)
     slow_app = _without_fast_path(create_app(settings))
     with (
-        _serve(fast_app) as fast_url,
-        _serve(slow_app) as slow_url,
+        serve_asgi(fast_app) as fast_url,
+        serve_asgi(slow_app) as slow_url,
         httpx.Client(base_url=fast_url) as fast,
         httpx.Client(base_url=slow_url) as slow,
     ):

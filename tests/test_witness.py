@@ -26,11 +26,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from nacl.signing import SigningKey
 from typer.testing import CliRunner
 
-from tests.conftest import LiveServer, make_data_dir, run_server
+from tests.conftest import LiveServer, make_data_dir, run_server, serve_asgi
 from ubc.cli import app as cli_app
 from ubc.db import make_engine
 from ubc.envelopes.payloads import format_timestamp, validate_payload
@@ -164,25 +163,11 @@ def run_witness(db_url: str, logs: dict[str, list[NoteVerifier]]) -> Iterator[Se
     store = WitnessStore(engine)
     store.create()
     witness = Witness(Cosigner(WITNESS_NAME, generate_signing_key()), logs, store)
-    port = _free_port()
-    config = uvicorn.Config(
-        create_witness_app(witness), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the witness did not start")
-        time.sleep(0.02)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url, timeout=30) as client:
-            yield Served(url, witness, client)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
+    with (
+        serve_asgi(create_witness_app(witness)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        yield Served(url, witness, client)
         engine.dispose()
 
 

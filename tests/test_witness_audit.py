@@ -21,15 +21,12 @@ import base64
 import contextlib
 import json
 import sqlite3
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from sqlalchemy.engine import make_url
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -37,7 +34,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from typer.testing import CliRunner
 
-from tests.conftest import _admin_conninfo, _free_port, make_data_dir, run_server
+from tests.conftest import _admin_conninfo, make_data_dir, run_server, serve_asgi
 from tests.test_witness import ORIGIN, Ledger, Served, run_witness, size_of
 from ubc.cli import app
 from ubc.journal.checkpoint import format_checkpoint, format_tlog_proof, parse_tlog_proof
@@ -88,24 +85,6 @@ def other_vkey() -> str:
 
 
 # --- serving things on loopback ------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def serve(asgi: Starlette) -> Iterator[str]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the proxy did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 def cosigning_proxy(upstream: str, cosignatures: list[str]) -> Starlette:
@@ -295,7 +274,7 @@ def test_receipts_carry_the_cosigned_checkpoint(db_url: str, tmp_path: Path) -> 
             cosigned = cosign(witness, 0, [], note)
             wvkey, wname = witness.vkey, witness.witness.cosigner.name
         lines = [cosigned.removeprefix(note)]
-        with serve(cosigning_proxy(server.url, lines)) as proxy:
+        with serve_asgi(cosigning_proxy(server.url, lines)) as proxy:
             assert httpx.get(f"{proxy}/journal/checkpoint").text == cosigned
             receipt = tmp_path / "r.tlog-proof"
             code, _, output = cli(

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from nacl.signing import SigningKey
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,7 +30,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 from typer.testing import CliRunner
 
-from tests.conftest import LiveServer, _free_port, make_data_dir, run_server
+from tests.conftest import LiveServer, _free_port, make_data_dir, run_server, serve_asgi
 from tests.test_witness import ORIGIN, Ledger, body_of, size_of
 from ubc.cli import app as cli_app
 from ubc.clock import ManualClock
@@ -74,23 +73,6 @@ class RunningWitness:
     @property
     def name(self) -> str:
         return self.cosigner.name
-
-
-@contextlib.contextmanager
-def serve_asgi(app: object, port: int) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 @contextlib.contextmanager

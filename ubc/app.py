@@ -173,16 +173,26 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             # Let each loop finish the round it is in (its thread holds a connection),
             # so that nothing is left using the engines when they are disposed.
             stop.set()
-            await asyncio.gather(*background)
-            await leaders.aclose()  # another process takes the jobs over
-            await holds.stop()
-            await gateway.aclose()  # queued usage entries are written before the writer stops
-            await writer.stop()
-            engine.dispose()
-            read_engine.dispose()
-            hold_engine.dispose()
-            if replica is not None:
-                replica.dispose()
+            try:
+                # A loop that ended with an error (or was cancelled) must not keep the
+                # rest from stopping: the locks, queues and connections below.
+                ends = await asyncio.gather(*background, return_exceptions=True)
+                for job, ended in zip(background, ends, strict=True):
+                    if isinstance(ended, BaseException):
+                        log.error("background job %s ended with %r", job.get_name(), ended)
+            finally:
+                await leaders.aclose()  # another process takes the jobs over
+                try:
+                    await holds.stop()
+                    # Queued usage entries are written before the writer stops.
+                    await gateway.aclose()
+                    await writer.stop()
+                finally:
+                    engine.dispose()
+                    read_engine.dispose()
+                    hold_engine.dispose()
+                    if replica is not None:
+                        replica.dispose()
 
     app = FastAPI(
         # FastAPI's own OpenTelemetry spans and metrics: only where OpenTelemetry is set up
