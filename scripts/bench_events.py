@@ -189,7 +189,7 @@ def throughput(args: argparse.Namespace, db: be.Database, tmp: Path) -> list[Thr
                 be.set_up_members(server, data_dir, members)
                 for run in range(args.runs):
                     envelopes = signer.transfers(int(args.seconds * 4000) + 1000)
-                    m = be.measure(server, mode, envelopes, clients, args.seconds)
+                    m = be.measure(be.Hosts([server]), mode, envelopes, clients, args.seconds)
                     r = results[label]
                     r.rates.append(m.rate)
                     r.failed += m.failed
