@@ -16,6 +16,7 @@ import itertools
 import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import uvicorn
@@ -249,6 +251,20 @@ def serve_in_thread(config: uvicorn.Config) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=20)
+
+
+def answers(process: subprocess.Popen[bytes], url: str, path: str, timeout: float = 60) -> bool:
+    """Whether the server ``process`` (a ``ubc serve`` started by a test) answers 200 at
+    ``url + path`` within ``timeout`` seconds; False as soon as it has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return False
 
 
 def serve_asgi(app: Any, port: int | None = None) -> contextlib.AbstractContextManager[str]:

@@ -41,7 +41,7 @@ from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
-from tests.conftest import _admin_conninfo, _free_port, make_data_dir
+from tests.conftest import _admin_conninfo, _free_port, answers, make_data_dir
 from tests.upstream import run_upstream
 from ubc.cli import app as cli
 from ubc.client import UbcClient, api_key_hash
@@ -91,15 +91,8 @@ def _start(
             stderr=stderr,
             start_new_session=True,
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
+    if answers(process, f"http://127.0.0.1:{port}", "/readyz"):
+        return process
     _kill(process)
     raise AssertionError(f"the server on {port} did not start:\n{log.read_text()}")
 

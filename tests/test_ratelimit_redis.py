@@ -31,7 +31,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from tests.conftest import LiveServer, _free_port, make_data_dir, run_server
+from tests.conftest import LiveServer, _free_port, answers, make_data_dir, run_server
 from tests.upstream import run_upstream
 from ubc.client import UbcClient, api_key_hash
 from ubc.gateway.ratelimit import Limit, RateLimited, RateLimiter
@@ -313,15 +313,8 @@ def _serve(port: int, environment: dict[str, str], log: Path) -> subprocess.Pope
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
+    if answers(process, f"http://127.0.0.1:{port}", "/healthz"):
+        return process
     process.kill()
     raise AssertionError("the server did not start")
 
