@@ -9,6 +9,7 @@ that asks for the size of a write just made shows that write (the primary answer
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -19,9 +20,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from typer.testing import CliRunner
 
 from tests.conftest import REQUIRE_POSTGRES, LiveServer, make_data_dir, run_server
 from tests.pg_replica import ReplicaPair, Unavailable, start_pair
+from ubc.cli import app as cli
 from ubc.client import UbcApiError, UbcClient
 from ubc.clock import ManualClock
 from ubc.db import make_engine
@@ -230,6 +233,41 @@ def test_a_write_through_one_host_is_read_through_another(
             reader.journal_size = int(size)
             assert cu_available(reader.balance()) == 30
     alice.close()
+
+
+@pytest.mark.postgres
+def test_the_command_line_reads_its_own_writes_from_one_command_to_the_next(
+    server: LiveServer, operator: UbcClient, replicated: Replicated, tmp_path: Path
+) -> None:
+    """Each ``ubc`` command is its own process with its own client: the journal size of a
+    write is kept in the config dir, so the next command's reads ask for it."""
+    config_dir = tmp_path / "alice"
+    env = {"UBC_CONFIG_DIR": str(config_dir), "UBC_TOKEN": None, "UBC_SERVER": None}
+
+    def ubc(*args: str) -> str:
+        result = CliRunner().invoke(cli, list(args), env=env)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    ubc("keys", "new", "--handle", "alice", "--server", server.url)
+    ubc("member", "register")
+    operator.admit("alice", "basic")
+    operator.deposit("alice", 100, external_ref="seed-alice")
+    join(server, operator, "bob", 0).close()
+    ubc("apikey", "create", "--label", "laptop")
+    replicated.pair.wait_replayed()
+
+    replicated.pair.pause_replay()
+    ubc("send", "bob", "30")
+    sizes = json.loads((config_dir / "journal-sizes.json").read_text())
+    assert sizes == {server.url: replicated.journal_size()}
+    assert ubc("balance").strip() == "member:alice has 70 CU, $0.00 available."
+    # Without the remembered size the same command reads the stale replica.
+    (config_dir / "journal-sizes.json").unlink()
+    assert ubc("balance").strip() == "member:alice has 100 CU, $0.00 available."
+    # A damaged file only costs freshness, never the command.
+    (config_dir / "journal-sizes.json").write_text("{not json")
+    assert ubc("balance").strip() == "member:alice has 100 CU, $0.00 available."
 
 
 @pytest.mark.postgres

@@ -597,6 +597,41 @@ def _server(config: CliConfig, option: str | None) -> str:
     return option or config.server or os.environ.get("UBC_SERVER") or DEFAULT_SERVER
 
 
+#: The journal size each server's latest write answered, per config dir (read-your-writes
+#: from one command to the next where the server reads from a replica).
+JOURNAL_SIZES_FILE = "journal-sizes.json"
+
+
+def _journal_sizes(config: CliConfig) -> dict[str, int]:
+    """The sizes remembered in ``config``'s directory; an unreadable file is no error (it
+    only makes the next read possibly stale, as without it)."""
+    try:
+        data = json.loads((config.directory / JOURNAL_SIZES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        url: size
+        for url, size in data.items()
+        if isinstance(url, str) and type(size) is int and size >= 0
+    }
+
+
+def _remember_journal_size(config: CliConfig, url: str, size: int) -> None:
+    """Keep the largest size seen for ``url`` (another command may have written meanwhile);
+    a config dir that cannot be written is no error for the command that wrote."""
+    sizes = _journal_sizes(config)
+    if sizes.get(url, -1) >= size:
+        return
+    sizes[url] = size
+    with contextlib.suppress(OSError):
+        config.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        text = json.dumps(sizes, indent=2, sort_keys=True) + "\n"
+        _write_private(config.directory / JOURNAL_SIZES_FILE, text)
+
+
+@contextlib.contextmanager
 def _client(
     config: CliConfig,
     server: str | None,
@@ -604,8 +639,20 @@ def _client(
     key: SigningKey | None = None,
     handle: str | None = None,
     token: str | None = None,
-) -> UbcClient:
-    return UbcClient(_server(config, server), key=key, handle=handle, token=token)
+) -> Iterator[UbcClient]:
+    """A client for one command. Its reads ask for at least the journal size of the
+    latest write any command of this config dir made on that server (kept in
+    ``journal-sizes.json``), so ``ubc send`` then ``ubc balance`` shows the send even where
+    reads go to a read replica that has not replayed it yet."""
+    url = _server(config, server)
+    remembered = _journal_sizes(config).get(url)
+    with UbcClient(url, key=key, handle=handle, token=token) as client:
+        client.journal_size = remembered
+        try:
+            yield client
+        finally:
+            if client.journal_size is not None and client.journal_size != remembered:
+                _remember_journal_size(config, url, client.journal_size)
 
 
 def _data_dir() -> Path:

@@ -16,6 +16,7 @@ Every command reads with the operator's token: ``--token``, else ``$UBC_TOKEN``,
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -158,7 +159,7 @@ def replay(
         _say(f"{hook['id']} delivers from seq {hook['cursor']} ({hook['lag']} entries).")
 
 
-def _operator(server: str | None, token: str | None) -> UbcClient:
+def _operator(server: str | None, token: str | None) -> AbstractContextManager[UbcClient]:
     config = CliConfig.load()
     secret = token or os.environ.get("UBC_TOKEN")
     if not secret:
