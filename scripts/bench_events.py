@@ -43,6 +43,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -465,14 +466,17 @@ def _latency_against(
         )
         writer.start()
         got: dict[str, Any] = {}
+
+        def collect(until: float, *wanted: str) -> None:
+            while not all(w in got for w in wanted) and time.monotonic() < until:
+                with contextlib.suppress(queue.Empty):
+                    got.update([out.get(timeout=0.5)])
+
         try:
-            got.update([out.get(timeout=args.latency_seconds + 300)])
+            collect(time.monotonic() + args.latency_seconds + 300, "writer")
             server_cpu = be._cpu_used(cpu_before, srv.cpu())
             # The last events and deliveries: up to 15 s more.
-            deadline = time.monotonic() + 15
-            while "reader" not in got and time.monotonic() < deadline:
-                with contextlib.suppress(Exception):
-                    got.update([out.get(timeout=0.5)])
+            collect(time.monotonic() + 15, "reader")
             webhook_deadline = time.monotonic() + (15 if args.webhook else 0)
             while args.webhook and time.monotonic() < webhook_deadline:
                 with hook.lock:
@@ -480,8 +484,11 @@ def _latency_against(
                         break
                 time.sleep(0.1)
             stop.set()
-            if "reader" not in got:
-                got.update([out.get(timeout=30)])
+            collect(time.monotonic() + 30, "writer", "reader")
+            if "writer" not in got or "reader" not in got:
+                raise RuntimeError(
+                    f"no result from the {'writer' if 'writer' not in got else 'reader'}"
+                )
         finally:
             stop.set()
             for p in (writer, reader):
@@ -647,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         tmp = Path(tmp_name)
         rates = throughput(args, db, tmp) if args.only in (None, "throughput") else None
+        if rates:  # on record even if what follows fails
+            log(report(args, db, rates, None))
         delays = latency(args, db, tmp) if args.only in (None, "latency") else None
         print(report(args, db, rates, delays))
     return 0
