@@ -17,7 +17,9 @@ once**:
 - each endpoint is delivered by its own task, so one that fails or hangs never delays
   the others;
 - every attempt is recorded in the delivery log (``webhook_deliveries``), kept for
-  ``UBC_WEBHOOK_LOG_RETENTION_SECONDS``.
+  ``UBC_WEBHOOK_LOG_RETENTION_SECONDS``; the rows of a run of deliveries are written with
+  the cursor's move in one transaction (see :meth:`Deliverer._deliver`), not one commit
+  per delivery.
 
 The body of a delivery is the JSON object of an SSE event's data (``ubc.journal.stream``)
 and it is signed: ``ubc-signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
