@@ -6,23 +6,27 @@ with scripts/bench_envelopes.py's machinery: fresh database, ``ubc init``, membe
 registered and funded through batches, transfers pre-signed on every core, clients that
 send pre-built HTTP/1.1 requests):
 
-**(a) Signed transfers per second, with two witnesses against none.** Two ``ubc witness
-serve`` processes on loopback (each its own key and SQLite database) are configured as
-``UBC_WITNESSES`` (quorum 2, ``UBC_WITNESS_INTERVAL_SECONDS=1``). The same server
-settings, members and clients (``--clients`` concurrent single-envelope posts) run
-``--runs`` rounds; each round measures the server without witnesses and the server with
-them, one after the other, for ``--seconds`` each. The table shows medians, the ratio
-(target: within 10%), and how many rounds of cosignatures the witnesses gave.
+**(a) Signed transfers per second, with two witnesses against none.** Two servers run
+side by side, each on its own database with the same members: one without witnesses, one
+with two ``ubc witness serve`` processes on loopback (each its own key and SQLite
+database) as ``UBC_WITNESSES`` (quorum 2, ``UBC_WITNESS_INTERVAL_SECONDS=1``). The
+clients (``--clients`` concurrent single-envelope posts) measure them in turn, alternating
+(none, two, two, none, none, two...) for ``--runs`` rounds of ``--seconds`` each, so that a
+drift of the machine's load weighs on both alike. The table shows medians and ranges, the
+ratio (target: within 10%), the CPU per transfer of the server and the witnesses, and how
+many cosignatures the latest checkpoint carries at the end.
 
-**(b) From acknowledgment to event.** Against the server without witnesses, a client
-follows ``GET /journal/stream`` while writers post single transfers at ``--rate`` per
-second (open loop: each send is scheduled at its own moment, whatever the answers) for
-``--latency-seconds``. For each entry: the time from the 201 to the arrival of its SSE
-event, p50, p99 and max (a negative delay: the event came before the writer's event loop
-read the 201; the writers use httpx, whose CPU per request matters on a small machine, so
-the note under the table says the rate actually reached). With ``--webhook`` a receiver
-on loopback is registered as a webhook endpoint too, and the time to its delivery is
-measured the same way.
+**(b) From acknowledgment to event.** Against a third server (no witnesses), a reader
+process follows ``GET /journal/stream`` while a writer process posts pre-signed single
+transfers at ``--rate`` per second for ``--latency-seconds``: open loop (request i goes out
+at ``start + i / rate`` on whichever of ``--connections`` keep-alive connections is free,
+whatever the earlier answers), raw HTTP/1.1 on asyncio streams. Both stamp what they see
+with ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process of the machine),
+so the delay of an entry is its event's arrival minus its 201's arrival. The report says
+the rate reached next to the target and calls the measurement **not valid** when the
+writer did not hold it (under 98% of it, failures, or sends more than 100 ms late). With
+``--webhook`` a receiver on loopback (this process) is registered as a webhook endpoint
+too, and the time to its delivery is measured the same way.
 
     python scripts/bench_events.py --engine postgresql --runs 3 --seconds 5 \\
         --rate 500 --latency-seconds 10 --webhook
@@ -37,8 +41,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing as mp
 import os
-import platform
+import queue
 import statistics
 import subprocess
 import sys
@@ -54,6 +59,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
 import bench_envelopes as be  # noqa: E402
 
 from ubc.signing import generate_signing_key, load_signing_key, vkey  # noqa: E402
@@ -156,26 +162,43 @@ class Throughput:
     label: str
     rates: list[float]
     failed: int
-    server_cpu: list[float]
+    server_cpu: list[float]  # CPU seconds per second of the server's processes
+    cpu_per_transfer: list[float]  # µs of server (+ witnesses) CPU per accepted transfer
+    witness_cpu: list[float]  # CPU seconds per second of the witness processes
     cosigned: int = 0
 
 
+def _database(db: be.Database, tmp: Path, name: str, stack: contextlib.ExitStack) -> be.Database:
+    """A database of its own for ``name``: a SQLite file, or a new PostgreSQL database."""
+    if db.engine == "sqlite":
+        return be.Database(db.engine, f"sqlite:///{tmp / f'bench-{name}.db'}", db.server_version)
+    own = stack.enter_context(
+        _bench.fresh_database(db.engine, db.url, tmp, f"ubc_bench_events_{os.getpid()}_{name}")
+    )
+    return be.Database(own.engine, own.url, own.server_version, own.settings)
+
+
 def throughput(args: argparse.Namespace, db: be.Database, tmp: Path) -> list[Throughput]:
+    """Both servers (each its own database) run side by side; the runs alternate between
+    them (none, two, two, none, none, two...), so that a drift of the machine's load over
+    the run weighs on both alike."""
     members = be.Members.generate(args.members)
     signer = be.Signer(members, seed=1)
     mode = be.Mode("single", 0, args.clients)
     clients = be.Clients("raw", 1)
-    results = {"none": Throughput("no witness", [], 0, []), "two": Throughput("two", [], 0, [])}
+    results = {
+        "none": Throughput("no witness", [], 0, [], [], []),
+        "two": Throughput("two", [], 0, [], [], []),
+    }
     try:
-        for label in ("none", "two"):
-            data_dir = tmp / f"data-{label}"
-            url = db.url
-            if db.engine == "sqlite":  # a fresh file; PostgreSQL: emptied after each server
-                url = f"sqlite:///{tmp / f'bench-{label}.db'}"
-            this = be.Database(db.engine, url, db.server_version, db.settings)
-            _EXTRA_ENV.clear()
-            be.ubc_init(this, data_dir)
-            with contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
+            servers: dict[str, be.Server] = {}
+            found: list[Witness] = []
+            for label in ("none", "two"):
+                this = _database(db, tmp, label, stack)
+                data_dir = tmp / f"data-{label}"
+                _EXTRA_ENV.clear()
+                be.ubc_init(this, data_dir)
                 if label == "two":
                     found = stack.enter_context(witnesses(2, data_dir, tmp))
                     _EXTRA_ENV.update(
@@ -183,40 +206,138 @@ def throughput(args: argparse.Namespace, db: be.Database, tmp: Path) -> list[Thr
                         UBC_WITNESS_QUORUM="2",
                         UBC_WITNESS_INTERVAL_SECONDS="1",
                     )
-                server = stack.enter_context(
+                servers[label] = stack.enter_context(
                     be.running_server(this, data_dir, args.workers, tmp / f"server-{label}.log")
                 )
-                be.set_up_members(server, data_dir, members)
-                for run in range(args.runs):
-                    envelopes = signer.transfers(int(args.seconds * 4000) + 1000)
-                    m = be.measure(be.Hosts([server]), mode, envelopes, clients, args.seconds)
+                _EXTRA_ENV.clear()
+                be.set_up_members(servers[label], data_dir, members)
+            witness_pids = [w.process.pid for w in found]
+            for run in range(args.runs):
+                order = ("none", "two") if run % 2 == 0 else ("two", "none")
+                for label in order:
+                    envelopes = signer.transfers(int(args.seconds * 2500) + 1000)
+                    time.sleep(1.5)  # the other server's last witness round, if any
+                    w_before = _cpu_of(witness_pids)
+                    m = be.measure(
+                        be.Hosts([servers[label]]), mode, envelopes, clients, args.seconds
+                    )
+                    w_cpu = _cpu_of(witness_pids) - w_before if label == "two" else 0.0
                     r = results[label]
                     r.rates.append(m.rate)
                     r.failed += m.failed
                     r.server_cpu.append(m.server_cpu)
-                    log(f"{label} run {run + 1}: {m.rate:.0f}/s ({m.failed} failed)")
-                if label == "two":
-                    time.sleep(2.5)  # a round after the last write
-                    results[label].cosigned = cosignatures(server)
-            if db.engine == "postgresql":
-                _reset_postgres(db)
+                    r.witness_cpu.append(w_cpu / m.seconds)
+                    per = (m.server_cpu * m.seconds + w_cpu) / max(m.ok, 1) * 1e6
+                    r.cpu_per_transfer.append(per)
+                    log(
+                        f"run {run + 1} {label}: {m.rate:.0f}/s, server CPU {m.server_cpu:.2f}, "
+                        f"{per:.0f} µs CPU per transfer ({m.failed} failed)"
+                    )
+            time.sleep(2.5)  # a round after the last write
+            results["two"].cosigned = cosignatures(servers["two"])
     finally:
         signer.close()
         _EXTRA_ENV.clear()
     return list(results.values())
 
 
-def _reset_postgres(db: be.Database) -> None:
-    """Empty the bench database for the next server (same database, same settings)."""
-    import psycopg
-
-    url = db.url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA public CASCADE")
-        conn.execute("CREATE SCHEMA public")
+def _cpu_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        total += sum(_bench.tree_cpu(pid).values())
+    return total
 
 
 # --- (b) latency -------------------------------------------------------------------------------
+#
+# Three processes besides the server: the writer (raw HTTP/1.1 on asyncio streams, open
+# loop), the SSE reader, and this one (the webhook receiver). Each stamps what it sees with
+# time.monotonic(), which is CLOCK_MONOTONIC: one clock for every process of the machine.
+
+
+def _writer_process(
+    address: tuple[str, int],
+    requests: list[bytes],
+    rate: float,
+    connections: int,
+    start_at: float,
+    out: Any,
+) -> None:
+    _bench.child_signals()
+    try:
+        run = _paced(address, requests, rate, connections, start_at)
+        result = _bench.uvloop.run(run) if _bench.uvloop is not None else asyncio.run(run)
+        out.put(("writer", result))
+    except BaseException as exc:  # report it rather than leave the parent waiting
+        out.put(("writer", {"crash": f"{type(exc).__name__}: {exc}"}))
+
+
+async def _paced(
+    address: tuple[str, int],
+    requests: list[bytes],
+    rate: float,
+    connections: int,
+    start_at: float,
+) -> dict[str, Any]:
+    """Request i is sent at ``start_at + i / rate`` (monotonic) by whichever connection is
+    free, whatever the earlier answers: open loop. A request sent late (no connection was
+    free) is counted in the send lag."""
+    host, port = address
+    pending = iter(enumerate(requests))
+    answers: list[tuple[int, float, float, int, bytes]] = []  # i, sent, acked, status, body
+    errors: list[str] = []
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for i, request in pending:
+                delay = start_at + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                sent = time.monotonic()
+                try:
+                    writer.write(request)
+                    status, head, body = await _bench._read_answer(reader)
+                except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+                    if len(errors) < 10:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    answers.append((i, sent, time.monotonic(), -1, b""))
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
+                answers.append((i, sent, time.monotonic(), status, body))
+        finally:
+            writer.close()
+
+    cpu = time.process_time()
+    await asyncio.gather(*(connection() for _ in range(connections)))
+    return {"answers": answers, "errors": errors, "cpu": time.process_time() - cpu}
+
+
+def _reader_process(url: str, token: str, start: int, expect: int, out: Any, stop: Any) -> None:
+    """Follow the stream from ``start``; the arrival time of each seq, until ``expect``
+    events came or ``stop`` is set."""
+    _bench.child_signals()
+    from ubc.client import UbcClient
+
+    arrivals: dict[int, float] = {}
+    try:
+        done = threading.Event()
+
+        def follow() -> None:
+            with UbcClient(url, token=token) as client:
+                for event in client.events(from_seq=start, types=["transfer"]):
+                    arrivals.setdefault(int(event["seq"]), time.monotonic())
+                    if len(arrivals) >= expect:
+                        break
+            done.set()
+
+        threading.Thread(target=follow, daemon=True).start()
+        while not done.is_set() and not stop.is_set():
+            time.sleep(0.05)
+        out.put(("reader", dict(arrivals)))
+    except BaseException as exc:
+        out.put(("reader", {"crash": f"{type(exc).__name__}: {exc}"}))
 
 
 class _Arrivals:
@@ -225,19 +346,9 @@ class _Arrivals:
         self.lock = threading.Lock()
 
     def add(self, seq: int) -> None:
-        now = time.perf_counter()
+        now = time.monotonic()
         with self.lock:
             self.at.setdefault(seq, now)
-
-
-def _follow(url: str, token: str, start: int, arrivals: _Arrivals, stop: threading.Event) -> None:
-    from ubc.client import UbcClient
-
-    with UbcClient(url, token=token) as client:
-        for event in client.events(from_seq=start, types=["transfer"]):
-            arrivals.add(int(event["seq"]))
-            if stop.is_set():
-                return
 
 
 @contextlib.contextmanager
@@ -265,34 +376,6 @@ def receiver(arrivals: _Arrivals) -> Iterator[str]:
         server.server_close()
 
 
-async def _paced_writes(
-    url: str, bodies: list[bytes], rate: float, acks: dict[int, float]
-) -> tuple[int, float]:
-    """Post ``bodies`` at ``rate`` per second (open loop); the ack time of each seq."""
-    failed = 0
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-
-        async def send(body: bytes, at: float) -> None:
-            nonlocal failed
-            await asyncio.sleep(max(0.0, at - time.perf_counter()))
-            try:
-                answer = await client.post(
-                    "/api/envelopes", content=body, headers={"content-type": "application/json"}
-                )
-            except httpx.HTTPError:
-                failed += 1
-                return
-            if answer.status_code != 201:
-                failed += 1
-                return
-            acks[int(answer.json()["seq"])] = time.perf_counter()
-
-        began = time.perf_counter() + 0.2
-        await asyncio.gather(*(send(b, began + i / rate) for i, b in enumerate(bodies)))
-        return failed, time.perf_counter() - began
-
-
 @dataclass
 class Latency:
     what: str
@@ -303,105 +386,236 @@ class Latency:
     max_ms: float
 
 
-def latency(args: argparse.Namespace, db: be.Database, tmp: Path) -> tuple[list[Latency], str]:
+@dataclass
+class Pace:
+    """What the writer achieved against what it was asked."""
+
+    target: float
+    sent: int
+    acked: int
+    failed: int
+    seconds: float  # from the first scheduled send to the last acknowledgment
+    send_lag_p99_ms: float  # how late the sends were against their schedule
+    ack_p50_ms: float
+    ack_p99_ms: float
+    client_cpu: float
+    errors: list[str]
+
+    @property
+    def rate(self) -> float:
+        return self.acked / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def valid(self) -> bool:
+        """The target rate was held: 98% of it reached, nothing failed, and no send went
+        out more than 100 ms after its moment."""
+        return self.rate >= 0.98 * self.target and not self.failed and self.send_lag_p99_ms < 100
+
+
+def latency(
+    args: argparse.Namespace, db: be.Database, tmp: Path
+) -> tuple[list[Latency], Pace, str]:
     members = be.Members.generate(args.members)
     signer = be.Signer(members, seed=2)
-    data_dir = tmp / "data-latency"
-    this = db
-    if db.engine == "sqlite":
-        this = be.Database(db.engine, f"sqlite:///{tmp / 'bench-latency.db'}", db.server_version)
-    be.ubc_init(this, data_dir)
-    try:
-        with be.running_server(this, data_dir, args.workers, tmp / "server-latency.log") as srv:
-            size = be.set_up_members(srv, data_dir, members)
-            token = (data_dir / "operator.token").read_text().strip()
-            stream, hook = _Arrivals(), _Arrivals()
-            with contextlib.ExitStack() as stack:
-                if args.webhook:
-                    hook_url = stack.enter_context(receiver(hook))
-                    answer = httpx.post(
-                        f"{srv.url}/api/webhooks",
-                        json={"url": hook_url, "types": ["transfer"]},
-                        headers={"Authorization": f"Bearer {token}"},
-                        timeout=10,
-                    )
-                    answer.raise_for_status()
-                stop = threading.Event()
-                follower = threading.Thread(
-                    target=_follow, args=(srv.url, token, size, stream, stop), daemon=True
+    with contextlib.ExitStack() as dbs:
+        this = _database(db, tmp, "latency", dbs)
+        data_dir = tmp / "data-latency"
+        be.ubc_init(this, data_dir)
+        try:
+            with be.running_server(this, data_dir, args.workers, tmp / "server-latency.log") as srv:
+                return _latency_against(args, srv, data_dir, members, signer)
+        finally:
+            signer.close()
+
+
+def _latency_against(
+    args: argparse.Namespace,
+    srv: be.Server,
+    data_dir: Path,
+    members: be.Members,
+    signer: be.Signer,
+) -> tuple[list[Latency], Pace, str]:
+    size = be.set_up_members(srv, data_dir, members)
+    token = (data_dir / "operator.token").read_text().strip()
+    n = int(args.rate * args.latency_seconds)
+    bodies = signer.transfers(n)  # signed before the clock starts
+    requests = be.raw_requests(srv.url, be.Mode("single", 0, 1), bodies)
+    host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+    hook = _Arrivals()
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    stop = ctx.Event()
+    with contextlib.ExitStack() as stack:
+        if args.webhook:
+            hook_url = stack.enter_context(receiver(hook))
+            answer = httpx.post(
+                f"{srv.url}/api/webhooks",
+                json={"url": hook_url, "types": ["transfer"]},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+            answer.raise_for_status()
+        reader = ctx.Process(target=_reader_process, args=(srv.url, token, size, n, out, stop))
+        reader.start()
+        time.sleep(1.0)  # the stream is open
+        start_at = time.monotonic() + 0.5
+        cpu_before = srv.cpu()
+        writer = ctx.Process(
+            target=_writer_process,
+            args=((host, int(port)), requests, args.rate, args.connections, start_at, out),
+        )
+        writer.start()
+        got: dict[str, Any] = {}
+
+        def collect(until: float, *wanted: str) -> None:
+            while not all(w in got for w in wanted) and time.monotonic() < until:
+                with contextlib.suppress(queue.Empty):
+                    got.update([out.get(timeout=0.5)])
+
+        try:
+            collect(time.monotonic() + args.latency_seconds + 300, "writer")
+            server_cpu = be._cpu_used(cpu_before, srv.cpu())
+            # The last events and deliveries: up to 15 s more.
+            collect(time.monotonic() + 15, "reader")
+            webhook_deadline = time.monotonic() + (15 if args.webhook else 0)
+            while args.webhook and time.monotonic() < webhook_deadline:
+                with hook.lock:
+                    if len(hook.at) >= n:
+                        break
+                time.sleep(0.1)
+            stop.set()
+            collect(time.monotonic() + 30, "writer", "reader")
+            if "writer" not in got or "reader" not in got:
+                raise RuntimeError(
+                    f"no result from the {'writer' if 'writer' not in got else 'reader'}"
                 )
-                follower.start()
-                time.sleep(0.5)
-                n = int(args.rate * args.latency_seconds)
-                bodies = signer.transfers(n)
-                acks: dict[int, float] = {}
-                failed, took = asyncio.run(_paced_writes(srv.url, bodies, args.rate, acks))
-                time.sleep(2.0)  # the last events
-                stop.set()
-            rows = [_latency("SSE event", acks, stream)]
-            if args.webhook:
-                rows.append(_latency("webhook delivery", acks, hook))
-            note = f"{len(acks)} writes acknowledged in {took:.1f} s ({len(acks) / took:.0f}/s)"
-            if failed:
-                note += f", {failed} failed"
-            return rows, note
-    finally:
-        signer.close()
+        finally:
+            stop.set()
+            for p in (writer, reader):
+                p.join(10)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+    wrote, arrivals = got["writer"], got["reader"]
+    for part in (wrote, arrivals):
+        if "crash" in part:
+            raise RuntimeError(f"a bench process failed: {part['crash']}")
+    acks: dict[int, float] = {}
+    lags, waits = [], []
+    failed = 0
+    for i, sent, acked, status, body in wrote["answers"]:
+        if status != 201:
+            failed += 1
+            continue
+        acks[int(json.loads(body)["seq"])] = acked
+        lags.append((sent - (start_at + i / args.rate)) * 1000)
+        waits.append((acked - sent) * 1000)
+    last = max((a for _, _, a, _, _ in wrote["answers"]), default=start_at)
+    pace = Pace(
+        target=args.rate,
+        sent=len(wrote["answers"]),
+        acked=len(acks),
+        failed=failed,
+        seconds=last - start_at,
+        send_lag_p99_ms=_bench.percentile(lags, 0.99),
+        ack_p50_ms=_bench.percentile(waits, 0.50),
+        ack_p99_ms=_bench.percentile(waits, 0.99),
+        client_cpu=wrote["cpu"],
+        errors=wrote["errors"],
+    )
+    rows = [_latency("SSE event", acks, arrivals)]
+    if args.webhook:
+        with hook.lock:
+            rows.append(_latency("webhook delivery", acks, dict(hook.at)))
+    note = f"server CPU {server_cpu / max(pace.seconds, 1e-9):.2f} s/s"
+    return rows, pace, note
 
 
-def _latency(what: str, acks: dict[int, float], arrivals: _Arrivals) -> Latency:
-    with arrivals.lock:
-        delays = [(arrivals.at[s] - t) * 1000 for s, t in acks.items() if s in arrivals.at]
+def _latency(what: str, acks: dict[int, float], arrivals: dict[int, float]) -> Latency:
+    delays = [(arrivals[s] - t) * 1000 for s, t in acks.items() if s in arrivals]
     missing = len(acks) - len(delays)
     if not delays:
         return Latency(what, 0, missing, float("nan"), float("nan"), float("nan"))
-    delays.sort()
-
-    def pct(q: float) -> float:
-        return delays[min(len(delays) - 1, int(q * len(delays)))]
-
-    return Latency(what, len(delays), missing, pct(0.50), pct(0.99), delays[-1])
+    return Latency(
+        what,
+        len(delays),
+        missing,
+        _bench.percentile(delays, 0.50),
+        _bench.percentile(delays, 0.99),
+        max(delays),
+    )
 
 
 # --- report ------------------------------------------------------------------------------------
+
+
+def _span(values: list[float], fmt: str = ",.0f") -> str:
+    return f"{min(values):{fmt}}–{max(values):{fmt}}" if values else "-"
 
 
 def report(
     args: argparse.Namespace,
     db: be.Database,
     rates: list[Throughput] | None,
-    delays: tuple[list[Latency], str] | None,
+    delays: tuple[list[Latency], Pace, str] | None,
 ) -> str:
     lines = [
         f"### Events and witnesses ({db.engine} {db.server_version})",
         "",
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-        f"`ubc serve --workers {args.workers}`; load average {os.getloadavg()[0]:.2f}.",
+        f"{_bench.cpu_model()}, {os.cpu_count()} cores; `ubc serve --workers {args.workers}`; "
+        f"load average at the end {_bench.loadavg()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
     ]
     if rates:
         base = statistics.median(rates[0].rates)
         lines += [
             f"**Signed transfers per second** ({args.clients} clients, single envelopes, "
-            f"{args.runs} × {args.seconds:g} s, medians):",
+            f"{args.runs} runs of {args.seconds:g} s each, alternating: none, two, two, none..., "
+            "medians and ranges):",
             "",
-            "| witnesses | transfers/s | vs none | server CPU | failed | cosignatures |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| witnesses | transfers/s | range | vs none | server CPU | witnesses' CPU | "
+            "CPU µs/transfer | failed | cosignatures |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rates:
             rate = statistics.median(r.rates)
             ratio = f"{rate / base:.1%}" if base else "-"
-            cpu = statistics.median(r.server_cpu)
-            cosigned = str(r.cosigned) if r.label != "no witness" else "-"
+            two = r.label != "no witness"
             lines.append(
-                f"| {r.label} | {rate:,.0f} | {ratio} | {cpu:.2f} | {r.failed} | {cosigned} |"
+                f"| {r.label} | {rate:,.0f} | {_span(r.rates)} | {ratio} | "
+                f"{statistics.median(r.server_cpu):.2f} | "
+                f"{statistics.median(r.witness_cpu):.3f} | "
+                f"{statistics.median(r.cpu_per_transfer):,.0f} | {r.failed} | "
+                f"{r.cosigned if two else '-'} |"
             )
-        lines += ["", "Target: with two witnesses within 10% of none.", ""]
-    if delays:
-        rows, note = delays
+        ratio = statistics.median(rates[1].rates) / base if base else 0.0
+        pairs = [b / a for a, b in zip(rates[0].rates, rates[1].rates, strict=True) if a]
         lines += [
-            f"**From a write's 201 to its event** at {args.rate:g} writes/s for "
-            f"{args.latency_seconds:g} s ({note}):",
+            "",
+            f"Per run, two witnesses / none: {', '.join(f'{p:.0%}' for p in pairs)} "
+            f"(median {statistics.median(pairs):.1%})."
+            if pairs
+            else "",
+            "",
+            "Target (two witnesses within 10% of none): "
+            + ("**met**" if ratio >= 0.90 else f"**not met** ({ratio:.1%})"),
+            "",
+        ]
+    if delays:
+        rows, pace, note = delays
+        verdict = (
+            "valid: the target rate was held"
+            if pace.valid
+            else "**NOT VALID: the writer did not hold the target rate**"
+        )
+        lines += [
+            f"**From a write's 201 to its event**: writes paced at {pace.target:g}/s (open loop, "
+            f"{args.connections} keep-alive connections, a process of their own) for "
+            f"{args.latency_seconds:g} s: {pace.acked} acknowledged at **{pace.rate:.0f}/s** "
+            f"(target {pace.target:g}/s), {pace.failed} failed, sends late by at most "
+            f"{pace.send_lag_p99_ms:.1f} ms (p99), 201 within {pace.ack_p50_ms:.1f} ms (p50) / "
+            f"{pace.ack_p99_ms:.1f} ms (p99) of the send; {note}; {verdict}.",
             "",
             "| to | entries | missing | p50 ms | p99 ms | max ms |",
             "|---|---:|---:|---:|---:|---:|",
@@ -411,6 +625,8 @@ def report(
                 f"| {d.what} | {d.count} | {d.missing} | {d.p50_ms:.1f} | {d.p99_ms:.1f} | "
                 f"{d.max_ms:.1f} |"
             )
+        if pace.errors:
+            lines += ["", f"Writer errors: {pace.errors[:3]}"]
         lines.append("")
     return "\n".join(lines)
 
@@ -426,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--connections", type=int, default=64, help="the paced writer's keep-alive connections"
+    )
     parser.add_argument("--webhook", action="store_true", help="also time webhook deliveries")
     parser.add_argument("--only", choices=["throughput", "latency"], default=None)
     args = parser.parse_args(argv)
@@ -435,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         tmp = Path(tmp_name)
         rates = throughput(args, db, tmp) if args.only in (None, "throughput") else None
+        if rates:  # on record even if what follows fails
+            log(report(args, db, rates, None))
         delays = latency(args, db, tmp) if args.only in (None, "latency") else None
         print(report(args, db, rates, delays))
     return 0

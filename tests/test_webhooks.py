@@ -328,6 +328,63 @@ def test_a_receiver_down_for_an_hour_receives_everything_in_order(
     assert receiver.seqs() == seqs  # nothing twice either
 
 
+def test_a_backlog_of_thousands_is_delivered_in_order_once_each_after_recovery(
+    ledger: Ledger, receiver: Receiver
+) -> None:
+    hook = ledger.add(receiver.url, types=["transfer"])
+    receiver.stop()  # connection refused
+    seqs = [ledger.pay()]
+    wait_for(lambda: len(ledger.log(hook["id"])) >= 1, "a refused attempt")
+    for _ in range(3):  # 3,000 more transfers (and a deposit between, not delivered)
+        envelopes = [
+            ledger.envelope(
+                "transfer",
+                [ledger.alice],
+                actor="member:alice",
+                from_="member:alice",
+                to="member:bob",
+                asset="CU",
+                amount=1,
+            )
+            for _ in range(1000)
+        ]
+        answer = ledger.http.post(
+            "/api/envelopes/batch", json={"atomic": True, "envelopes": envelopes}
+        )
+        assert answer.status_code == 200, answer.text
+        results = answer.json()["results"]
+        assert {r["status"] for r in results} == {201}
+        seqs += [r["body"]["seq"] for r in results]
+        ledger.deposit()
+    assert len(seqs) == 3001
+    receiver.start()
+    ledger.clock.advance(3600)  # the longest backoff
+    wait_for(lambda: len(receiver.seqs()) >= len(seqs), "the backlog", seconds=120)
+    wait_for(lambda: ledger.hook(hook["id"])["lag"] == 0, "the cursor at the end")
+    assert receiver.seqs() == seqs  # in journal order, each once
+    # The delivery log has every attempt: the refused one(s) of the first entry, then one
+    # 204 per entry, in order (newest first, a page of at most 1,000 at a time).
+    log: list[dict[str, Any]] = []
+    before: int | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 1000}
+        if before is not None:
+            params["before"] = before
+        page = ledger.http.get(
+            f"/api/webhooks/{hook['id']}/deliveries", params=params, headers=ledger.op
+        ).json()
+        log += page["deliveries"]
+        before = page["next_before"]
+        if before is None:
+            break
+    delivered = [d["seq"] for d in reversed(log) if d["status_code"] == 204]
+    assert delivered == seqs
+    refused = [d for d in log if d["status_code"] != 204]
+    assert refused
+    assert {d["seq"] for d in refused} == {seqs[0]}
+    assert all(d["error"].startswith("unreachable") for d in refused)
+
+
 def test_an_endpoint_failing_for_a_day_is_marked_failing_and_a_replay_resumes_it(
     ledger: Ledger, receiver: Receiver
 ) -> None:

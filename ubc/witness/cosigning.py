@@ -217,6 +217,10 @@ class WitnessRounds:
         self.clock = clock
         self._transport = transport
         self._lock = threading.Lock()
+        # The HTTP client of :meth:`run`, kept for the life of the task (its keep-alive
+        # connections to the witnesses are reused from round to round).
+        self._client: httpx.AsyncClient | None = None
+        self._client_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def vkeys(self) -> tuple[str, ...]:
@@ -230,14 +234,24 @@ class WitnessRounds:
         """Until ``stop``: a round whenever one is due (checked every second at most), in
         the process that ``leads`` (the leader lock's answer; without it, always)."""
         poll = min(self.interval, 1.0)
-        while not stop.is_set():
+        async with self._new_client() as client:
+            self._client, self._client_loop = client, asyncio.get_running_loop()
             try:
-                if leads is None or await leads():
-                    await self.tick()
-            except Exception:  # keep going; the next round retries
-                log.exception("witness round failed")
-            with suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=poll)
+                while not stop.is_set():
+                    try:
+                        if leads is None or await leads():
+                            await self.tick()
+                    except Exception:  # keep going; the next round retries
+                        log.exception("witness round failed")
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=poll)
+            finally:
+                self._client = self._client_loop = None
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=self.timeout, transport=self._transport, follow_redirects=False
+        )
 
     def tick_blocking(self) -> str:
         """:meth:`tick` from a thread without an event loop (tests, tools)."""
@@ -270,17 +284,23 @@ class WitnessRounds:
     # --- one round -------------------------------------------------------------------
 
     async def _round(self, plan: _Plan) -> list[Outcome]:
-        async with httpx.AsyncClient(
-            timeout=self.timeout, transport=self._transport, follow_redirects=False
-        ) as client:
-            return list(
-                await asyncio.gather(
-                    *(
-                        self._ask(client, endpoint, plan, plan.known.get(endpoint.vkey, 0))
-                        for endpoint in plan.todo
-                    )
+        """Ask every witness of the plan at once, on :meth:`run`'s client (a client of
+        its own when :meth:`tick` is called outside of it: tests, tools)."""
+        client = self._client
+        if client is not None and self._client_loop is asyncio.get_running_loop():
+            return await self._ask_all(client, plan)
+        async with self._new_client() as client:
+            return await self._ask_all(client, plan)
+
+    async def _ask_all(self, client: httpx.AsyncClient, plan: _Plan) -> list[Outcome]:
+        return list(
+            await asyncio.gather(
+                *(
+                    self._ask(client, endpoint, plan, plan.known.get(endpoint.vkey, 0))
+                    for endpoint in plan.todo
                 )
             )
+        )
 
     async def _ask(
         self, client: httpx.AsyncClient, endpoint: WitnessEndpoint, plan: _Plan, old: int
