@@ -40,7 +40,7 @@ router = APIRouter(tags=["journal"])
 #: Entries read per query: the most a stream holds in memory at once.
 PAGE = 200
 #: How often the process's poller reads the journal's size while streams are open.
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05
 #: A comment line this often on a stream with nothing to send (proxies, dead peers).
 KEEPALIVE_SECONDS = 15.0
 #: Sent to an EventSource: reconnect after this many milliseconds.
