@@ -154,3 +154,19 @@ def test_concurrent_single_envelopes_with_refusals_and_repeats(live_server: Live
         if b["asset"] == "CU"
     )
     assert total == 200
+
+
+def test_stopping_while_a_group_waits_applies_nothing_and_cancels_its_caller() -> None:
+    async def main() -> tuple[list[int], bool]:
+        writer = _Recording(linger=30.0)
+        writer.start()
+        await asyncio.gather(*(writer.submit([f"a{i}"]) for i in range(3)))
+        waiting = asyncio.ensure_future(writer.submit(["alone"]))
+        await asyncio.sleep(0.05)  # taken, and waiting for two more
+        await writer.stop()
+        await asyncio.sleep(0)
+        return writer.groups, waiting.cancelled()
+
+    groups, cancelled = asyncio.run(main())
+    assert sum(groups) == 3  # the one waiting was never applied
+    assert cancelled

@@ -166,7 +166,12 @@ class GroupCommitWriter:
             jobs = [first]
             if not first.atomic:
                 size = len(first.raws)
-                await self._fill(size)
+                try:
+                    await self._fill(size)
+                except asyncio.CancelledError:
+                    # Stopped while waiting: the envelope taken was not applied.
+                    first.future.cancel()
+                    raise
                 while not self._queue.empty() and size < self.max_batch:
                     job = self._take(self._queue.get_nowait())
                     if job.atomic:
