@@ -1309,7 +1309,8 @@ def cpu_profile(
     database = str(url.database)
     conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
     runs: list[CpuRun] = []
-    with running_server(db, data_dir, opts.workers, tmp / "server.log") as server:
+    # One host (``measure`` takes the clients' servers as ``Hosts``).
+    with running_hosts(db, data_dir, opts.workers, 1, tmp) as server:
         log(f"  server up at {server.url} (workers {opts.workers}); setting up members")
         set_up_members(server, data_dir, members)
         warm = measure(server, mode, signer.transfers(2000), opts.clients, 600)
