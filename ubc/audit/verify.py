@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.audit import workers
 from ubc.audit.memory import IdTable, MemoryState, fingerprint_value
-from ubc.audit.source import Journal, export_blocks, parse_export_line
+from ubc.audit.source import Journal, export_blocks, export_ranges, parse_export_line
 from ubc.db import make_engine, make_session_factory, table
 from ubc.envelopes import service as envelopes
 from ubc.envelopes.payloads import LedgerGenesis, parse_timestamp, payload_json, validate_payload
@@ -43,7 +43,7 @@ from ubc.ledger import service as ledger
 from ubc.ledger.models import Account, Posting, Transfer
 from ubc.ledger.service import operations_fingerprint
 from ubc.migrations import upgrade
-from ubc.rules import Recorded, RuleContext, authenticate
+from ubc.rules import Recorded, RuleContext, Signers, authenticate
 from ubc.signing import (
     Envelope,
     EnvelopeFormatError,
@@ -392,6 +392,7 @@ class _Replayer:
             return
         envelope, payload = checked
         self.ctx = envelopes.context_from_genesis(payload, skew=timedelta(days=36500))
+        self.ledger_keyid = self.ctx.ledger_keyid
         with self.sessions() as session, session.begin():
             journal_store.create_head(session)
             envelopes.apply_genesis(session, payload)
@@ -709,6 +710,9 @@ def _type_of(body: dict[str, Any]) -> str:
 # --- the in-memory replay (``ubc audit verify``) ------------------------------------------
 
 CHUNK = 1000
+#: An export's lines go to the workers as byte ranges of about this size (some 1,000
+#: entries of a journal of transfers).
+CHUNK_BYTES = 1 << 20
 # Chunks sent ahead per worker: enough to keep them busy, few enough to keep memory flat.
 AHEAD = 3
 
@@ -750,6 +754,9 @@ class _MemoryReplayer:
         # it; one context per group of entries (the server's batch).
         self.record = _Record("", [], None)
         self.rule_ctx: RuleContext | None = None
+        self.ledger_keyid = ""
+        # Signers of one member's key (immutable): one per (handle, current).
+        self.signers: dict[tuple[str, bool], Signers] = {}
 
     def run(
         self,
@@ -765,12 +772,13 @@ class _MemoryReplayer:
         signed = checkpoint.size if checkpoint is not None else None
         chunks: Iterator[workers.Chunk]
         if journal.export is not None:
-            # An export's lines go to the workers in blocks, decoded there.
+            # An export's lines go to the workers as byte ranges, read and decoded there.
             path = journal.export
             head = next(export_blocks(path, 1), None)
             first = None if head is None else parse_export_line(head[1], path, head[0])
             chunks = (
-                (str(path), number, blob) for number, blob in export_blocks(path, CHUNK, skip=1)
+                (str(path), number, offset, length)
+                for number, offset, length in export_ranges(path, CHUNK_BYTES, skip=1)
             )
         else:
             first = next(journal.entries, None)
@@ -931,23 +939,25 @@ class _MemoryReplayer:
             return failed[1]
         if earlier is not None and earlier == value and failed is None:
             return None
-        envelope = Envelope(payload_type, body, tuple(Signature(k, sig) for k, sig in sigs))
-        try:
-            if payload.ledger != ctx.origin:
-                raise InvalidPayload(
-                    f"envelope is for ledger {payload.ledger!r}, this is {ctx.origin!r}",
-                    detail={"ledger": payload.ledger, "expected": ctx.origin},
+        signers = self._member_signer(payload, sigs, verified)
+        if signers is None:
+            envelope = Envelope(payload_type, body, tuple(Signature(k, sig) for k, sig in sigs))
+            try:
+                if payload.ledger != ctx.origin:
+                    raise InvalidPayload(
+                        f"envelope is for ledger {payload.ledger!r}, this is {ctx.origin!r}",
+                        detail={"ledger": payload.ledger, "expected": ctx.origin},
+                    )
+                signers = authenticate(
+                    state,
+                    envelope,
+                    payload,
+                    operator_keys=ctx.operator_keys,
+                    ledger_public_key=ctx.ledger_public_key,
+                    preverified=frozenset(verified),
                 )
-            signers = authenticate(
-                state,
-                envelope,
-                payload,
-                operator_keys=ctx.operator_keys,
-                ledger_public_key=ctx.ledger_public_key,
-                preverified=frozenset(verified),
-            )
-        except UbcError as error:
-            return error
+            except UbcError as error:
+                return error
         if earlier is not None or failed is not None:
             return IdempotencyConflict(
                 f"id {payload.id} was already used with a different payload",
@@ -997,6 +1007,36 @@ class _MemoryReplayer:
             state.ids.put_hash(hashed, fingerprint)
         return derived, derived_summary
 
+    def _member_signer(
+        self, payload: Any, sigs: tuple[tuple[str, bytes], ...], verified: tuple[str, ...]
+    ) -> Signers | None:
+        """What :func:`ubc.rules.authenticate` returns for the common envelope, computed
+        without it: one signature, verified by a worker, by a key of a member (not the
+        ledger's nor an operator's), on a payload for this ledger that introduces no key.
+        None for every other envelope: ``authenticate`` decides those."""
+        ctx = self.ctx
+        assert ctx is not None
+        if len(sigs) != 1 or len(verified) != 1 or payload.ledger != ctx.origin:
+            return None
+        keyid = verified[0]
+        if keyid != sigs[0][0] or keyid == self.ledger_keyid or keyid in ctx.operator_keys:
+            return None
+        fields = payload.__dict__
+        if isinstance(fields.get("public_key"), str) or isinstance(
+            fields.get("new_public_key"), str
+        ):
+            return None
+        info = self.state.keys.get(keyid)
+        if info is None:
+            return None
+        cached = self.signers.get((info.handle, info.current))
+        if cached is None:
+            handles = frozenset((info.handle,))
+            cached = self.signers[(info.handle, info.current)] = (
+                Signers(current=handles) if info.current else Signers(rotated=handles)
+            )
+        return cached
+
     def _fail(
         self, hashed: int, fingerprint: bytes, error: UbcError, *, remembered: bool = False
     ) -> UbcError:
@@ -1011,6 +1051,7 @@ class _MemoryReplayer:
             return
         envelope, payload = checked
         self.ctx = envelopes.context_from_genesis(payload, skew=timedelta(days=36500))
+        self.ledger_keyid = self.ctx.ledger_keyid
         self.state.genesis(payload.id, payload_json(payload))
         self.state.ids.put(payload.id, hashlib.sha256(envelope.payload).digest())
         self.state.new_keys.append((self.ctx.ledger_keyid, self.ctx.ledger_public_key))

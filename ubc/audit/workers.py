@@ -23,9 +23,9 @@ import queue
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, cast
 
-from ubc.audit.source import SourceError, parse_export_line
+from ubc.audit.source import SourceError, parse_export_line, read_range
 from ubc.envelopes import service as envelopes
 from ubc.envelopes.payloads import PAYLOAD_MODELS
 from ubc.errors import UbcError
@@ -39,8 +39,8 @@ Item = tuple[int, bytes, Any]
 #: (seq, committed_at, effects as recorded (parsed JSON), summary, kind, decoded or the
 #: decoding error).
 Fields = tuple[Any, Any, Any, Any, str, "Decoded | UbcError"]
-#: (type, payload, payload hash, payload type, payload bytes (empty when every signature
-#: was checked here), ((keyid, sig), ...), id hash, keyids verified).
+#: (type, payload, payload hash, payload type, payload bytes and ((keyid, sig), ...) (both
+#: bytes empty when every signature was checked here), id hash, keyids verified).
 Decoded = tuple[str, Any, bytes, str, bytes, tuple[tuple[str, bytes], ...], int, tuple[str, ...]]
 
 
@@ -49,23 +49,27 @@ _KEYS: dict[str, bytes] = {}
 GC_EVERY = 64
 
 
-#: What a worker is sent: (label, entry bytes) pairs, or a block of an export's entry
-#: lines as (the export's name, the line number of the first, the lines).
-Chunk = Sequence[tuple[int, bytes]] | tuple[str, int, bytes]
+#: What a worker is sent: (label, entry bytes) pairs, a block of an export's entry lines
+#: as (the export's name, the line number of the first, the lines), or such a block as a
+#: byte range of the export that the worker reads: (its path, the line number of the
+#: first line, offset, length).
+Chunk = Sequence[tuple[int, bytes]] | tuple[str, int, bytes] | tuple[str, int, int, int]
 
 
 def check_chunk(chunk: Chunk) -> list[Item]:
     out: list[Item] = []
     keys = _KEYS
-    if isinstance(chunk, tuple):
-        name, number, blob = chunk
+    if isinstance(chunk, tuple) and chunk and isinstance(chunk[0], str):
+        block = cast(tuple[str, int, bytes] | tuple[str, int, int, int], chunk)
+        name, number = block[0], block[1]
+        blob = block[2] if len(block) == 3 else read_range(name, block[2], block[3])
         entries = [
             parse_export_line(line, name, number + i)
             for i, line in enumerate(blob.split(b"\n"))
             if line.strip()
         ]
     else:
-        entries = list(chunk)
+        entries = list(cast(Sequence[tuple[int, bytes]], chunk))
     for label, entry in entries:
         leaf = leaf_hash(entry)
         try:
@@ -107,7 +111,8 @@ def check_chunk(chunk: Chunk) -> list[Item]:
             decoded.payload_hash,
             envelope.payload_type,
             b"" if checked_all else envelope.payload,
-            tuple((sig.keyid, sig.sig) for sig in envelope.signatures),
+            # The signatures' bytes only when the main process checks some of them.
+            tuple((sig.keyid, b"" if checked_all else sig.sig) for sig in envelope.signatures),
             id_hash(payload.id),
             verified,
         )
