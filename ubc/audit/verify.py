@@ -40,6 +40,7 @@ from ubc.journal.checkpoint import Checkpoint, parse_checkpoint
 from ubc.journal.merkle import append_leaves, leaf_hash, node_hash, root_from_frontier
 from ubc.journal.models import JournalEntry
 from ubc.ledger import service as ledger
+from ubc.ledger.engine import Effect
 from ubc.ledger.models import Account, Posting, Transfer
 from ubc.ledger.service import operations_fingerprint
 from ubc.migrations import upgrade
@@ -907,13 +908,13 @@ class _MemoryReplayer:
                     json.dumps(summary, sort_keys=True),
                 )
             )
-        if derived != effects:  # equal as JSON values: as the write path compares
+        if effects_differ(derived, effects):
             findings.append(
                 Finding(
                     seq,
                     f"effects.{kind}",
-                    json.dumps(derived, sort_keys=True),
-                    json.dumps(effects, sort_keys=True),
+                    json.dumps([e.to_json() for e in derived], sort_keys=True),
+                    json.dumps(workers.effects_json(effects), sort_keys=True),
                 )
             )
 
@@ -923,7 +924,7 @@ class _MemoryReplayer:
         effects: Any,
         summary: Any,
         now: datetime,
-    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | UbcError | None:
+    ) -> tuple[list[Effect], dict[str, Any] | None] | UbcError | None:
         """The write path's steps for one envelope (``ubc.envelopes.service._Writer._one``
         in a re-run), on the in-memory state: (effects, summary), an error, or None for
         a repeat of an accepted envelope."""
@@ -988,14 +989,14 @@ class _MemoryReplayer:
             if isinstance(placed, UbcError):
                 return self._fail(hashed, fingerprint, placed)
         derived_summary = None
-        derived: list[dict[str, Any]] = []
+        derived: list[Effect] = []
         if plan.operations:
             applied = state.apply_request(
                 payload.id, plan.operations, fingerprint, now, id_hash=hashed, new=True
             )
             if isinstance(applied, UbcError):
                 return self._fail(hashed, fingerprint, applied, remembered=True)
-            derived = [effect.to_json() for effect in applied]
+            derived = applied
         try:
             for change in plan.changes:
                 written = state.apply_change(change, now)
@@ -1075,6 +1076,15 @@ class _MemoryReplayer:
             )
 
 
+def effects_differ(derived: list[Effect], recorded: Any) -> bool:
+    """Whether derived effects differ from recorded ones as JSON values (as the write path
+    compares them); recorded effects come as a tuple of ``Effect`` when each was exactly
+    an effect's object (:func:`ubc.audit.workers.compact_effects`)."""
+    if type(recorded) is tuple and derived:
+        return tuple(derived) != recorded
+    return bool([e.to_json() for e in derived] != recorded)
+
+
 class _Record(Mapping[str, Recorded]):
     """What the journal recorded of one entry, for the rules that read it (decoded only
     when one does)."""
@@ -1089,7 +1099,7 @@ class _Record(Mapping[str, Recorded]):
     def __getitem__(self, key: str) -> Recorded:
         if key != self.envelope_id:
             raise KeyError(key)
-        effects = self.effects
+        effects = workers.effects_json(self.effects)
         return Recorded(
             tuple(effects) if isinstance(effects, list) else (),
             self.summary if isinstance(self.summary, dict) else None,

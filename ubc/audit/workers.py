@@ -30,14 +30,15 @@ from ubc.envelopes import service as envelopes
 from ubc.envelopes.payloads import PAYLOAD_MODELS
 from ubc.errors import UbcError
 from ubc.journal.merkle import leaf_hash
+from ubc.ledger.engine import Effect
 from ubc.signing import decode_public_key, key_id, verified_keyids
 
 #: (label, leaf hash, what the entry is): ``("error", message)`` for an entry that is
 #: not a journal entry, else :data:`Fields`. Entry 0 (genesis) the main process reads.
 #: Plain tuples, strings and bytes: what is cheapest to send between processes.
 Item = tuple[int, bytes, Any]
-#: (seq, committed_at, effects as recorded (parsed JSON), summary, kind, decoded or the
-#: decoding error).
+#: (seq, committed_at, effects as recorded (parsed JSON, or a tuple of ``Effect``: see
+#: :func:`compact_effects`), summary, kind, decoded or the decoding error).
 Fields = tuple[Any, Any, Any, Any, str, "Decoded | UbcError"]
 #: (type, payload, payload hash, payload type, payload bytes and ((keyid, sig), ...) (both
 #: bytes empty when every signature was checked here), id hash, keyids verified).
@@ -116,8 +117,41 @@ def check_chunk(chunk: Chunk) -> list[Item]:
             id_hash(payload.id),
             verified,
         )
-        out.append((label, leaf, (seq, committed_at, effects, summary, kind, item)))
+        recorded = compact_effects(effects)
+        out.append((label, leaf, (seq, committed_at, recorded, summary, kind, item)))
     return out
+
+
+def compact_effects(effects: Any) -> Any:
+    """Recorded effects as a tuple of :class:`Effect` when each is an object with exactly
+    an effect's fields (``pending_id`` only when not null): cheaper to send and to
+    compare, and equal to the derived effects exactly when the objects equal their
+    ``to_json()``. Anything else (and no effects) as it is."""
+    if type(effects) is not list or not effects:
+        return effects
+    out = []
+    for e in effects:
+        if type(e) is not dict:
+            return effects
+        size = len(e)
+        pending = e.get("pending_id") if size == 8 else None
+        if not (size == 7 or (size == 8 and pending is not None)):
+            return effects
+        try:
+            out.append(
+                Effect(e["transfer_id"], e["kind"], e["debit"], e["credit"], e["asset"],
+                       e["amount"], e["phase"], pending)
+            )  # fmt: skip
+        except KeyError:
+            return effects
+    return tuple(out)
+
+
+def effects_json(effects: Any) -> Any:
+    """The recorded effects as they were read (the inverse of :func:`compact_effects`)."""
+    if type(effects) is tuple:
+        return [e.to_json() for e in effects]
+    return effects
 
 
 def id_hash(text: str) -> int:
