@@ -1,8 +1,8 @@
 """Decoding and signature checks of journal entries, in worker processes.
 
 The main process reads the journal and applies entries in order; each worker takes a
-chunk of raw entries (or a block of an export's lines, which it decodes itself) and
-returns, per entry, its Merkle leaf hash, the fields of the
+chunk of raw entries (or a byte range of an export, which it reads and decodes itself)
+and returns, per entry, its Merkle leaf hash, the fields of the
 entry the replay needs, the strictly decoded envelope (or its error), and the keyids
 whose signatures verified. A worker knows the keys the main process sent it (every key
 it had learned when the chunk was sent) and the keys the chunk's own payloads introduce;
