@@ -149,6 +149,47 @@ def export_blocks(path: Path, lines: int, *, skip: int = 0) -> Iterator[tuple[in
             yield first, b"".join(block)
 
 
+def export_ranges(path: Path, size: int, *, skip: int = 0) -> Iterator[tuple[int, int, int]]:
+    """The entry lines of an export as byte ranges of whole lines, about ``size`` bytes
+    each: (the file line number of the range's first line, its offset, its length).
+    ``skip`` non-blank entry lines are left out first. Whoever checks a range reads it
+    from the file itself (:func:`read_range`): the lines are not copied between processes.
+    """
+    with path.open("rb") as handle:
+        handle.readline()
+        number = 1  # the line last read
+        while skip:
+            line = handle.readline()
+            if not line:
+                return
+            number += 1
+            skip -= bool(line.strip())
+        offset = handle.tell()
+        while True:
+            data = handle.read(size)
+            if not data:
+                return
+            if not data.endswith(b"\n"):
+                data += handle.readline()
+            yield number + 1, offset, len(data)
+            number += data.count(b"\n")
+            offset += len(data)
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of the file at ``path`` from ``offset``; SourceError when the file
+    has fewer (it changed while it was read)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(length)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc}") from None
+    if len(data) != length:
+        raise SourceError(f"{path} changed while it was read")
+    return data
+
+
 def parse_export_line(line: bytes, path: Path | str, number: int) -> tuple[int, bytes]:
     """One entry line of an export: (seq, the entry's exact bytes); SourceError otherwise.
 

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ubc.audit import workers
 from ubc.audit.memory import IdTable, MemoryState, fingerprint_value
-from ubc.audit.source import Journal, export_blocks, parse_export_line
+from ubc.audit.source import Journal, export_blocks, export_ranges, parse_export_line
 from ubc.db import make_engine, make_session_factory, table
 from ubc.envelopes import service as envelopes
 from ubc.envelopes.payloads import LedgerGenesis, parse_timestamp, payload_json, validate_payload
@@ -40,10 +40,11 @@ from ubc.journal.checkpoint import Checkpoint, parse_checkpoint
 from ubc.journal.merkle import append_leaves, leaf_hash, node_hash, root_from_frontier
 from ubc.journal.models import JournalEntry
 from ubc.ledger import service as ledger
+from ubc.ledger.engine import Effect
 from ubc.ledger.models import Account, Posting, Transfer
 from ubc.ledger.service import operations_fingerprint
 from ubc.migrations import upgrade
-from ubc.rules import Recorded, RuleContext, authenticate
+from ubc.rules import Recorded, RuleContext, Signers, authenticate
 from ubc.signing import (
     Envelope,
     EnvelopeFormatError,
@@ -392,6 +393,7 @@ class _Replayer:
             return
         envelope, payload = checked
         self.ctx = envelopes.context_from_genesis(payload, skew=timedelta(days=36500))
+        self.ledger_keyid = self.ctx.ledger_keyid
         with self.sessions() as session, session.begin():
             journal_store.create_head(session)
             envelopes.apply_genesis(session, payload)
@@ -709,6 +711,9 @@ def _type_of(body: dict[str, Any]) -> str:
 # --- the in-memory replay (``ubc audit verify``) ------------------------------------------
 
 CHUNK = 1000
+#: An export's lines go to the workers as byte ranges of about this size (some 1,000
+#: entries of a journal of transfers).
+CHUNK_BYTES = 1 << 20
 # Chunks sent ahead per worker: enough to keep them busy, few enough to keep memory flat.
 AHEAD = 3
 
@@ -750,6 +755,9 @@ class _MemoryReplayer:
         # it; one context per group of entries (the server's batch).
         self.record = _Record("", [], None)
         self.rule_ctx: RuleContext | None = None
+        self.ledger_keyid = ""
+        # Signers of one member's key (immutable): one per (handle, current).
+        self.signers: dict[tuple[str, bool], Signers] = {}
 
     def run(
         self,
@@ -765,12 +773,13 @@ class _MemoryReplayer:
         signed = checkpoint.size if checkpoint is not None else None
         chunks: Iterator[workers.Chunk]
         if journal.export is not None:
-            # An export's lines go to the workers in blocks, decoded there.
+            # An export's lines go to the workers as byte ranges, read and decoded there.
             path = journal.export
             head = next(export_blocks(path, 1), None)
             first = None if head is None else parse_export_line(head[1], path, head[0])
             chunks = (
-                (str(path), number, blob) for number, blob in export_blocks(path, CHUNK, skip=1)
+                (str(path), number, offset, length)
+                for number, offset, length in export_ranges(path, CHUNK_BYTES, skip=1)
             )
         else:
             first = next(journal.entries, None)
@@ -899,13 +908,13 @@ class _MemoryReplayer:
                     json.dumps(summary, sort_keys=True),
                 )
             )
-        if derived != effects:  # equal as JSON values: as the write path compares
+        if effects_differ(derived, effects):
             findings.append(
                 Finding(
                     seq,
                     f"effects.{kind}",
-                    json.dumps(derived, sort_keys=True),
-                    json.dumps(effects, sort_keys=True),
+                    json.dumps([e.to_json() for e in derived], sort_keys=True),
+                    json.dumps(workers.effects_json(effects), sort_keys=True),
                 )
             )
 
@@ -915,7 +924,7 @@ class _MemoryReplayer:
         effects: Any,
         summary: Any,
         now: datetime,
-    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | UbcError | None:
+    ) -> tuple[list[Effect], dict[str, Any] | None] | UbcError | None:
         """The write path's steps for one envelope (``ubc.envelopes.service._Writer._one``
         in a re-run), on the in-memory state: (effects, summary), an error, or None for
         a repeat of an accepted envelope."""
@@ -931,23 +940,25 @@ class _MemoryReplayer:
             return failed[1]
         if earlier is not None and earlier == value and failed is None:
             return None
-        envelope = Envelope(payload_type, body, tuple(Signature(k, sig) for k, sig in sigs))
-        try:
-            if payload.ledger != ctx.origin:
-                raise InvalidPayload(
-                    f"envelope is for ledger {payload.ledger!r}, this is {ctx.origin!r}",
-                    detail={"ledger": payload.ledger, "expected": ctx.origin},
+        signers = self._member_signer(payload, sigs, verified)
+        if signers is None:
+            envelope = Envelope(payload_type, body, tuple(Signature(k, sig) for k, sig in sigs))
+            try:
+                if payload.ledger != ctx.origin:
+                    raise InvalidPayload(
+                        f"envelope is for ledger {payload.ledger!r}, this is {ctx.origin!r}",
+                        detail={"ledger": payload.ledger, "expected": ctx.origin},
+                    )
+                signers = authenticate(
+                    state,
+                    envelope,
+                    payload,
+                    operator_keys=ctx.operator_keys,
+                    ledger_public_key=ctx.ledger_public_key,
+                    preverified=frozenset(verified),
                 )
-            signers = authenticate(
-                state,
-                envelope,
-                payload,
-                operator_keys=ctx.operator_keys,
-                ledger_public_key=ctx.ledger_public_key,
-                preverified=frozenset(verified),
-            )
-        except UbcError as error:
-            return error
+            except UbcError as error:
+                return error
         if earlier is not None or failed is not None:
             return IdempotencyConflict(
                 f"id {payload.id} was already used with a different payload",
@@ -978,14 +989,14 @@ class _MemoryReplayer:
             if isinstance(placed, UbcError):
                 return self._fail(hashed, fingerprint, placed)
         derived_summary = None
-        derived: list[dict[str, Any]] = []
+        derived: list[Effect] = []
         if plan.operations:
             applied = state.apply_request(
                 payload.id, plan.operations, fingerprint, now, id_hash=hashed, new=True
             )
             if isinstance(applied, UbcError):
                 return self._fail(hashed, fingerprint, applied, remembered=True)
-            derived = [effect.to_json() for effect in applied]
+            derived = applied
         try:
             for change in plan.changes:
                 written = state.apply_change(change, now)
@@ -996,6 +1007,36 @@ class _MemoryReplayer:
         if not plan.operations:
             state.ids.put_hash(hashed, fingerprint)
         return derived, derived_summary
+
+    def _member_signer(
+        self, payload: Any, sigs: tuple[tuple[str, bytes], ...], verified: tuple[str, ...]
+    ) -> Signers | None:
+        """What :func:`ubc.rules.authenticate` returns for the common envelope, computed
+        without it: one signature, verified by a worker, by a key of a member (not the
+        ledger's nor an operator's), on a payload for this ledger that introduces no key.
+        None for every other envelope: ``authenticate`` decides those."""
+        ctx = self.ctx
+        assert ctx is not None
+        if len(sigs) != 1 or len(verified) != 1 or payload.ledger != ctx.origin:
+            return None
+        keyid = verified[0]
+        if keyid != sigs[0][0] or keyid == self.ledger_keyid or keyid in ctx.operator_keys:
+            return None
+        fields = payload.__dict__
+        if isinstance(fields.get("public_key"), str) or isinstance(
+            fields.get("new_public_key"), str
+        ):
+            return None
+        info = self.state.keys.get(keyid)
+        if info is None:
+            return None
+        cached = self.signers.get((info.handle, info.current))
+        if cached is None:
+            handles = frozenset((info.handle,))
+            cached = self.signers[(info.handle, info.current)] = (
+                Signers(current=handles) if info.current else Signers(rotated=handles)
+            )
+        return cached
 
     def _fail(
         self, hashed: int, fingerprint: bytes, error: UbcError, *, remembered: bool = False
@@ -1011,6 +1052,7 @@ class _MemoryReplayer:
             return
         envelope, payload = checked
         self.ctx = envelopes.context_from_genesis(payload, skew=timedelta(days=36500))
+        self.ledger_keyid = self.ctx.ledger_keyid
         self.state.genesis(payload.id, payload_json(payload))
         self.state.ids.put(payload.id, hashlib.sha256(envelope.payload).digest())
         self.state.new_keys.append((self.ctx.ledger_keyid, self.ctx.ledger_public_key))
@@ -1034,6 +1076,15 @@ class _MemoryReplayer:
             )
 
 
+def effects_differ(derived: list[Effect], recorded: Any) -> bool:
+    """Whether derived effects differ from recorded ones as JSON values (as the write path
+    compares them); recorded effects come as a tuple of ``Effect`` when each was exactly
+    an effect's object (:func:`ubc.audit.workers.compact_effects`)."""
+    if type(recorded) is tuple and derived:
+        return tuple(derived) != recorded
+    return bool([e.to_json() for e in derived] != recorded)
+
+
 class _Record(Mapping[str, Recorded]):
     """What the journal recorded of one entry, for the rules that read it (decoded only
     when one does)."""
@@ -1048,7 +1099,7 @@ class _Record(Mapping[str, Recorded]):
     def __getitem__(self, key: str) -> Recorded:
         if key != self.envelope_id:
             raise KeyError(key)
-        effects = self.effects
+        effects = workers.effects_json(self.effects)
         return Recorded(
             tuple(effects) if isinstance(effects, list) else (),
             self.summary if isinstance(self.summary, dict) else None,

@@ -1,8 +1,8 @@
 """Decoding and signature checks of journal entries, in worker processes.
 
 The main process reads the journal and applies entries in order; each worker takes a
-chunk of raw entries (or a block of an export's lines, which it decodes itself) and
-returns, per entry, its Merkle leaf hash, the fields of the
+chunk of raw entries (or a byte range of an export, which it reads and decodes itself)
+and returns, per entry, its Merkle leaf hash, the fields of the
 entry the replay needs, the strictly decoded envelope (or its error), and the keyids
 whose signatures verified. A worker knows the keys the main process sent it (every key
 it had learned when the chunk was sent) and the keys the chunk's own payloads introduce;
@@ -23,24 +23,25 @@ import queue
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, cast
 
-from ubc.audit.source import SourceError, parse_export_line
+from ubc.audit.source import SourceError, parse_export_line, read_range
 from ubc.envelopes import service as envelopes
 from ubc.envelopes.payloads import PAYLOAD_MODELS
 from ubc.errors import UbcError
 from ubc.journal.merkle import leaf_hash
+from ubc.ledger.engine import Effect
 from ubc.signing import decode_public_key, key_id, verified_keyids
 
 #: (label, leaf hash, what the entry is): ``("error", message)`` for an entry that is
 #: not a journal entry, else :data:`Fields`. Entry 0 (genesis) the main process reads.
 #: Plain tuples, strings and bytes: what is cheapest to send between processes.
 Item = tuple[int, bytes, Any]
-#: (seq, committed_at, effects as recorded (parsed JSON), summary, kind, decoded or the
-#: decoding error).
+#: (seq, committed_at, effects as recorded (parsed JSON, or a tuple of ``Effect``: see
+#: :func:`compact_effects`), summary, kind, decoded or the decoding error).
 Fields = tuple[Any, Any, Any, Any, str, "Decoded | UbcError"]
-#: (type, payload, payload hash, payload type, payload bytes (empty when every signature
-#: was checked here), ((keyid, sig), ...), id hash, keyids verified).
+#: (type, payload, payload hash, payload type, payload bytes and ((keyid, sig), ...) (both
+#: bytes empty when every signature was checked here), id hash, keyids verified).
 Decoded = tuple[str, Any, bytes, str, bytes, tuple[tuple[str, bytes], ...], int, tuple[str, ...]]
 
 
@@ -49,23 +50,27 @@ _KEYS: dict[str, bytes] = {}
 GC_EVERY = 64
 
 
-#: What a worker is sent: (label, entry bytes) pairs, or a block of an export's entry
-#: lines as (the export's name, the line number of the first, the lines).
-Chunk = Sequence[tuple[int, bytes]] | tuple[str, int, bytes]
+#: What a worker is sent: (label, entry bytes) pairs, a block of an export's entry lines
+#: as (the export's name, the line number of the first, the lines), or such a block as a
+#: byte range of the export that the worker reads: (its path, the line number of the
+#: first line, offset, length).
+Chunk = Sequence[tuple[int, bytes]] | tuple[str, int, bytes] | tuple[str, int, int, int]
 
 
 def check_chunk(chunk: Chunk) -> list[Item]:
     out: list[Item] = []
     keys = _KEYS
-    if isinstance(chunk, tuple):
-        name, number, blob = chunk
+    if isinstance(chunk, tuple) and chunk and isinstance(chunk[0], str):
+        block = cast(tuple[str, int, bytes] | tuple[str, int, int, int], chunk)
+        name, number = block[0], block[1]
+        blob = block[2] if len(block) == 3 else read_range(name, block[2], block[3])
         entries = [
             parse_export_line(line, name, number + i)
             for i, line in enumerate(blob.split(b"\n"))
             if line.strip()
         ]
     else:
-        entries = list(chunk)
+        entries = list(cast(Sequence[tuple[int, bytes]], chunk))
     for label, entry in entries:
         leaf = leaf_hash(entry)
         try:
@@ -107,12 +112,46 @@ def check_chunk(chunk: Chunk) -> list[Item]:
             decoded.payload_hash,
             envelope.payload_type,
             b"" if checked_all else envelope.payload,
-            tuple((sig.keyid, sig.sig) for sig in envelope.signatures),
+            # The signatures' bytes only when the main process checks some of them.
+            tuple((sig.keyid, b"" if checked_all else sig.sig) for sig in envelope.signatures),
             id_hash(payload.id),
             verified,
         )
-        out.append((label, leaf, (seq, committed_at, effects, summary, kind, item)))
+        recorded = compact_effects(effects)
+        out.append((label, leaf, (seq, committed_at, recorded, summary, kind, item)))
     return out
+
+
+def compact_effects(effects: Any) -> Any:
+    """Recorded effects as a tuple of :class:`Effect` when each is an object with exactly
+    an effect's fields (``pending_id`` only when not null): cheaper to send and to
+    compare, and equal to the derived effects exactly when the objects equal their
+    ``to_json()``. Anything else (and no effects) as it is."""
+    if type(effects) is not list or not effects:
+        return effects
+    out = []
+    for e in effects:
+        if type(e) is not dict:
+            return effects
+        size = len(e)
+        pending = e.get("pending_id") if size == 8 else None
+        if not (size == 7 or (size == 8 and pending is not None)):
+            return effects
+        try:
+            out.append(
+                Effect(e["transfer_id"], e["kind"], e["debit"], e["credit"], e["asset"],
+                       e["amount"], e["phase"], pending)
+            )  # fmt: skip
+        except KeyError:
+            return effects
+    return tuple(out)
+
+
+def effects_json(effects: Any) -> Any:
+    """The recorded effects as they were read (the inverse of :func:`compact_effects`)."""
+    if type(effects) is tuple:
+        return [e.to_json() for e in effects]
+    return effects
 
 
 def id_hash(text: str) -> int:
