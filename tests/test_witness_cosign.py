@@ -250,6 +250,14 @@ def test_the_ledger_serves_its_checkpoint_cosigned(db_url: str, tmp_path: Path) 
             ledger.grow(1)
             assert run_round(ledger.server) == "not_due"
             assert cosignature_lines(ledger.checkpoint()) == []
+            # The latest checkpoint is not cosigned: an auditor that requires the witness
+            # verifies the journal under the largest cosigned one (the entries it covers).
+            code, output = cli(
+                "audit", "verify", ledger.server.url, "--vkey", vkey, "--token", token,
+                "--witness", cosigner.vkey, "--quorum", "1", "--json",
+            )  # fmt: skip
+            assert code == 0, output
+            assert json.loads(output)["entries"] == size
             ledger.server.clock.advance(INTERVAL - 1)
             assert run_round(ledger.server) == "not_due"
             ledger.server.clock.advance(1)

@@ -44,10 +44,12 @@ class SourceError(RuntimeError):
     """The journal could not be read."""
 
 
-def open_source(location: str, *, token: str | None = None) -> Journal:
-    """An export file path, an ``http(s)://`` server URL, or a database URL."""
+def open_source(location: str, *, token: str | None = None, cosigned: bool = False) -> Journal:
+    """An export file path, an ``http(s)://`` server URL, or a database URL. ``cosigned``:
+    a server's journal under the largest checkpoint its witnesses cosigned (see
+    :func:`from_server`); ignored for the other sources."""
     if location.startswith(("http://", "https://")):
-        return from_server(location, token=token)
+        return from_server(location, token=token, cosigned=cosigned)
     if "://" in location and not Path(location).exists():
         return from_database(location)
     return from_export(Path(location))
@@ -62,10 +64,20 @@ def from_export(path: Path) -> Journal:
     return Journal(header["checkpoint"], int(header["size"]), _export_entries(path), path)
 
 
-def from_server(url: str, *, token: str | None = None) -> Journal:
+def from_server(url: str, *, token: str | None = None, cosigned: bool = False) -> Journal:
+    """A live server's journal: its latest checkpoint (``cosigned``: the largest one a
+    quorum of its witnesses cosigned, ``GET /journal/checkpoint/cosigned``) and the entries
+    that checkpoint covers. A live ledger goes on writing while it is read; what it appends
+    after the checkpoint is under a later checkpoint, not part of this audit."""
+    path = "/journal/checkpoint/cosigned" if cosigned else "/journal/checkpoint"
     try:
         with _server_client(url, token) as client:
-            checkpoint = client.get("/journal/checkpoint")
+            checkpoint = client.get(path)
+            if cosigned and checkpoint.status_code == 404:
+                raise SourceError(
+                    f"{url} serves no cosigned checkpoint yet (GET {path}: 404): its witnesses "
+                    "have not cosigned one, or it has none configured"
+                )
             checkpoint.raise_for_status()
     except httpx.HTTPError as exc:
         raise SourceError(f"cannot read the checkpoint of {url}: {exc}") from None
@@ -215,9 +227,12 @@ def _server_entries(url: str, token: str | None, size: int) -> Iterator[tuple[in
     client = _server_client(url, token)
     try:
         start = 0
-        # Read past the checkpoint too: entries beyond it are a finding, not a secret.
-        while True:
-            response = client.get("/journal/entries", params={"start": start, "end": start + PAGE})
+        # Up to the checkpoint's size: a live ledger appends meanwhile, under later
+        # checkpoints (an export or a database is read to its end: there, entries beyond
+        # the checkpoint are a finding).
+        while start < size:
+            end = min(start + PAGE, size)
+            response = client.get("/journal/entries", params={"start": start, "end": end})
             if response.status_code != 200:
                 raise SourceError(f"GET /journal/entries: {response.status_code} {response.text}")
             items = response.json()["entries"]
@@ -227,9 +242,7 @@ def _server_entries(url: str, token: str | None, size: int) -> Iterator[tuple[in
                 if "entry" not in item:
                     raise SourceError("this token may not read every entry: use an auditor token")
                 yield int(item["seq"]), base64.b64decode(item["entry"])
-            start += PAGE
-            if start >= size and len(items) < PAGE:
-                return
+            start = end
     finally:
         client.close()
 

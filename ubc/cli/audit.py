@@ -133,7 +133,9 @@ def verify(
 ) -> None:
     """Verify signatures, Merkle root, consistency and every rule; exit 1 on any finding."""
     policy = _witness_policy(witness, quorum)
-    journal = _open(source, token)
+    # A live server's latest checkpoint is rarely cosigned yet on a busy ledger: with
+    # witnesses required, its journal is read under the largest cosigned checkpoint.
+    journal = _open(source, token, cosigned=policy is not None and cosigned is None)
     if cosigned is not None:
         journal = _with_checkpoint(journal, _read_note(cosigned))
     old = checkpoint.read_text(encoding="utf-8") if checkpoint else None
@@ -326,11 +328,11 @@ def _with_checkpoint(journal: Journal, note: str) -> Journal:
     return Journal(note, size, journal.entries, journal.export)
 
 
-def _open(source: str, token: str | None) -> Journal:
+def _open(source: str, token: str | None, *, cosigned: bool = False) -> Journal:
     if (missing := missing_sqlite_file(source)) is not None:
         _fail(f"no SQLite database at {missing} (give the URL of an existing database)")
     try:
-        return open_source(source, token=token)
+        return open_source(source, token=token, cosigned=cosigned)
     except SourceError as exc:
         _fail(str(exc))
 
