@@ -183,6 +183,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             finally:
                 await leaders.aclose()  # another process takes the jobs over
                 try:
+                    await gateway.close_spares()  # while the hold writer still runs
                     await holds.stop()
                     # Queued usage entries are written before the writer stops.
                     await gateway.aclose()

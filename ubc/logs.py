@@ -74,6 +74,15 @@ def call_id() -> str:
     return new_request_id()
 
 
+def adopt_call_id(call_id: str) -> None:
+    """A model call whose hold was placed ahead under an id of its own (a spare hold,
+    ``ubc.gateway.service``): when the server made the request's id, the request takes
+    the call's, so that one id still names the request, its answer and its usage entry."""
+    info = _CURRENT.get()
+    if info is not None and info.generated:
+        info.request_id = call_id
+
+
 def new_request_id() -> str:
     """A random UUID4 in its canonical form, as ``str(uuid.uuid4())`` but in 0.9 µs
     rather than 2.2 (one per request without a usable ``X-Request-Id``)."""
@@ -109,7 +118,6 @@ class RequestLog:
                 break
         info = RequestInfo(given or new_request_id(), given is None)
         token = _CURRENT.set(info)
-        header = (_HEADER, info.request_id.encode("ascii"))
         status = 0
 
         async def send_with_id(message: Message) -> None:
@@ -118,7 +126,8 @@ class RequestLog:
                 status = message["status"]
                 # Ours replaces one the application set (a model call's own id).
                 headers = [h for h in message.get("headers", ()) if h[0].lower() != _HEADER]
-                headers.append(header)
+                # Read now: a model call may have given the request its own id.
+                headers.append((_HEADER, info.request_id.encode("ascii")))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import select
@@ -32,6 +32,7 @@ from ubc.db import table
 from ubc.errors import UbcError
 from ubc.gateway.catalog import ModelSpec
 from ubc.gateway.metering import (
+    Held,
     HoldRequest,
     HoldWriter,
     new_request_id,
@@ -56,6 +57,18 @@ apikeys_t = table(ApiKey)
 # How long a grant read from the database is trusted for the early checks; the hold's
 # transaction checks it again under its lock (revocation, expiry, member status).
 GRANT_TTL_SECONDS = 2.0
+
+# A spare hold (see :meth:`Gateway.begin`) is taken by a call of its key and model at most
+# this long after it was placed, else released unbilled: the checks its transaction made
+# under the key's lock (revocation, expiry, member status, spend cap) are never older than
+# this, less than the grant cache above.
+SPARE_SECONDS = 1.0
+# At most this many spare holds per process (one per account, key and model).
+MAX_SPARES = 10_000
+# A usage entry and a spare hold start their transaction this long after they are due:
+# past the answer being sent and the next call of a lone caller reaching its upstream, so
+# that their thread's work (several ms holding the GIL) does not delay either.
+OFF_PATH_SECONDS = 0.004
 
 
 class GatewayError(Exception):
@@ -164,6 +177,25 @@ class Call:
     def headers(self) -> dict[str, str]:
         """The headers of a successful answer: the request id and the rate limits."""
         return {"x-request-id": self.request_id, **self.rate_headers}
+
+
+@dataclass(slots=True)
+class _Spare:
+    """A hold placed ahead for the next call of one key and model (``Gateway.begin``)."""
+
+    held: Held
+    grant: Grant
+    spec: ModelSpec
+    placed: datetime
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class _Refill:
+    """A spare hold being placed; ``claimed`` once a call waits for it."""
+
+    task: asyncio.Task[None]
+    claimed: bool = False
 
 
 def key_hash_of(authorization: str | None) -> str:
@@ -547,6 +579,7 @@ class Gateway:
         writer: InternalWriter,
         clock: Clock = SYSTEM_CLOCK,
         redis_url: str | None = None,
+        spare_holds: bool = True,
     ) -> None:
         self.clock = clock
         self.ctx = ctx
@@ -566,6 +599,14 @@ class Gateway:
         self._grants: dict[str, tuple[float, Grant | None]] = {}
         self._settling: set[asyncio.Task[None]] = set()
         self._settling_by_account: dict[str, set[asyncio.Task[None]]] = {}
+        #: Spare holds (``begin``), by account, key hash and model.
+        self.spare_holds = spare_holds
+        self._spares: dict[tuple[str, str, str], _Spare] = {}
+        self._refills: dict[tuple[str, str, str], _Refill] = {}
+        self._closing = False
+        self._recent: dict[tuple[str, str, str], float] = {}
+        #: Calls that took a spare hold (tests, and the benchmark's reading of it).
+        self.spares_taken = 0
 
     # -- the steps of a call --
 
@@ -673,17 +714,28 @@ class Gateway:
         want = max(1, rules.usage_cost(input_bound, output_cap, price))
         floor = input_bound if input_floor is None else min(input_floor, input_bound)
         need = max(1, rules.usage_cost(floor, 1 if output_cap else 0, price))
+        slot = (grant.account, grant.key_hash, spec.id)
         request_id = logs.call_id()  # the request's id when the server made it
-        request = HoldRequest(request_id, grant.account, grant.key_hash, spec.id, want, need)
         try:
-            outcome = await self.holds.hold(request)
-            earlier = self._settling_by_account.get(grant.account)
-            if isinstance(outcome, UbcError) and outcome.status_code in (402, 409) and earlier:
-                # Calls answered a moment ago may still hold what this one needs: once
-                # their usage entries are written (in this process), try once more.
-                await asyncio.wait(list(earlier))
-                request = replace(request, request_id=new_request_id())
+            outcome: Held | UbcError | None = await self._take_spare(slot, want)
+            if outcome is None:
+                request = HoldRequest(
+                    request_id, grant.account, grant.key_hash, spec.id, want, need
+                )
                 outcome = await self.holds.hold(request)
+                if isinstance(outcome, UbcError) and outcome.status_code in (402, 409):
+                    # This process's spare holds on the account give their share back; and
+                    # calls answered a moment ago may still hold what this one needs: once
+                    # their usage entries are written (in this process), try once more.
+                    refills = [r.task for s, r in self._refills.items() if s[0] == grant.account]
+                    if refills:
+                        await asyncio.wait(refills)
+                    self._release_spares(grant.account)
+                    earlier = self._settling_by_account.get(grant.account)
+                    if earlier:
+                        await asyncio.wait(list(earlier))
+                        request = replace(request, request_id=new_request_id())
+                        outcome = await self.holds.hold(request)
         except BaseException:
             (shared or self.limiter).refund(limits, reserved)
             raise
@@ -692,9 +744,123 @@ class Gateway:
             if outcome.status_code in (401, 403):
                 self._grants.pop(grant.key_hash, None)
             raise from_ledger_error(outcome)
+        # A spare for the next call once calls of this key and model come one after
+        # another (a call alone leaves none behind).
+        moment = time.monotonic()
+        last = self._recent.get(slot)
+        if len(self._recent) >= MAX_SPARES:
+            self._recent.clear()
+        self._recent[slot] = moment
+        if outcome.amount >= want and last is not None and moment - last <= SPARE_SECONDS:
+            self._refill(slot, grant, spec, want)
+        if outcome.request_id != request_id:
+            logs.adopt_call_id(outcome.request_id)
         return Call(
-            request.request_id, grant, spec, price, outcome.amount, limits, reserved, rate_headers
+            outcome.request_id, grant, spec, price, outcome.amount, limits, reserved, rate_headers
         )
+
+    # -- spare holds --
+    #
+    # A lone call would wait for its own hold's transaction (a few ms of CPU and a durable
+    # commit) before the upstream is called. Instead, once a call of a key and model holds
+    # all it asked for, the same hold is placed again in the background, through the same
+    # writer and checks, while the call runs: the next call of that key and model (within
+    # SPARE_SECONDS) takes it at once, if it asks for no more. Every call still runs under
+    # its own durable hold, placed and committed before its upstream is called, so
+    # concurrent calls on any number of hosts can never spend more than the balance; a
+    # spare merely holds one call's worth more for a moment. It is released unbilled (a
+    # usage entry of 0 tokens) when unused for SPARE_SECONDS, when a hold of its account
+    # is refused (402/409), and at shutdown; after a crash it expires as any hold does.
+
+    async def _take_spare(self, slot: tuple[str, str, str], want: int) -> Held | None:
+        if slot not in self._spares:
+            refill = self._refills.get(slot)
+            if refill is None or refill.claimed:
+                return None
+            # Placed a moment ago and nearly done: wait for it (once per refill).
+            refill.claimed = True
+            await asyncio.shield(refill.task)
+        spare = self._spares.pop(slot, None)
+        if spare is None:
+            return None
+        if spare.timer is not None:
+            spare.timer.cancel()
+        if spare.held.amount < want or self.clock.now() - spare.placed > timedelta(
+            seconds=SPARE_SECONDS
+        ):
+            self._release(spare)
+            return None
+        self.spares_taken += 1
+        return spare.held
+
+    def _refill(self, slot: tuple[str, str, str], grant: Grant, spec: ModelSpec, want: int) -> None:
+        if (
+            not self.spare_holds
+            or self._closing
+            or slot in self._spares
+            or slot in self._refills
+            or len(self._spares) + len(self._refills) >= MAX_SPARES
+        ):
+            return
+        task = asyncio.get_running_loop().create_task(self._place_spare(slot, grant, spec, want))
+        self._refills[slot] = _Refill(task)
+        task.add_done_callback(lambda _: self._refills.pop(slot, None))
+
+    async def _place_spare(
+        self, slot: tuple[str, str, str], grant: Grant, spec: ModelSpec, want: int
+    ) -> None:
+        # All of ``want`` or nothing: a spare never takes the last of a balance.
+        request = HoldRequest(new_request_id(), grant.account, grant.key_hash, spec.id, want, want)
+        await asyncio.sleep(OFF_PATH_SECONDS)
+        try:
+            outcome = await self.holds.hold(request)
+        except Exception:
+            log.exception("spare hold of %s not placed", grant.key_hash[:12])
+            return
+        if isinstance(outcome, UbcError):
+            return
+        spare = _Spare(outcome, grant, spec, self.clock.now())
+        if self._closing or slot in self._spares:
+            self._release(spare)
+            return
+        self._spares[slot] = spare
+        spare.timer = asyncio.get_running_loop().call_later(
+            SPARE_SECONDS, self._expire_spare, slot, spare
+        )
+
+    def _expire_spare(self, slot: tuple[str, str, str], spare: _Spare) -> None:
+        if self._spares.get(slot) is spare:
+            del self._spares[slot]
+            self._release(spare)
+
+    def _release_spares(self, account: str | None = None) -> None:
+        """Release the spare holds of ``account`` (all of them when None)."""
+        for slot in [s for s in self._spares if account is None or s[0] == account]:
+            spare = self._spares.pop(slot)
+            if spare.timer is not None:
+                spare.timer.cancel()
+            self._release(spare)
+
+    def _release(self, spare: _Spare) -> None:
+        call = Call(
+            spare.held.request_id,
+            spare.grant,
+            spare.spec,
+            self.prices.get(spare.spec.id, {"input": 0, "output": 0}),
+            spare.held.amount,
+            [],
+            0,
+        )
+        self.finish(call, 0, 0, observe=False)
+
+    async def close_spares(self) -> None:
+        """Place no more spare holds and release those left (before the hold writer
+        stops; their usage entries are written by :meth:`drain`)."""
+        self._closing = True
+        refills = [r.task for r in self._refills.values()]
+        if refills:
+            await asyncio.gather(*refills, return_exceptions=True)
+        self._release_spares()
 
     def metered(
         self,
@@ -709,7 +875,9 @@ class Gateway:
         (:class:`Metered`; the hold is as :meth:`begin` places it)."""
         return Metered(self, grant, spec, input_bound, output_cap, input_floor)
 
-    def finish(self, call: Call, input_tokens: int, output_tokens: int) -> int:
+    def finish(
+        self, call: Call, input_tokens: int, output_tokens: int, *, observe: bool = True
+    ) -> int:
         """Bill the call (0 tokens: release it unbilled); returns its cost. The usage
         entry is written by the group-commit writer after this returns."""
         if call.settled:
@@ -717,7 +885,8 @@ class Gateway:
         call.settled = True
         now = self.clock.now()
         cost = rules.call_cost(input_tokens, output_tokens, call.price, call.held)
-        metrics.observe_billing(call.spec.id, input_tokens, output_tokens, cost)
+        if observe:
+            metrics.observe_billing(call.spec.id, input_tokens, output_tokens, cost)
 
         def item() -> Prechecked:
             # Built and signed in the writer's thread, off the event loop.
@@ -759,6 +928,7 @@ class Gateway:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
 
     async def aclose(self) -> None:
+        await self.close_spares()
         await self.drain()
         await self.upstreams.aclose()
         if self.shared_limiter is not None:
@@ -768,6 +938,7 @@ class Gateway:
     # -- internals --
 
     async def _settle(self, call: Call, item: Callable[[], Prechecked]) -> None:
+        await asyncio.sleep(OFF_PATH_SECONDS)
         try:
             outcomes = await self.writer.submit_internal([item])
         except Exception:
