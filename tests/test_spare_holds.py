@@ -29,6 +29,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    monkeypatch.setenv("UBC_GATEWAY_SPARE_HOLDS", "1")  # off by default
     with serve_gateway(db_url, tmp_path, monkeypatch) as made:
         yield made
 

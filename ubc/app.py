@@ -146,6 +146,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
             writer=writer,
             clock=ledger_clock,
             redis_url=settings.redis_url,
+            spare_holds=settings.gateway_spare_holds,
         )
         if gateway.shared_limiter is not None:
             await gateway.shared_limiter.start()  # a warning if Redis is down; serve anyway

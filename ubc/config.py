@@ -89,6 +89,13 @@ class Settings(BaseSettings):
         gt=0,
         description="a model call's hold expires (unbilled) this long after it was placed",
     )
+    gateway_spare_holds: bool = Field(
+        default=False,
+        description="spare holds for lone callers: once calls of one key and model come "
+        "one after another, place the next call's hold while the current one runs (a lone "
+        "call then waits for no transaction; an unused spare is released by a 0-token usage "
+        "entry and keeps one more call's worth held for up to a second): docs/http.md",
+    )
     # Prometheus metrics at GET /metrics (issue 17; README "Metrics and alerts").
     metrics_access: Literal["auto", "open", "token", "off"] = Field(
         default="auto",

@@ -579,7 +579,7 @@ class Gateway:
         writer: InternalWriter,
         clock: Clock = SYSTEM_CLOCK,
         redis_url: str | None = None,
-        spare_holds: bool = True,
+        spare_holds: bool = False,
     ) -> None:
         self.clock = clock
         self.ctx = ctx
